@@ -1,0 +1,1 @@
+"""Imports of allocator modules beyond uniform (each registers itself)."""

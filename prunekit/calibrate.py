@@ -1,0 +1,253 @@
+"""Block-by-block calibration engine.
+
+1. ``capture_inputs`` runs the model on the calibration windows and stops at block 0, keeping the
+   block's positional *and* keyword arguments exactly as the model passed them (position
+   embeddings, masks, cache flags: nothing is rebuilt by hand, so new transformers releases work).
+2. ``run_blocks`` then walks the blocks: only the current block is moved to the compute device,
+   the hidden states of all samples stay where they fit (device or CPU), forward pre-hooks on the
+   block's prunable layers collect statistics, the caller's ``handle(name, module, stats)`` prunes a
+   layer, and the block's outputs are recomputed *after* pruning and fed to the next block.
+
+Two semantics, chosen by ``sequential``:
+- ``sequential=True`` (default): inside a block, each layer's statistics come from inputs that
+  already reflect the pruning of the layers executed before it (q/k/v, then o, then gate/up, then
+  down for LLaMA). When all samples fit in one batch this costs a *single* forward pass per block:
+  a layer is pruned in its own pre-hook, right before it runs on the batch.
+  Otherwise the block is run once per stage (layers that read the same input tensor form a stage),
+  each run stopping after its stage, then once more for the outputs.
+- ``sequential=False``: the Wanda paper's protocol: statistics of every layer from the dense block,
+  then pruning, then a second pass for the outputs.
+Both strategies of ``sequential=True`` compute the same thing; batching only changes rounding.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .metrics.stats import LayerStats
+from .models.families import in_features
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockInputs:
+    """Per batch: the hidden states plus every other argument the model gave block 0."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]  # positional arguments after the hidden states
+    kwargs: list[dict]
+    hidden_in_kwargs: bool
+
+    def call(self, block: nn.Module, i: int, device) -> torch.Tensor:
+        h = self.hidden[i].to(device, non_blocking=True)
+        args, kwargs = _to(self.args[i], device), _to(self.kwargs[i], device)
+        out = block(*args, hidden_states=h, **kwargs) if self.hidden_in_kwargs else block(h, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.hidden)
+
+
+def _non_block_modules(model: nn.Module, blocks: nn.ModuleList):
+    inside = {id(m) for m in blocks.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            yield m
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                   device, store_device) -> BlockInputs:
+    """Run the model on the windows until block 0 and keep all of block 0's arguments."""
+    moved = []
+    for m in _non_block_modules(model, blocks):  # embeddings, rotary tables, final norm: small
+        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
+        m.to(device)
+    seen: dict = {}
+
+    def pre(_mod, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _Stop
+
+    hidden, rest, kws = [], [], []
+    hidden_in_kwargs = False
+    handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for s in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[s:s + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            args, kwargs = seen["args"], dict(seen["kwargs"])
+            if args:
+                h, args = args[0], tuple(args[1:])
+            else:
+                h, hidden_in_kwargs = kwargs.pop("hidden_states"), True
+            hidden.append(h.to(store_device))
+            rest.append(_to(args, store_device))
+            kws.append(_to(kwargs, store_device))
+    finally:
+        handle.remove()
+        for m, dev in moved:
+            m.to(dev)
+    return BlockInputs(hidden, rest, kws, hidden_in_kwargs)
+
+
+def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> list[list[str]]:
+    """Group layers by execution order; layers reading the same input tensor share a stage."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    for name, mod in layers.items():
+        def pre(_m, args, _name=name):
+            if not any(n == _name for n, _ in order):
+                x = args[0]
+                order.append((_name, (x.data_ptr(), tuple(x.shape))))
+        hooks.append(mod.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            inputs.call(block, 0, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    last_key = None
+    for name, key in order:
+        if stages and key == last_key:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_key = key
+    missing = [n for n in layers if not any(n in s for s in stages)]
+    if missing:  # layers the forward never called (e.g. unused experts): a final stage, no statistics
+        stages.append(missing)
+    return stages
+
+
+Handle = Callable[[str, nn.Module, LayerStats], None]
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, needs: frozenset[str],
+              handle: Handle, device, sequential: bool = True, update_inputs: bool = True,
+              max_last_tokens: int = 256) -> None:
+    """Collect statistics, call ``handle`` for every layer, then replace ``inputs.hidden`` by the
+    block's outputs after pruning (when ``update_inputs``)."""
+    new_stats = lambda name: LayerStats(needs, in_features(layers[name]), max_last_tokens=max_last_tokens)  # noqa: E731
+
+    def outputs_pass():
+        for i in range(inputs.n_batches):
+            out = inputs.call(block, i, device)
+            if update_inputs:
+                inputs.hidden[i] = out.to(inputs.hidden[i].device)
+
+    if sequential and inputs.n_batches == 1:
+        # single pass: each layer is pruned in its own pre-hook, just before it runs on all samples
+        hooks = []
+        done = set()
+        for name, mod in layers.items():
+            def pre(m, args, _name=name):
+                if _name in done:
+                    return
+                st = new_stats(_name)
+                st.update(args[0])
+                handle(_name, m, st)
+                done.add(_name)
+            hooks.append(mod.register_forward_pre_hook(pre))
+        try:
+            outputs_pass()
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in layers:  # never called by the forward: prune from weights alone
+            if name not in done:
+                handle(name, layers[name], new_stats(name))
+        return
+
+    groups = _stages(block, layers, inputs, device) if sequential and needs else [list(layers)]
+    for gi, group in enumerate(groups):
+        stats = {name: new_stats(name) for name in group}
+        hooks = [layers[n].register_forward_pre_hook(lambda m, a, _s=stats[n]: _s.update(a[0])) for n in group]
+        stop_early = sequential and gi < len(groups) - 1
+        seen: set[int] = set()
+        if stop_early:  # stop the forward once every layer of this stage has run
+
+            def post(m, a, o):
+                seen.add(id(m))
+                if len(seen) == len(group):
+                    raise _Stop
+
+            hooks += [layers[n].register_forward_hook(post) for n in group]
+        try:
+            for i in range(inputs.n_batches if needs else 0):
+                seen.clear()
+                try:
+                    inputs.call(block, i, device)
+                except _Stop:
+                    pass
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in group:
+            handle(name, layers[name], stats[name])
+    outputs_pass()
+
+
+def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[dict[str, nn.Module]],
+                   input_ids: torch.Tensor, needs: frozenset[str], handle: Handle, device="cpu",
+                   batch_size: int | None = None, sequential: bool = True, offload: bool | None = None,
+                   desc: str = "pruning", on_block_done: Callable[[int], None] | None = None,
+                   max_last_tokens: int = 256) -> None:
+    """The whole engine: capture block-0 inputs, then prune block by block.
+
+    ``offload``: keep hidden states on CPU between uses (default: when the device is not the CPU and
+    they would take more than a quarter of the free device memory).
+    """
+    device = torch.device(device)
+    n = input_ids.shape[0]
+    batch_size = batch_size or n
+    if offload is None:
+        offload = False
+        if device.type == "cuda":
+            hidden_bytes = input_ids.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+            free, _ = torch.cuda.mem_get_info(device)
+            offload = hidden_bytes > free / 4
+    store = torch.device("cpu") if offload or device.type == "cpu" else device
+    inputs = capture_inputs(model, blocks, input_ids, batch_size, device, store)
+    if offload and store.type == "cpu" and device.type == "cuda":
+        inputs.hidden = [h.pin_memory() for h in inputs.hidden]
+    for b, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+        orig = next(block.parameters()).device
+        block.to(device)
+        try:
+            run_block(block, block_layers[b], inputs, needs, handle, device, sequential,
+                      max_last_tokens=max_last_tokens)
+        finally:
+            block.to(orig)
+        if on_block_done:
+            on_block_done(b)
+    del inputs

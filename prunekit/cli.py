@@ -1,0 +1,159 @@
+"""Command line: ``prunekit prune | eval | models``. Errors are one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import PrunekitError
+
+
+def _sparsity(text: str):
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number or comma-separated numbers, got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _kv(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    import yaml
+
+    return k, yaml.safe_load(v)
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunekit", description="Post-training pruning of causal LMs.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it")
+    p.add_argument("--recipe", help="YAML recipe; flags given here override it")
+    p.add_argument("--model", help="hub id, local folder, .gguf file, or 'smollm2' (default)")
+    p.add_argument("--metric", help="magnitude | wanda | ... (see `prunekit methods`)")
+    p.add_argument("--sparsity", type=_sparsity, help="target in [0,1), or one value per block, comma-separated")
+    p.add_argument("--pattern", help="unstructured | 2:4 | 4:8 | N:M")
+    p.add_argument("--allocation", help="layer-wise allocation method (default uniform)")
+    p.add_argument("--allocation-param", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--granularity", choices=["block", "layer"])
+    p.add_argument("--calib", help="calibration source: c4, wikitext2, or a .txt/.jsonl/.parquet file")
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
+                   help="statistics from the dense block (Wanda paper protocol; two passes per block)")
+    p.add_argument("--eval", type=_csv, help="perplexity before/after: wikitext2,c4")
+    p.add_argument("--max-windows", dest="eval_max_windows", type=int, help="evaluate on the first K windows")
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--out", help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_const", const=True)
+
+    e = sub.add_parser("eval", help="perplexity of a model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--ppl", type=_csv, default=["wikitext2"], help="wikitext2,c4 or a text file")
+    e.add_argument("--seqlen", type=int)
+    e.add_argument("--max-windows", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--json", help="also write the results to this JSON file")
+
+    m = sub.add_parser("models", help="list cached models (and fetch the embedded default)")
+    m.add_argument("--fetch-default", action="store_true", help="download and convert SmolLM2 now")
+
+    sub.add_parser("methods", help="list registered metrics and allocators")
+    return ap
+
+
+def cmd_prune(a) -> int:
+    from .config import load_recipe, make_config
+    from .pipeline import run
+
+    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "calib", "nsamples", "seqlen",
+              "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval", "eval_max_windows",
+              "eval_seqlen", "out", "overwrite"]
+    given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
+    if a.allocation_param:
+        given["allocation_params"] = dict(a.allocation_param)
+    cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
+    report = run(cfg)
+    print(f"pruned {report['model']} with {report['method']['metric']} / {report['method']['allocation']} / "
+          f"{report['method']['pattern']}: sparsity {report['overall_sparsity']:.4f} of prunable weights "
+          f"(target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
+    for name, ev in report.get("eval", {}).items():
+        d = ev["dense"]
+        print(f"{name} perplexity (seqlen {d['seqlen']}, {d['windows']}/{d['windows_available']} windows): "
+              f"dense {ev['dense']['ppl']:.3f} -> pruned {ev['pruned']['ppl']:.3f}")
+    if cfg.out:
+        print(f"saved to {cfg.out} (sparsity counted from the files: {report['saved']['overall_sparsity']:.6f})")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import perplexity
+    from .models.loading import load_model
+    from .prune import resolve_device, resolve_seqlen
+
+    model, tok = load_model(a.model, a.dtype)
+    seqlen = resolve_seqlen(model, a.seqlen)
+    dev = resolve_device(a.device)
+    res = {}
+    for s in a.ppl:
+        r = perplexity(model, tok, s, seqlen, a.max_windows, dev)
+        res[s] = r
+        print(f"{s}: perplexity {r['ppl']:.3f} (seqlen {seqlen}, {r['windows']}/{r['windows_available']} windows, "
+              f"{r['tokens']} tokens, {r['kind']})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "results": res}, f, indent=2)
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models.loading import ensure_default_model, list_cached_models
+
+    if a.fetch_default:
+        print(ensure_default_model())
+    rows = list_cached_models()
+    if not rows:
+        print("no cached models (the default SmolLM2 is fetched on first use, or with --fetch-default)")
+    for r in rows:
+        print(f"{r['name']}\t{r['bytes'] / 2**20:.1f} MiB\t{r['path']}")
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .allocate import ALLOCATORS
+    from .metrics import METRICS
+
+    print("metrics:     " + ", ".join(sorted(METRICS)))
+    print("allocations: " + ", ".join(sorted(ALLOCATORS)))
+    return 0
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods}[a.cmd](a)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

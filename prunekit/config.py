@@ -1,0 +1,127 @@
+"""The one validated configuration shared by the CLI, the Python API and YAML recipes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PrunekitError
+from .masks import parse_pattern
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="hub id, local HF folder, .gguf file, or 'smollm2' (embedded default)")
+    metric: str = "wanda"
+    sparsity: Union[float, list[float]] = Field(0.5, description="target, or one ratio per block")
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    allocation_params: dict[str, Any] = Field(default_factory=dict)
+    granularity: str = "block"
+    max_ratio: float = 0.99
+    rowwise: Optional[str] = None
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: Optional[int] = Field(None, description="default: min(2048, model context)")
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of layers to leave dense")
+    sequential: bool = True
+    batch_size: Optional[int] = None
+    eval: list[str] = Field(default_factory=list)
+    eval_max_windows: Optional[int] = None
+    eval_seqlen: Optional[int] = None
+    out: Optional[str] = None
+    overwrite: bool = False
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v):
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise ValueError("sparsity list is empty")
+        for s in vals:
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v):
+        parse_pattern(v)
+        return v
+
+    @field_validator("nsamples")
+    @classmethod
+    def _nsamples(cls, v):
+        if v < 1:
+            raise ValueError("nsamples must be >= 1")
+        return v
+
+    @field_validator("seqlen", "eval_seqlen")
+    @classmethod
+    def _seqlen(cls, v):
+        if v is not None and v < 2:
+            raise ValueError("seqlen must be >= 2")
+        return v
+
+    @field_validator("eval")
+    @classmethod
+    def _eval(cls, v):
+        from .data import NAMED_SETS
+
+        for e in v:
+            if e not in NAMED_SETS and not Path(e).is_file():
+                raise ValueError(f"unknown evaluation set {e!r}; valid: {', '.join(NAMED_SETS)} or a file")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self):
+        from .allocate import get_allocator
+        from .metrics import get_metric
+
+        get_metric(self.metric)
+        get_allocator(self.allocation)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+    @property
+    def nm(self):
+        return parse_pattern(self.pattern)
+
+    def target(self) -> float:
+        return float(self.sparsity) if not isinstance(self.sparsity, list) else sum(self.sparsity) / len(self.sparsity)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def make_config(**kw) -> PruneConfig:
+    """PruneConfig(**kw) with validation errors turned into one-line PrunekitErrors."""
+    try:
+        return PruneConfig(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "config"
+        msg = err.get("msg", str(e)).removeprefix("Value error, ")
+        raise PrunekitError(f"{loc}: {msg}") from None
+    except PrunekitError:
+        raise
+
+
+def load_recipe(path: str | Path, **overrides) -> PruneConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise PrunekitError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise PrunekitError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PrunekitError(f"recipe {path} must be a mapping of config keys")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(**data)

@@ -1,0 +1,98 @@
+"""Masks from scores. Convention: a mask is a bool tensor, True where the weight is *pruned*.
+
+- per row   (``group='row'``): every output row drops its ``floor(d_in * s)`` lowest scores;
+- per layer (``group='layer'``): the matrix drops its ``floor(numel * s)`` lowest scores;
+- row-wise ratios: row r drops ``floor(d_in * s_r)`` (TRIM and other row allocators);
+- N:M: in every group of M consecutive input columns of every row, the N lowest are dropped.
+Ties are broken by position (stable sort), so masks are deterministic.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import PrunekitError
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """None for unstructured, (N, M) for 'N:M'."""
+    if pattern in (None, "", "unstructured"):
+        return None
+    m = _NM.match(str(pattern).strip())
+    if not m:
+        raise PrunekitError(f"unknown pattern {pattern!r}; use 'unstructured' or 'N:M' such as 2:4 or 4:8")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise PrunekitError(f"N:M pattern needs 0 < N < M, got {n}:{mm}")
+    return n, mm
+
+
+def check_nm_shape(nm: tuple[int, int], d_in: int, name: str = "layer") -> None:
+    if d_in % nm[1]:
+        raise PrunekitError(f"{name}: input dimension {d_in} is not divisible by M={nm[1]} of pattern {nm[0]}:{nm[1]}")
+
+
+def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """Mask of the k lowest entries of each row of a 2-D tensor (k may differ per row)."""
+    rows, cols = scores.shape
+    order = torch.sort(scores, dim=1, stable=True).indices
+    if isinstance(k, int):
+        take = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
+        take[:, :k] = True
+    else:
+        take = torch.arange(cols, device=scores.device)[None, :] < k.to(scores.device)[:, None]
+    mask = torch.zeros_like(take)
+    mask.scatter_(1, order, take)
+    return mask
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
+    if not 0.0 <= sparsity < 1.0:
+        raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity}")
+    if group == "row":
+        return _lowest_k_mask(scores, int(scores.shape[1] * sparsity))
+    if group == "layer":
+        flat = scores.reshape(1, -1)
+        return _lowest_k_mask(flat, int(flat.shape[1] * sparsity)).reshape(scores.shape)
+    raise ValueError(f"unknown comparison group {group!r}")
+
+
+def rowwise_mask(scores: torch.Tensor, row_sparsity: torch.Tensor) -> torch.Tensor:
+    k = torch.floor(row_sparsity.double() * scores.shape[1]).long().clamp(0, scores.shape[1])
+    return _lowest_k_mask(scores, k)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    rows, cols = scores.shape
+    check_nm_shape((n, m), cols)
+    groups = scores.reshape(rows * cols // m, m)
+    return _lowest_k_mask(groups, n).reshape(rows, cols)
+
+
+def make_mask(scores: torch.Tensor, sparsity, pattern: tuple[int, int] | None = None, group: str = "row"):
+    """Dispatch: N:M pattern, per-row ratios (tensor), or one ratio per row/layer."""
+    if pattern is not None:
+        return nm_mask(scores, *pattern)
+    if isinstance(sparsity, torch.Tensor):
+        return rowwise_mask(scores, sparsity)
+    return unstructured_mask(scores, float(sparsity), group)
+
+
+def pack_mask(mask: torch.Tensor):
+    """Bit-pack a bool mask (8 weights per byte, row-major) for storage."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy().astype(bool)))
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    import numpy as np
+
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = np.unpackbits(packed.cpu().numpy(), count=n).astype(bool)
+    return torch.from_numpy(bits).reshape(tuple(shape))

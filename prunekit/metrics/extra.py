@@ -1,0 +1,1 @@
+"""Imports of metric modules beyond magnitude and Wanda (each registers itself)."""

@@ -1,0 +1,94 @@
+"""Streaming input statistics of one linear layer, gathered once per layer in a single pass.
+
+Only the statistics a chosen method declares it needs are accumulated, so memory stays bounded:
+  - ``sq_sum``/``sum``/``count``: O(d_in) floats per layer (Wanda, RIA, STADE, OWL);
+  - ``hessian``: O(d_in^2) fp32 per layer, only for solvers (SparseGPT); one layer's Hessian
+    lives at a time per block stage, on the compute device;
+  - ``last_tokens``: at most ``max_last_tokens`` rows of d_in (TRIM), kept on CPU.
+All accumulation is in float32 (float64 for sums over many tokens), whatever the model dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KNOWN_STATS = frozenset({"sq_sum", "sum", "hessian", "last_tokens"})
+
+
+@dataclass
+class LayerStats:
+    needs: frozenset[str]
+    d_in: int
+    count: int = 0  # tokens seen
+    samples: int = 0  # sequences seen
+    sq_sum: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    last_tokens: list[torch.Tensor] = field(default_factory=list)
+    max_last_tokens: int = 256
+
+    def __post_init__(self):
+        unknown = set(self.needs) - KNOWN_STATS
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_STATS)}")
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """x: the layer input, shape (..., seq, d_in) or (..., d_in)."""
+        if x.dim() >= 3 and "last_tokens" in self.needs:
+            room = self.max_last_tokens - sum(t.shape[0] for t in self.last_tokens)
+            if room > 0:
+                self.last_tokens.append(x[..., -1, :].reshape(-1, self.d_in)[:room].float().cpu())
+        if x.dim() >= 3:
+            self.samples += x[..., 0, 0].numel()
+        else:
+            self.samples += 1
+        x = x.reshape(-1, self.d_in)
+        self.count += x.shape[0]
+        if "sq_sum" in self.needs or "sum" in self.needs:
+            xf = x.float()
+            if "sq_sum" in self.needs:
+                s = (xf * xf).sum(0, dtype=torch.float64)
+                self.sq_sum = s if self.sq_sum is None else self.sq_sum + s
+            if "sum" in self.needs:
+                s = xf.sum(0, dtype=torch.float64)
+                self.sum = s if self.sum is None else self.sum + s
+        if "hessian" in self.needs:
+            xf = x.float()
+            h = xf.t() @ xf
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+
+    # ---- derived quantities -------------------------------------------------------------------
+    def col_norm(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens (Wanda's feature norm), float32."""
+        return self.sq_sum.sqrt().float()
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+    def var(self) -> torch.Tensor:
+        """Unbiased variance of each input feature over calibration tokens."""
+        n = self.count
+        if n < 2:
+            return torch.zeros(self.d_in, dtype=torch.float32, device=self.sq_sum.device)
+        mu = self.sum / n
+        return ((self.sq_sum - n * mu * mu) / (n - 1)).clamp_min(0).float()
+
+    def hessian_mean(self) -> torch.Tensor:
+        """H = (2/n) sum x x^T, the SparseGPT convention."""
+        return self.hessian * (2.0 / max(self.count, 1))
+
+    def last_token_inputs(self) -> torch.Tensor:
+        return torch.cat(self.last_tokens, 0) if self.last_tokens else torch.zeros(0, self.d_in)
+
+    def merge_(self, other: "LayerStats") -> "LayerStats":
+        """Add another accumulator's sums (used by distributed calibration)."""
+        self.count += other.count
+        self.samples += other.samples
+        for k in ("sq_sum", "sum", "hessian"):
+            a, b = getattr(self, k), getattr(other, k)
+            if b is not None:
+                setattr(self, k, b.clone() if a is None else a + b.to(a.device))
+        self.last_tokens.extend(other.last_tokens)
+        return self

@@ -1,0 +1,128 @@
+"""Architecture families: where the decoder blocks live and which modules inside them are prunable.
+
+One registry entry per family; nothing else in prunekit knows a model's attribute layout.
+Add a family with ``register_family(Family(...))``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+
+try:  # GPT-2 style models use a transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers always has it today
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # dotted path from the *CausalLM object to the ModuleList of decoder blocks
+    context_attrs: tuple[str, ...] = ("max_position_embeddings",)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+for _f in (
+    Family("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2",
+                     "gemma3_text", "phi3", "granite", "olmo", "olmo2", "smollm3", "cohere", "stablelm",
+                     "starcoder2", "phi", "internlm2", "deepseek_v2", "yi"), "model.layers"),
+    Family("opt", ("opt",), "model.decoder.layers"),
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers"),
+    Family("gpt2", ("gpt2", "gpt_bigcode", "gptj", "codegen"), "transformer.h",
+           ("n_positions", "max_position_embeddings")),
+    Family("falcon", ("falcon",), "transformer.h"),
+    Family("bloom", ("bloom",), "transformer.h", ("seq_length",)),
+):
+    register_family(_f)
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for f in FAMILIES.values() for t in f.model_types})
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    raise PrunekitError(
+        f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def _resolve(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    fam = family_of(model)
+    try:
+        blocks = _resolve(model, fam.blocks)
+    except AttributeError as e:
+        raise PrunekitError(f"{fam.name} model has no decoder blocks at '{fam.blocks}' ({e})") from None
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise PrunekitError(f"'{fam.blocks}' is not a non-empty ModuleList")
+    return blocks
+
+
+def blocks_path(model: nn.Module) -> str:
+    return family_of(model).blocks
+
+
+def model_context_length(model: nn.Module) -> int | None:
+    cfg = model.config
+    for attr in family_of(model).context_attrs:
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def find_linears(block: nn.Module, prefix: str = "", ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Prunable layers inside ``block`` keyed by their full name (``prefix.name``), in definition order.
+
+    ``ignore`` holds fnmatch patterns matched against the full name and against the short name.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, mod in block.named_modules():
+        if not name or not is_prunable(mod):
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) for p in ignore):
+            continue
+        out[full] = mod
+    return out
+
+
+def block_linears(model: nn.Module, ignore=()) -> list[dict[str, nn.Module]]:
+    path = blocks_path(model)
+    return [find_linears(b, f"{path}.{i}", ignore) for i, b in enumerate(get_blocks(model))]
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
+    w = module.weight.data
+    return w.t() if (bool(Conv1D) and isinstance(module, Conv1D)) else w
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_view(module).shape[1]
