@@ -39,6 +39,30 @@ class _Stop(Exception):
     pass
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Keep freed large buffers in glibc's heap instead of returning them to the OS.
+
+    Every block pass allocates activations of hundreds of MB; by default glibc serves them with
+    mmap and unmaps them on free, so each pass pays page faults again (measured on SmolLM2, 64 x
+    512 tokens, 2 CPU cores: 2.6 s -> 2.0 s per block). No effect off glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give memory back below 2 GiB of slack
+    except (OSError, AttributeError):
+        pass
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
@@ -120,13 +144,15 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
 
 def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> list[list[str]]:
     """Group layers by execution order; layers reading the same input tensor share a stage."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, tuple]] = []
+    alive: list[torch.Tensor] = []  # hold the inputs so that no later tensor can reuse their memory address
     hooks = []
     for name, mod in layers.items():
         def pre(_m, args, _name=name):
             if not any(n == _name for n, _ in order):
                 x = args[0]
-                order.append((_name, (x.data_ptr(), tuple(x.shape))))
+                alive.append(x)
+                order.append((_name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
@@ -228,6 +254,7 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
     they would take more than a quarter of the free device memory).
     """
     device = torch.device(device)
+    tune_malloc()
     n = input_ids.shape[0]
     batch_size = batch_size or n
     if offload is None:

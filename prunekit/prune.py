@@ -130,14 +130,16 @@ class _Pruner:
         if r == 0 and self.nm is None:
             mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
         else:
-            Wf = W.float()
+            Wf = W.float()  # may alias W (fp32 models): solvers work on their own copy
+            Wn = None
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None)
-                W.copy_(Wn.to(W.dtype))
             else:
                 mask = make_mask(self.metric.score(Wf, stats), r, self.nm, self.metric.group)
-            if self.metric.bias_update is not None:
+            if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
                 add_bias(module, self.metric.bias_update(Wf, mask, stats))
+            if Wn is not None:
+                W.copy_(Wn.to(W.dtype))
             W[mask] = 0
         self.masks[name] = pack_mask(mask)
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}

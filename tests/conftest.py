@@ -1,0 +1,58 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("PRUNEKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+os.environ.setdefault("PRUNEKIT_DATA_DIR", str(SHARED / "data"))
+STORIES_HF = SHARED / "models" / "stories260K" / "hf"
+TINY_TEXT = SHARED / "data" / "TinyStories-valid-excerpt.txt"
+
+
+def tiny_config(family: str, hidden: int = 32, layers: int = 3, vocab: int = 128, ctx: int = 128):
+    import transformers as tf
+
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ctx, tie_word_embeddings=False)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=ctx, word_embed_proj_dim=hidden)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=ctx)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=ctx)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "gpt2"]
+
+
+def tiny_model(family: str, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw))
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (6, 24), generator=g)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
