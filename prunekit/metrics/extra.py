@@ -1,1 +1,2 @@
 """Imports of metric modules beyond magnitude and Wanda (each registers itself)."""
+from . import ace, ria, sparsegpt, stade  # noqa: F401

@@ -1,0 +1,247 @@
+"""SparseGPT: prune a linear layer and reconstruct the remaining weights with OBS updates.
+
+SparseGPT is a *solver*, not only a score: it chooses the mask column block by column block and,
+after each pruned column, updates the not-yet-processed columns so that the layer output on the
+calibration inputs changes as little as possible (Optimal Brain Surgeon with the layer Hessian).
+
+Algorithm (see ``methods.md``), for W of shape (out, in) and H = (2/n) sum_t x_t x_t^T (fp32):
+
+1. dead inputs (H_jj == 0: the feature is 0 on every calibration token) get H_jj = 1 and their weight
+   column is zeroed (its value never affects the calibration output);
+2. damping: H += percdamp * mean(diag H) * I;
+3. Hinv = upper Cholesky factor U of H^-1 (H^-1 = U^T U). Row j of U restricted to columns >= j is the
+   OBS update direction for column j once the columns before j are fixed, and U_jj^2 is the matching
+   diagonal of the inverse of the remaining Hessian;
+4. columns are processed in blocks of ``blocksize`` (128) columns. Per block, the mask is chosen
+   - unstructured: over all rows of the block, the lowest-scoring ``k_b`` weights by w^2 / U_jj^2,
+     k_b chosen so that the whole layer prunes exactly ``int(sparsity * out * in)`` weights;
+   - per-row ratios (``sparsity`` a tensor of length ``out``): row r prunes in each block its lowest
+     ``floor(s_r * i2) - floor(s_r * i1)`` weights, so row r prunes exactly ``floor(s_r * in)``;
+   - N:M: at every column i with i % M == 0 each row prunes its N lowest of columns i..i+M-1,
+     scored on the weights as already updated by the earlier columns;
+   - fixed mask (``mask`` given, chosen by another metric): the mask is used as is, only the OBS
+     updates are done. ``mask`` takes precedence over ``sparsity`` and ``pattern``;
+5. for each column j of the block: q = w with the pruned entries set to 0, err = (w - q) / U_jj,
+   W[:, j:block_end] -= err * U[j, j:block_end]; after the block the remaining columns get the
+   accumulated update at once: W[:, block_end:] -= Err_block @ U[block, block_end:] (lazy batch update).
+
+Robustness: ``torch.linalg.cholesky`` fails on Hessians that are not numerically positive-definite
+(users of the reference code hit "not positive-definite"). Here every failure (an error, a non-finite
+or non-positive factor) multiplies the damping by 10 (logged at WARNING) for up to ``max_damp_tries``
+attempts; after that, or when H itself is not finite, the solver falls back to the diagonal of H
+(no cross-column compensation, i.e. pruning by w^2 * H_jj with no update) and logs it. The result is
+checked for NaN/inf; if the updates produced any, the layer is redone with the diagonal fallback.
+It never raises for numerical reasons.
+
+Memory: one (in, in) fp32 Hessian per layer is gathered (``stats.hessian``); while solving, the
+solver holds the damped copy of H, its Cholesky factor / inverse and the upper factor U, i.e. up to
+three (in, in) fp32 matrices at the peak (released before the column sweep, which keeps U only),
+plus an fp32 copy of W and a bool mask of its size. For a 4096 x 11008 MLP projection the Hessian
+alone is 11008^2 * 4 B = 485 MB.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import PrunekitError
+from ..masks import _lowest_k_mask, check_nm_shape
+from . import register_metric
+from .stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCKSIZE = 128
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_MAX_DAMP_TRIES = 8
+
+
+def _diagonal_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """U for a diagonal Hessian: U = diag(1 / sqrt(H_jj + damp)); no cross-column updates."""
+    d = torch.nan_to_num(H.diagonal().clone(), nan=1.0, posinf=1.0, neginf=1.0)
+    d = torch.where(d > 0, d, torch.ones_like(d)) + max(float(damp), 0.0)
+    return torch.diag(d.rsqrt())
+
+
+def _finite_factor(U: torch.Tensor) -> bool:
+    return bool(torch.isfinite(U).all()) and bool((U.diagonal() > 0).all())
+
+
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
+                           max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer") -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1, raising the damping on failure (never raises).
+
+    H must already have its dead diagonal entries replaced. The first attempt uses
+    damp = percdamp * mean(diag H); each failure multiplies it by 10 (a zero damping is first raised
+    to 1e-6 * mean(diag H)). After ``max_damp_tries`` failures the diagonal of H is used instead.
+    """
+    if not bool(torch.isfinite(H).all()):
+        log.warning("%s: the Hessian has NaN/inf entries; SparseGPT falls back to its diagonal (no OBS compensation)", name)
+        return _diagonal_factor(H, 0.0)
+    mean_diag = float(H.diagonal().mean())
+    if not mean_diag > 0:
+        mean_diag = 1.0
+    damp = percdamp * mean_diag
+    for attempt in range(max(int(max_damp_tries), 0)):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)
+        U = None
+        try:
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if int(info) == 0 and bool(torch.isfinite(L).all()):
+                Hinv = torch.cholesky_inverse(L)
+                del L
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) != 0:
+                    U = None
+        except RuntimeError:  # torch.linalg.LinAlgError and friends
+            U = None
+        if U is not None and _finite_factor(U):
+            if attempt:
+                log.warning("%s: SparseGPT Cholesky succeeded with damping %.3g (%.3g x mean diag H)",
+                            name, damp, damp / mean_diag)
+            return U
+        new_damp = damp * 10.0 if damp > 0 else 1e-6 * mean_diag
+        log.warning("%s: SparseGPT Cholesky failed with damping %.3g (%.3g x mean diag H); retrying with %.3g",
+                    name, damp, damp / mean_diag, new_damp)
+        damp = new_damp
+    log.warning("%s: SparseGPT Cholesky failed %d times; falling back to the diagonal Hessian (no OBS compensation)",
+                name, max_damp_tries)
+    return _diagonal_factor(H, percdamp * mean_diag)
+
+
+def _check_inputs(W, H, sparsity, pattern, mask):
+    if W.dim() != 2:
+        raise PrunekitError(f"SparseGPT expects a 2-D weight, got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise PrunekitError(f"SparseGPT: Hessian shape {tuple(H.shape)} does not match the weight's input dimension {cols}")
+    if mask is not None:
+        if tuple(mask.shape) != (rows, cols):
+            raise PrunekitError(f"SparseGPT: mask shape {tuple(mask.shape)} != weight shape {(rows, cols)}")
+        return None
+    if pattern is not None:
+        n, m = int(pattern[0]), int(pattern[1])
+        if not 0 < n < m:
+            raise PrunekitError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        check_nm_shape((n, m), cols)
+        return None
+    if isinstance(sparsity, torch.Tensor) and sparsity.numel() > 1:
+        s = sparsity.reshape(-1).double()
+        if s.numel() != rows:
+            raise PrunekitError(f"SparseGPT: {s.numel()} row ratios for {rows} rows")
+        if not bool(((s >= 0) & (s < 1)).all()):
+            raise PrunekitError("SparseGPT: row sparsities must be in [0, 1)")
+        return s
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
+    return s
+
+
+@torch.no_grad()
+def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize: int):
+    """The column sweep on W (modified in place). Returns the prune mask."""
+    rows, cols = W.shape
+    dev = W.device
+    out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+    row_ratios = sparsity if isinstance(sparsity, torch.Tensor) else None
+    nm = (int(pattern[0]), int(pattern[1])) if (mask is None and pattern is not None) else None
+    if nm is not None and blocksize % nm[1]:
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        Err1 = torch.zeros_like(W1)
+        if mask is not None:
+            M1 = mask[:, i1:i2].to(device=dev, dtype=torch.bool).clone()
+        elif nm is not None:
+            M1 = torch.zeros(rows, count, dtype=torch.bool, device=dev)
+        else:
+            score = W1.pow(2) / d.pow(2)[None, :]
+            if row_ratios is not None:
+                k = (torch.floor(row_ratios * i2) - torch.floor(row_ratios * i1)).long().to(dev)
+                M1 = _lowest_k_mask(score, k)
+            else:
+                k = int(sparsity * (rows * i2)) - int(sparsity * (rows * i1))
+                M1 = _lowest_k_mask(score.reshape(1, -1), k).reshape(rows, count)
+        for i in range(count):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)[None, :]
+                M1[:, i:i + nm[1]] = _lowest_k_mask(tmp, nm[0])
+            w = W1[:, i]
+            q = w.masked_fill(M1[:, i], 0.0)
+            err = (w - q) / d[i]
+            W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
+            W1[:, i] = q  # exact zeros where pruned
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        out_mask[:, i1:i2] = M1
+        if i2 < cols:
+            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    return out_mask
+
+
+@torch.no_grad()
+def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity=0.5, pattern: tuple[int, int] | None = None,
+                    mask: torch.Tensor | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
+                    percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
+                    name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune W (out, in) with SparseGPT; returns (new fp32 weight, bool prune mask, True = pruned).
+
+    ``H`` is (2/n) sum x x^T (``LayerStats.hessian_mean()``); ``sparsity`` a float in [0, 1) or a
+    per-row tensor of ratios; ``pattern`` (N, M) or None; ``mask`` an optional fixed prune mask (then
+    only the OBS updates are done). W and H are not modified; the caller writes the result back.
+    Dead input columns (H_jj == 0) are zeroed in the result even where the mask keeps them (their
+    input is 0 on every calibration token); the returned mask lists only the pruned positions.
+    """
+    s = _check_inputs(W, H, sparsity, pattern, mask)
+    Wf = W.detach().to(torch.float32).clone()
+    rows, cols = Wf.shape
+    if mask is None and pattern is None and (
+            (isinstance(s, float) and int(s * rows * cols) == 0)
+            or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
+        return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
+    if blocksize < 1:
+        raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
+    Hf = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
+    diag = Hf.diagonal()
+    dead = ~(diag > 0) & torch.isfinite(diag)  # zero (or negative) diagonal: the feature never fires
+    if bool(dead.any()):
+        diag[dead] = 1.0
+        Wf[:, dead] = 0.0
+    U = inverse_cholesky_upper(Hf, percdamp, max_damp_tries, name=name)
+    del Hf
+    if isinstance(s, torch.Tensor):
+        s = s.to(Wf.device)
+    W0 = Wf.clone()
+    out_mask = _sweep(Wf, U, s, pattern, mask, blocksize)
+    if not bool(torch.isfinite(Wf).all()):
+        log.warning("%s: SparseGPT updates produced NaN/inf; redoing the layer with the diagonal Hessian", name)
+        Hd = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
+        Hd.diagonal()[dead] = 1.0
+        U = _diagonal_factor(Hd, 0.0)
+        Wf = W0
+        out_mask = _sweep(Wf, U, s, pattern, mask, blocksize)
+        Wf = torch.nan_to_num(Wf, nan=0.0, posinf=0.0, neginf=0.0)  # only if W itself held NaN/inf
+    return Wf, out_mask
+
+
+def sparsegpt_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask=None, **kw):
+    """Adapter with the engine's solver signature: solver(W, stats, sparsity, pattern, mask)."""
+    if stats is None or stats.hessian is None:
+        raise PrunekitError("SparseGPT needs the layer Hessian: gather statistics with needs=('hessian',)")
+    return sparsegpt_solve(W, stats.hessian_mean(), sparsity, pattern=pattern, mask=mask, **kw)
+
+
+register_metric(
+    "sparsegpt", needs=("hessian",), group="layer",  # mask chosen per block over all rows
+    description="SparseGPT solver: OBS reconstruction with H=(2/n) sum x x^T; mask per 128-column block "
+                "over all rows by w^2/Hinv_jj^2 (one (in,in) fp32 Hessian per layer)",
+    solver=sparsegpt_solver,
+    extra={"blocksize": DEFAULT_BLOCKSIZE, "percdamp": DEFAULT_PERCDAMP},
+)(None)

@@ -1,0 +1,305 @@
+"""SparseGPT solver, RIA, STADE (+ bias compensation) and ACE on small random layers (CPU, seconds)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from prunekit.errors import PrunekitError
+from prunekit.masks import make_mask
+from prunekit.metrics import get_metric
+from prunekit.metrics.ace import ace, ace_terms
+from prunekit.metrics.ria import ria
+from prunekit.metrics.sparsegpt import sparsegpt_solve
+from prunekit.metrics.stade import stade, stade_bias_update
+from prunekit.metrics.stats import LayerStats
+
+ALL = frozenset({"sq_sum", "sum", "hessian"})
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated_inputs(n=2048, d=128, seed=0, mean=0.0):
+    """Correlated features: a random mixing of fewer latent factors plus feature-specific noise."""
+    g = _gen(seed)
+    latent = torch.randn(n, d // 4, generator=g)
+    mix = torch.randn(d // 4, d, generator=g) / math.sqrt(d // 4)
+    scale = 0.2 + 2.0 * torch.rand(d, generator=g)
+    X = latent @ mix + 0.3 * torch.randn(n, d, generator=g)
+    return X * scale + mean
+
+
+def stats_of(X, needs=ALL, chunks=4):
+    st = LayerStats(frozenset(needs), X.shape[-1])
+    for part in X.chunk(chunks, 0):  # several update() calls, as the engine's hooks do
+        st.update(part)
+    return st
+
+
+def rel_err(W, Wp, X):
+    Y = X @ W.T
+    return float((Y - X @ Wp.T).norm() / Y.norm())
+
+
+@pytest.fixture(scope="module")
+def layer():
+    X = correlated_inputs()
+    W = torch.randn(64, 128, generator=_gen(1))
+    return W, X, stats_of(X)
+
+
+# ---------------------------------------------------------------- SparseGPT
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_beats_wanda_reconstruction(layer, pattern):
+    W, X, st = layer
+    wanda_mask = make_mask(get_metric("wanda").score(W, st), 0.5, pattern, "row")
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.5, pattern=pattern)
+    e_wanda, e_sg = rel_err(W, W * ~wanda_mask, X), rel_err(W, W_sg, X)
+    assert e_sg < 0.75 * e_wanda, (e_sg, e_wanda)
+    # same density
+    assert int((W_sg == 0).sum()) == int(wanda_mask.sum()) == W.numel() // 2
+
+
+def test_sparsegpt_solver_adapter_and_registration(layer):
+    W, X, st = layer
+    m = get_metric("sparsegpt")
+    assert m.score is None and m.solver is not None and m.needs == frozenset({"hessian"})
+    W1, mask1 = m.solver(W, st, 0.5, None, None)
+    W2, mask2 = sparsegpt_solve(W, st.hessian_mean(), 0.5)
+    assert torch.equal(W1, W2) and torch.equal(mask1, mask2)
+    with pytest.raises(PrunekitError):
+        m.solver(W, stats_of(X, needs=("sq_sum",)), 0.5, None, None)
+
+
+def test_sparsegpt_does_not_modify_inputs(layer):
+    W, X, st = layer
+    W0, H = W.clone(), st.hessian_mean()
+    H0 = H.clone()
+    sparsegpt_solve(W, H, 0.5)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+def test_sparsegpt_zero_sparsity_is_identity(layer):
+    W, X, st = layer
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.0)
+    assert torch.allclose(W_sg, W) and not mask.any()
+    # the sweep itself is also the identity when nothing is pruned (fixed empty mask)
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.0, mask=torch.zeros_like(W, dtype=torch.bool))
+    assert torch.allclose(W_sg, W, atol=1e-6) and not mask.any()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_sparsegpt_nm_pattern_holds(layer, n, m):
+    W, X, st = layer
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.5, pattern=(n, m), blocksize=48)  # 48 % 8 != 0
+    zeros = (W_sg == 0).reshape(W.shape[0], -1, m)
+    assert (zeros.sum(-1) == n).all()  # exactly N zeros in every group of every row, after the updates
+    assert torch.equal(mask, W_sg == 0)
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.7])
+def test_sparsegpt_exact_layer_sparsity(layer, s):
+    W, X, st = layer
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), s, blocksize=32)
+    assert int(mask.sum()) == int(W.numel() * s)
+    assert int((W_sg == 0).sum()) == int(W.numel() * s)
+    assert torch.equal(mask, W_sg == 0)
+
+
+def test_sparsegpt_per_row_ratios(layer):
+    W, X, st = layer
+    ratios = torch.linspace(0.1, 0.8, W.shape[0])
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), ratios, blocksize=40)
+    expect = torch.floor(ratios.double() * W.shape[1]).long()
+    assert torch.equal(mask.sum(1), expect)
+    assert torch.equal((W_sg == 0).sum(1), expect)
+
+
+def test_sparsegpt_fixed_mask_is_respected_and_helps(layer):
+    W, X, st = layer
+    fixed = make_mask(get_metric("wanda").score(W, st), 0.5, None, "row")
+    W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.9, pattern=(2, 4), mask=fixed)  # mask wins
+    assert torch.equal(mask, fixed)
+    assert torch.equal(W_sg == 0, fixed)  # pruned exactly there, nowhere else
+    assert rel_err(W, W_sg, X) < 0.8 * rel_err(W, W * ~fixed, X)  # OBS updates reduce the error
+    # lazy batch updates are exact: with a fixed mask the block size does not change the result
+    W_small, _ = sparsegpt_solve(W, st.hessian_mean(), 0.5, mask=fixed, blocksize=16)
+    assert torch.allclose(W_small, W_sg, atol=1e-4, rtol=1e-4)
+
+
+def _assert_clean(W_sg, mask, W, s):
+    assert torch.isfinite(W_sg).all()
+    assert int(mask.sum()) == int(W.numel() * s)
+    assert (W_sg[mask] == 0).all()
+
+
+def test_sparsegpt_singular_hessian_dead_and_duplicated_features():
+    g = _gen(3)
+    X = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g)  # rank 8 in 64 features
+    X[:, 5] = X[:, 6]  # duplicated feature
+    X[:, 10:14] = 0  # dead features
+    W = torch.randn(32, 64, generator=g)
+    st = stats_of(X)
+    for pattern in (None, (2, 4)):
+        W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.5, pattern=pattern)
+        _assert_clean(W_sg, mask, W, 0.5)
+        assert (W_sg[:, 10:14] == 0).all()  # dead columns zeroed
+        assert rel_err(W, W_sg, X) < rel_err(W, W * ~make_mask(W.abs(), 0.5, pattern, "row"), X)
+
+
+def test_sparsegpt_cholesky_failure_raises_damping(caplog):
+    g = _gen(4)
+    B = torch.randn(64, 64, generator=g)
+    H = B @ B.T / 64
+    H -= (torch.linalg.eigvalsh(H)[0] + 0.5) * torch.eye(64)  # indefinite: smallest eigenvalue -0.5
+    assert float(torch.linalg.eigvalsh(H)[0]) < 0 and (H.diagonal() > 0).all()
+    W = torch.randn(16, 64, generator=g)
+    with caplog.at_level(logging.WARNING, logger="prunekit.metrics.sparsegpt"):
+        W_sg, mask = sparsegpt_solve(W, H, 0.5)
+    _assert_clean(W_sg, mask, W, 0.5)
+    assert "Cholesky failed" in caplog.text and "succeeded with damping" in caplog.text
+
+
+def test_sparsegpt_diagonal_fallback(caplog):
+    g = _gen(5)
+    X = torch.randn(256, 4, generator=g) @ torch.randn(4, 32, generator=g)
+    H = stats_of(X).hessian_mean()
+    H -= 10 * H.diagonal().mean() * torch.eye(32)  # hopeless for a single damping try
+    H.diagonal().clamp_(min=1e-3)
+    W = torch.randn(8, 32, generator=g)
+    with caplog.at_level(logging.WARNING, logger="prunekit.metrics.sparsegpt"):
+        W_sg, mask = sparsegpt_solve(W, H, 0.5, pattern=(2, 4), max_damp_tries=1)
+    assert "diagonal Hessian" in caplog.text
+    assert torch.isfinite(W_sg).all() and ((W_sg == 0).reshape(8, -1, 4).sum(-1) == 2).all()
+    # non-finite Hessian, and an all-zero one (every feature dead): no crash, no NaN
+    Hbad = H.clone()
+    Hbad[3, 7] = float("nan")
+    for Hx in (Hbad, torch.zeros(32, 32)):
+        W_sg, mask = sparsegpt_solve(W, Hx, 0.5)
+        assert torch.isfinite(W_sg).all() and int(mask.sum()) == W.numel() // 2
+
+
+def test_sparsegpt_rejects_bad_arguments(layer):
+    W, X, st = layer
+    H = st.hessian_mean()
+    with pytest.raises(PrunekitError):
+        sparsegpt_solve(W, H, 1.0)
+    with pytest.raises(PrunekitError):
+        sparsegpt_solve(W, H[:10, :10], 0.5)
+    with pytest.raises(PrunekitError):
+        sparsegpt_solve(W[:, :126], H[:126, :126], 0.5, pattern=(2, 4))
+
+
+# ---------------------------------------------------------------- RIA
+def test_ria_matches_brute_force():
+    g = _gen(6)
+    W = torch.randn(4, 6, generator=g)
+    X = torch.randn(50, 6, generator=g)
+    st = stats_of(X, needs=("sq_sum",))
+    got = ria(W, st)
+    exp = torch.zeros(4, 6)
+    for i in range(4):
+        for j in range(6):
+            col = sum(abs(float(W[k, j])) for k in range(4))
+            row = sum(abs(float(W[i, k])) for k in range(6))
+            norm = math.sqrt(sum(float(X[t, j]) ** 2 for t in range(50)))
+            exp[i, j] = (abs(float(W[i, j])) / col + abs(float(W[i, j])) / row) * norm ** 0.5
+    assert torch.allclose(got, exp, rtol=1e-5, atol=1e-7)
+    m = get_metric("ria")
+    assert m.group == "row" and m.needs == frozenset({"sq_sum"})
+
+
+def test_ria_zero_column_no_nan():
+    W = torch.randn(4, 6, generator=_gen(7))
+    W[:, 2] = 0
+    W[1] = 0
+    st = stats_of(torch.randn(20, 6, generator=_gen(8)), needs=("sq_sum",))
+    s = ria(W, st)
+    assert torch.isfinite(s).all() and (s[:, 2] == 0).all() and (s[1] == 0).all()
+
+
+# ---------------------------------------------------------------- STADE
+def test_stade_ranks_like_wanda_on_zero_mean_inputs():
+    Y = correlated_inputs(n=1024, d=128, seed=9, mean=1.5)
+    X = torch.cat([Y, -Y])  # exactly zero-mean features
+    W = torch.randn(64, 128, generator=_gen(10))
+    st = stats_of(X, needs=("sq_sum", "sum"))
+    wanda = get_metric("wanda").score(W, st)
+    for pattern, s in ((None, 0.5), (None, 0.7), ((2, 4), 0.5)):
+        assert torch.equal(make_mask(stade(W, st), s, pattern, "row"), make_mask(wanda, s, pattern, "row"))
+    # not a tautology: with the non-zero-mean half alone the rankings differ
+    st_y = stats_of(Y, needs=("sq_sum", "sum"))
+    assert not torch.equal(make_mask(stade(W, st_y), 0.5, None, "row"),
+                           make_mask(get_metric("wanda").score(W, st_y), 0.5, None, "row"))
+
+
+def test_stade_bias_compensation_keeps_mean_output():
+    g = _gen(11)
+    X = correlated_inputs(n=2048, d=64, seed=12) + 3.0 * torch.rand(64, generator=g)  # non-zero means
+    W = torch.randn(32, 64, generator=g)
+    b = torch.randn(32, generator=g)
+    st = stats_of(X, needs=("sq_sum", "sum"))
+    m = get_metric("stade")
+    assert m.bias_update is stade_bias_update
+    mask = make_mask(m.score(W, st), 0.5, None, "row")
+    delta = m.bias_update(W, mask, st)  # from the dense weights, before zeroing
+    W_pruned = W * ~mask
+    dense_mean = (X.double() @ W.double().T + b.double()).mean(0)
+    comp_mean = (X.double() @ W_pruned.double().T + b.double() + delta.double()).mean(0)
+    uncomp_mean = (X.double() @ W_pruned.double().T + b.double()).mean(0)
+    scale = float(dense_mean.abs().max())
+    assert float((comp_mean - dense_mean).abs().max()) < 1e-4 * scale
+    assert float((uncomp_mean - dense_mean).abs().max()) > 0.1 * scale  # the correction matters here
+    # the published code's order: zero first, then compute the correction -> it is zero, mean not kept
+    delta_after = m.bias_update(W_pruned, mask, st)
+    assert float(delta_after.abs().max()) == 0.0
+    bug_mean = (X.double() @ W_pruned.double().T + b.double() + delta_after.double()).mean(0)
+    assert float((bug_mean - dense_mean).abs().max()) > 0.1 * scale
+
+
+# ---------------------------------------------------------------- ACE
+def test_ace_formula_and_zero_mean_equivalence():
+    Y = correlated_inputs(n=512, d=64, seed=13, mean=2.0)
+    W = torch.randn(32, 64, generator=_gen(14))
+    st = stats_of(Y, needs=("sq_sum", "sum"))
+    n = st.count
+    e2 = (Y.double() ** 2).mean(0)
+    var = Y.double().var(0)
+    W2 = W.double() ** 2
+    r = W2 @ e2
+    R = r.sum()
+    exp = W2 / R * ((1 - r / R)[:, None] / 2 * e2[None, :] + 0.5 * var[None, :])
+    assert torch.allclose(ace(W, st).double(), exp, rtol=1e-4)
+    assert n == 512 and get_metric("ace").needs == frozenset({"sq_sum", "sum"})
+    # on zero-mean inputs ACE ranks exactly like Wanda; on shifted inputs it does not
+    X = torch.cat([Y, -Y])
+    st0 = stats_of(X, needs=("sq_sum", "sum"))
+    assert torch.equal(make_mask(ace(W, st0), 0.5, None, "row"),
+                       make_mask(get_metric("wanda").score(W, st0), 0.5, None, "row"))
+    assert not torch.equal(make_mask(ace(W, st), 0.5, None, "row"),
+                           make_mask(get_metric("wanda").score(W, st), 0.5, None, "row"))
+
+
+def test_ace_cosine_term_tracks_measured_cosine_loss():
+    """The cosine term C_ij predicts the measured mean 1 - cos(y, y') of removing single weights."""
+    g = _gen(15)
+    X = torch.randn(512, 32, generator=g) * (0.2 + 2 * torch.rand(32, generator=g))  # independent features
+    W = torch.randn(16, 32, generator=g)
+    W[0] *= 4  # one dominant row: output directions far from isotropic
+    st = stats_of(X, needs=("sq_sum", "sum"))
+    C, _ = ace_terms(W, st)
+    Xd, Wd = X.double(), W.double()
+    Y = Xd @ Wd.T  # (t, i)
+    yy = (Y * Y).sum(1)  # |y_t|^2
+    dY = Wd[None, :, :] * Xd[:, None, :]  # removed contribution W_ij x_tj, (t, i, j)
+    dot = yy[:, None, None] - dY * Y[:, :, None]
+    n2 = yy[:, None, None] - 2 * dY * Y[:, :, None] + dY ** 2
+    loss = (1 - dot / (yy.sqrt()[:, None, None] * n2.clamp_min(1e-30).sqrt())).mean(0)
+    rank = lambda t: t.flatten().argsort().argsort().double()
+    rc, rl = rank(C), rank(loss)
+    spearman = float(((rc - rc.mean()) * (rl - rl.mean())).sum() / ((rc - rc.mean()).norm() * (rl - rl.mean()).norm()))
+    assert spearman > 0.9, spearman
