@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list cached models (and fetch the embedded default)")
     m.add_argument("--fetch-default", action="store_true", help="download and convert SmolLM2 now")
 
+    v = sub.add_parser("verify", help="reload a saved pruned folder and check its zeros against its masks")
+    v.add_argument("--model", required=True)
+
     sub.add_parser("methods", help="list registered metrics and allocators")
     return ap
 
@@ -133,6 +136,16 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_verify(a) -> int:
+    from .save import verify_saved
+
+    r = verify_saved(a.model)
+    print(f"{a.model}: reloaded with AutoModelForCausalLM; {r['layers']} pruned layers, "
+          f"sparsity {r['overall_sparsity']:.6f} (target {r['target']:.4f}); every masked weight is an exact zero; "
+          f"per-row sparsity min {r['row_min']:.4f} max {r['row_max']:.4f}")
+    return 0
+
+
 def cmd_methods(a) -> int:
     from .allocate import ALLOCATORS
     from .metrics import METRICS
@@ -146,7 +159,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods}[a.cmd](a)
+        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
+                "verify": cmd_verify}[a.cmd](a)
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

@@ -83,3 +83,32 @@ def sparsity_from_files(folder: Path, layer_names: list[str], transposed: set[st
     zeros = sum(v["zeros"] for v in per_layer.values())
     numel = sum(v["numel"] for v in per_layer.values())
     return {"overall_sparsity": zeros / numel, "layers": {k: v["zeros"] / v["numel"] for k, v in per_layer.items()}}
+
+
+def verify_saved(folder: str | Path) -> dict:
+    """Reload a saved folder with AutoModelForCausalLM and check that every masked weight is zero."""
+    from transformers import AutoModelForCausalLM
+
+    from .models.families import weight_view
+
+    folder = Path(folder)
+    if not (folder / "masks.safetensors").is_file():
+        raise PrunekitError(f"{folder} is not a prunekit output folder (no masks.safetensors)")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    mods = dict(model.named_modules())
+    masks = load_masks(folder / "masks.safetensors")
+    report = json.loads((folder / "report.json").read_text())
+    zeros = numel = 0
+    row_min, row_max = 1.0, 0.0
+    for name, mask in masks.items():
+        W = weight_view(mods[name])
+        if W.shape != mask.shape:
+            raise PrunekitError(f"{name}: mask shape {tuple(mask.shape)} != weight shape {tuple(W.shape)}")
+        if bool((W[mask] != 0).any()):
+            raise PrunekitError(f"{name}: {(W[mask] != 0).sum()} masked weights are not zero")
+        rows = mask.float().mean(1)
+        row_min, row_max = min(row_min, float(rows.min())), max(row_max, float(rows.max()))
+        zeros += int(mask.sum())
+        numel += mask.numel()
+    return {"layers": len(masks), "overall_sparsity": zeros / numel, "target": report["target_sparsity"],
+            "row_min": row_min, "row_max": row_max}

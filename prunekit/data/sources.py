@@ -46,17 +46,7 @@ def _read_file(path: Path) -> list[str]:
     if suffix == ".txt" or suffix == ".raw":
         return [path.read_text(encoding="utf-8")]
     if suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrunekitError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
-                docs.append(obj if isinstance(obj, str) else obj.get("text", ""))
-        return docs
+        return [d for d in _jsonl_rows(path) if d]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -65,6 +55,20 @@ def _read_file(path: Path) -> list[str]:
             raise PrunekitError(f"{path} has no 'text' column (columns: {table.column_names})")
         return [t for t in table.column("text").to_pylist() if t]
     raise PrunekitError(f"unsupported text file {path.name}: use .txt, .jsonl or .parquet")
+
+
+def _jsonl_rows(path: Path) -> list[str]:
+    """Every row (empty ones too: they shape the "\n\n" joins) of a JSON-lines file of strings or {"text": ...}."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrunekitError(f"{path}: line is not JSON ({e.msg})") from None
+                rows.append(obj if isinstance(obj, str) else obj.get("text", ""))
+    return rows
 
 
 def _online(name: str, split: str) -> list[str]:
@@ -108,7 +112,7 @@ def load_documents(source: str, purpose: str = "calibration") -> list[str]:
         if purpose == "calibration":
             log.warning("offline WikiText-2 has only the test split: calibration text overlaps evaluation text")
         if rows.is_file():
-            return ["\n\n".join(json.loads(l) for l in open(rows, encoding="utf-8"))]
+            return ["\n\n".join(_jsonl_rows(rows))]
         raw = d / "wikitext2" / "wiki.test.raw"
         if raw.is_file():
             return [raw.read_text(encoding="utf-8")]

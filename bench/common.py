@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmarks: protocols, environment record, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PROTOCOLS = {
+    # CPU: seqlen 512, 64 C4 calibration windows, the first 64 WikiText-2 windows
+    "S": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0},
+    # GPU: the papers' protocol, full WikiText-2 test split
+    "P": {"seqlen": 2048, "nsamples": 128, "eval_windows": None, "calib": "c4", "seed": 0},
+}
+
+
+def environment() -> dict:
+    import transformers
+
+    import prunekit
+
+    env = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "prunekit": prunekit.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import subprocess
+
+        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip()
+    except Exception:
+        pass
+    return env
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""Quality benchmark: SmolLM2 perplexity after pruning, for many pipelines.
+
+    python bench/quality.py                      # protocol S on CPU (P when a GPU is present)
+    python bench/quality.py --suite core alloc   # pick suites; results are merged into one file
+    python bench/quality.py --protocol S --device cpu --only wanda
+
+Each run restores the dense weights, prunes with prunekit.prune, and evaluates WikiText-2 token
+perplexity on the protocol's windows. Results are written after every run to
+bench/results/quality_<protocol>.json and .md, so an interrupted benchmark keeps what it finished;
+runs already present (same key, same protocol) are skipped unless --redo.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.evaluate.perplexity import perplexity  # noqa: E402
+
+
+def suites() -> dict[str, list[dict]]:
+    core = []
+    for metric in ("magnitude", "wanda"):
+        for s in (0.5, 0.6, 0.7):
+            core.append({"metric": metric, "sparsity": s})
+        for pat in ("2:4", "4:8"):
+            core.append({"metric": metric, "sparsity": 0.5, "pattern": pat})
+    core.append({"metric": "wanda", "sparsity": 0.5, "sequential": False})  # the Wanda paper's protocol
+    alloc = [{"metric": "wanda", "sparsity": s, "allocation": a}
+             for s in (0.6, 0.7, 0.8)
+             for a in ("uniform", "global", "er", "owl", "alphapruning", "farms", "mrp")]
+    metrics = [{"metric": m, "sparsity": s} for m in ("sparsegpt", "ria", "stade") for s in (0.5, 0.6, 0.7, 0.8)]
+    metrics += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in ("sparsegpt", "ria", "stade")]
+    return {"core": core, "alloc": alloc, "metrics": metrics}
+
+
+def key_of(run: dict) -> str:
+    parts = [run["metric"], f"{run['sparsity']:.2f}", run.get("pattern", "unstructured"),
+             run.get("allocation", "uniform")]
+    if run.get("sequential") is False:
+        parts.append("dense-block-stats")
+    if run.get("rowwise"):
+        parts.append(run["rowwise"])
+    return "/".join(parts)
+
+
+def markdown(data: dict) -> str:
+    p = data["protocol"]
+    env = data["environment"]
+    lines = [f"# Quality benchmark: SmolLM2-135M-Instruct, protocol {data['protocol_name']}", "",
+             f"Calibration: {p['calib']} (offline mirror: C4 validation documents after the first 1,100), "
+             f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: WikiText-2 test "
+             f"(rows joined with \\n\\n), {data['dense']['windows']} windows x {p['seqlen']} tokens "
+             f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
+             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
+             f"{env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
+             f"Dense perplexity: **{data['dense']['ppl']:.3f}**", "",
+             "| metric | sparsity | pattern | allocation | notes | WikiText-2 PPL | prune time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for k, r in sorted(data["runs"].items(), key=lambda kv: (kv[1]["config"]["metric"], kv[1]["config"].get("pattern", "u"),
+                                                               kv[1]["config"]["sparsity"], kv[0])):
+        c = r["config"]
+        notes = "dense-block stats (Wanda paper)" if c.get("sequential") is False else ""
+        lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
+                     f"{c.get('allocation', 'uniform')} | {notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--protocol", choices=list(PROTOCOLS), default=None)
+    ap.add_argument("--suite", nargs="*", default=["core"])
+    ap.add_argument("--only", help="substring filter on run keys")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--model", default="smollm2")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and a.device != "cpu"
+    pname = a.protocol or ("P" if cuda else "S")
+    proto = PROTOCOLS[pname]
+    device = "cuda" if cuda else "cpu"
+    out = RESULTS / f"quality_{pname}.json"
+    data = load_results(out)
+    if data.get("protocol") != proto:
+        data = {"protocol_name": pname, "protocol": proto, "runs": {}}
+    data["environment"] = environment()
+
+    model, tok = prunekit.load_model(a.model)
+    model.to(device)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seqlen = proto["seqlen"]
+    eval_ids = eval_token_ids(tok, "wikitext2", seqlen)
+    calib = calibration_windows(tok, proto["calib"], proto["nsamples"], seqlen, proto["seed"])
+
+    def evaluate():
+        return perplexity(model, tok, "wikitext2", seqlen, proto["eval_windows"], device, batch_size=4, ids=eval_ids)
+
+    if "dense" not in data:
+        data["dense"] = evaluate()
+        save_json(out, data)
+    print(f"dense: {data['dense']['ppl']:.3f}", flush=True)
+    runs = [r for s in a.suite for r in suites()[s]]
+    for run in runs:
+        key = key_of(run)
+        if a.only and a.only not in key:
+            continue
+        if key in data["runs"] and not a.redo:
+            continue
+        model.load_state_dict(dense_state)
+        for n, m in model.named_modules():  # drop biases a previous run may have added (STADE)
+            if isinstance(m, torch.nn.Linear) and m.bias is not None and n + ".bias" not in dense_state:
+                m.bias = None
+        cfg = prunekit.make_config(model=a.model, seqlen=seqlen, nsamples=proto["nsamples"], calib=proto["calib"],
+                                   seed=proto["seed"], device=device, **run)
+        t = time.time()
+        try:
+            report = prunekit.prune(model, tok, cfg, calib_ids=calib)
+        except prunekit.PrunekitError as e:
+            print(f"{key}: skipped ({e})", flush=True)
+            continue
+        prune_s = time.time() - t
+        ev = evaluate()
+        data["runs"][key] = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
+                             "overall_sparsity": report["overall_sparsity"],
+                             "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
+        print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
+        save_json(out, data)
+        (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
+    (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
+
+
+if __name__ == "__main__":
+    main()
