@@ -117,7 +117,8 @@ def allocate(name: str, summary: ModelSummary, target: float, granularity: str =
         blocks = torch.tensor([l.block for l in summary.layers])
         for b in blocks.unique():
             sel = blocks == b
-            r[sel] = float((r[sel] * n[sel]).sum() / n[sel].sum())
+            if not bool((r[sel] == r[sel][0]).all()):  # equal ratios stay bit-exact
+                r[sel] = float((r[sel] * n[sel]).sum() / n[sel].sum())
     elif granularity != "layer":
         raise PrunekitError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     r = finalize(r, n, target, max_ratio)
