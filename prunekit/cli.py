@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list cached models (and fetch the embedded default)")
     m.add_argument("--fetch-default", action="store_true", help="download and convert SmolLM2 now")
 
+    z = sub.add_parser("analyze", help="ESD / heavy-tail report with plots, and each allocator's sparsity per block")
+    z.add_argument("--model", default="smollm2")
+    z.add_argument("--out", required=True)
+    z.add_argument("--target", type=float, default=0.7, help="sparsity target for the allocation plot")
+    z.add_argument("--calib", default="c4", help="calibration source for OWL/global ('none' to skip)")
+    z.add_argument("--nsamples", type=int, default=16)
+    z.add_argument("--seqlen", type=int, default=256)
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--device", default="auto")
+    z.add_argument("--layers", type=_csv, help="fnmatch patterns of layers whose ESD fit is plotted")
+    z.add_argument("--xmin-mode", choices=["all", "peak"], default="all")
+    z.add_argument("--compat", action="store_true", help="reproduce the reference code's xmin quirk")
+    z.add_argument("--overwrite", action="store_true")
+
     v = sub.add_parser("verify", help="reload a saved pruned folder and check its zeros against its masks")
     v.add_argument("--model", required=True)
 
@@ -136,6 +150,21 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_analyze(a) -> int:
+    from .analyze import analyze
+    from .models.loading import load_model
+    from .save import check_out_dir
+
+    check_out_dir(a.out, a.overwrite)
+    model, tok = load_model(a.model)
+    r = analyze(model, tok, a.out, a.target, None if a.calib == "none" else a.calib, a.nsamples, a.seqlen, a.seed,
+                a.device, a.layers, a.xmin_mode, a.compat, a.overwrite, model_name=a.model)
+    alphas = [x["alpha"] for x in r["layers"]]
+    print(f"analysed {len(alphas)} matrices of {a.model} in {r['seconds']} s: alpha {min(alphas):.2f}..{max(alphas):.2f}; "
+          f"report in {a.out} (analysis.md, layers.csv, alpha_per_block.png, esd_fits.png, allocations.png)")
+    return 0
+
+
 def cmd_verify(a) -> int:
     from .save import verify_saved
 
@@ -160,7 +189,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
-                "verify": cmd_verify}[a.cmd](a)
+                "verify": cmd_verify, "analyze": cmd_analyze}[a.cmd](a)
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

@@ -1,2 +1,2 @@
 """Imports of allocator modules beyond uniform (each registers itself)."""
-from . import methods  # noqa: F401,E402  (er, er-plus, owl, alphapruning, farms)
+from . import engine_based, methods  # noqa: F401  (global, mrp; er, er-plus, owl, alphapruning, farms)

@@ -1,0 +1,95 @@
+"""Allocators that need the engine (global, MRP), 'auto' parameters, and `prunekit analyze`."""
+import json
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+from prunekit.models.families import block_linears, weight_view
+
+from conftest import STORIES_HF, TINY_TEXT, tiny_model
+
+
+def weighted_sparsity(model):
+    z = n = 0
+    for d in block_linears(model):
+        for m in d.values():
+            W = weight_view(m)
+            z += int((W == 0).sum())
+            n += W.numel()
+    return z / n
+
+
+def test_global_magnitude_matches_brute_force_threshold():
+    model = tiny_model("llama", layers=3)
+    layers = {n: weight_view(m).abs().clone() for d in block_linears(model) for n, m in d.items()}
+    report = prunekit.prune(model, None, {"metric": "magnitude", "sparsity": 0.6, "allocation": "global",
+                                          "granularity": "layer"})
+    allw = torch.cat([w.flatten() for w in layers.values()]).sort().values
+    t = allw[int(0.6 * allw.numel()) - 1]
+    for l in report["layers"]:
+        expected = float((layers[l["name"]] <= t).double().mean())
+        assert l["target"] == pytest.approx(expected, abs=2e-3), l["name"]
+    assert weighted_sparsity(model) == pytest.approx(0.6, abs=2e-3)
+
+
+@pytest.mark.parametrize("alloc", ["global", "mrp", "owl", "alphapruning", "farms", "er", "er-plus"])
+def test_allocators_hit_target_through_engine(alloc, calib_ids):
+    model = tiny_model("qwen2", layers=4, hidden=64)
+    report = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.7, "allocation": alloc},
+                            calib_ids=calib_ids)
+    targets = torch.tensor([l["target"] for l in report["layers"]], dtype=torch.float64)
+    numels = torch.tensor([l["numel"] for l in report["layers"]], dtype=torch.float64)
+    assert float((targets * numels).sum() / numels.sum()) == pytest.approx(0.7, abs=1e-6)
+    # rounding to whole weights per row costs at most one weight per row
+    assert weighted_sparsity(model) == pytest.approx(0.7, abs=0.02)
+
+
+def test_mrp_history_and_self_correction(calib_ids):
+    model = tiny_model("llama", layers=4)
+    report = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.6, "allocation": "mrp",
+                                          "allocation_params": {"steps": 3}}, calib_ids=calib_ids)
+    hist = report["allocation"]["mrp_history"]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    assert all(len(h["chosen"]) == 2 for h in hist)
+
+
+def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
+    a = tiny_model("llama", layers=4)
+    ra = prunekit.prune(a, None, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning",
+                                  "allocation_params": {"eps": "auto"}}, calib_ids=calib_ids)
+    auto = ra["allocation"]["auto"]
+    eps = auto["chosen"]["eps"]
+    assert eps in (0.1, 0.2, 0.3, 0.4, 0.5) and len(auto["trials"]) == 5
+    best = min(auto["trials"], key=lambda t: t["heldout_nll"])
+    assert best["params"]["eps"] == eps
+    # the final model equals a direct run with the chosen value: trials left no trace
+    b = tiny_model("llama", layers=4)
+    rb = prunekit.prune(b, None, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning",
+                                  "allocation_params": {"eps": eps}}, calib_ids=calib_ids)
+    for n in ra.masks:
+        assert torch.equal(ra.masks[n], rb.masks[n])
+
+
+def test_auto_unknown_parameter_is_refused(calib_ids):
+    with pytest.raises(prunekit.PrunekitError, match="no 'auto' grid"):
+        prunekit.prune(tiny_model("llama"), None, {"metric": "wanda", "allocation": "er",
+                                                   "allocation_params": {"x": "auto"}}, calib_ids=calib_ids)
+
+
+def test_analyze_cli_writes_report(tmp_path):
+    out = tmp_path / "an"
+    assert main(["analyze", "--model", str(STORIES_HF), "--calib", str(TINY_TEXT), "--nsamples", "4",
+                 "--seqlen", "64", "--target", "0.6", "--out", str(out)]) == 0
+    for f in ("analysis.json", "analysis.md", "layers.csv", "alpha_per_block.png", "esd_fits.png", "allocations.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    r = json.loads((out / "analysis.json").read_text())
+    assert len(r["layers"]) == 35 and all(x["alpha"] > 1 for x in r["layers"])
+    block_numel = {}
+    for x in r["layers"]:
+        block_numel[x["block"]] = block_numel.get(x["block"], 0) + x["out"] * x["in"]
+    total = sum(block_numel.values())
+    for name, per_block in r["allocations"].items():
+        mean = sum(s * block_numel[b] for b, s in enumerate(per_block)) / total
+        assert mean == pytest.approx(0.6, abs=1e-6), name
