@@ -1,0 +1,253 @@
+"""Row-wise sparsity allocation inside one linear layer (TRIM).
+
+A row-wise allocator turns a layer's target sparsity ``s`` into one ratio per output row, which
+:func:`prunekit.masks.rowwise_mask` turns into a mask (row ``r`` drops its ``floor(d_in * s_r)``
+lowest scores). It works on top of any score metric (magnitude, Wanda, RIA, ...); solvers that
+build their own masks (SparseGPT) are not supported.
+
+TRIM (see the "Row-wise" section of the reference notes)
+--------------------------------------------------------
+X holds the inputs of the last token of each calibration sample, shape (n, d_in). Start from the
+uniform allocation ``x_r = s``. Each iteration:
+
+1. prune with the current allocation, giving ``W_p``;
+2. ``q_r`` = cosine similarity between row ``r`` of ``W X^T`` and of ``W_p X^T`` (per output
+   channel, over the n samples);
+3. ``x += centred(minmax(q) * 2 * lr)``: better-preserved rows get pruned more (for lr > 0);
+4. project back: clip to ``[0, max_row]`` *and* mean ``s``. A plain clip followed by a shift is not
+   enough (the shift can push rows out of the box again), so we take the fixed point of
+   alternating clip / re-centre directly: the one shift ``t`` with ``mean(clip(x + t, 0, max_row))
+   == s`` (a plain shift when that stays in the box; else bisection on ``t``, whose left side is
+   continuous and non-decreasing, then ``t`` solved exactly from the rows not at a bound). Both
+   conditions then hold (the mean to ~1e-15); see :func:`project_mean_box`.
+
+The layer score is the cosine similarity of the flattened outputs ``W X^T`` and ``W_p X^T``.
+For each lr (increasing), run ``iters`` iterations from the uniform start and keep the best ``x``
+by layer score; stop at the first lr whose best does not improve on the best so far. If no
+positive lr beats uniform, try the negative lrs the same way. The best allocation overall is
+returned; uniform is a candidate, so the result never scores below uniform.
+
+Exact total (``total="uniform"``, the default)
+---------------------------------------------
+TRIM keeps the layer's total sparsity exact: every candidate (not only the final one) is turned
+into integer per-row counts whose sum is exactly what the uniform per-row mask prunes,
+``K = out * int(d_in * s)`` (the count of ``unstructured_mask(scores, s, group="row")`` and of
+``rowwise_mask`` with every ratio ``s``). Counts are ``floor(d_in * x_r)`` corrected by the largest-
+remainder rule (rows with the largest fractional part get +1 first, rows with the smallest get
+-1 first), within ``[0, floor(d_in * max_row)]``. Scoring happens on these exact-count masks, so
+the search compares allocations with the same number of pruned weights as uniform. With
+``total="layer"`` the count is ``int(out * d_in * s)`` instead (matches a per-layer threshold; it
+may prune up to ``out - 1`` more weights than uniform per-row, so the "never below uniform" guarantee
+is then relative to the uniform allocation rounded to that same count).
+
+The returned ratios are ``count / d_in`` in float64 (one ulp higher where float rounding would lose
+a weight), for which ``rowwise_mask`` reproduces the counts exactly; keep them float64 (a float32
+copy can floor one short). The integer counts are also in ``info["counts"]``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import PrunekitError
+
+DEFAULT_LRS = (0.01, 0.02, 0.04, 0.08, 0.12, 0.16)
+DEFAULT_NEG_LRS = (-0.01, -0.02, -0.04)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def project_mean_box(x: torch.Tensor, target: float, hi: float, steps: int = 100) -> torch.Tensor:
+    """The clip-to-[0, hi] / re-centre-to-mean-``target`` fixed point: ``clip(x + t, 0, hi)`` with
+    the shift ``t`` that makes the mean equal ``target`` (needs 0 <= target <= hi). A plain shift
+    when that stays in the box; otherwise bisection on ``t`` finds which rows sit at a bound, and
+    ``t`` is then solved in closed form from the free rows."""
+    x = x.double()
+    n = x.numel()
+    t = target - float(x.mean())
+    if float(x.min()) + t >= 0.0 and float(x.max()) + t <= hi:
+        return x + t
+    lo_t, hi_t = -float(x.max()), hi - float(x.min())  # mean 0 at lo_t, mean hi at hi_t
+    for _ in range(steps):
+        mid = 0.5 * (lo_t + hi_t)
+        if float((x + mid).clamp(0.0, hi).mean()) < target:
+            lo_t = mid
+        else:
+            hi_t = mid
+    t = 0.5 * (lo_t + hi_t)
+    y = x + t
+    free = (y > 0.0) & (y < hi)
+    if bool(free.any()):
+        n_hi = int((y >= hi).sum())
+        t = (target * n - hi * n_hi - float(x[free].sum())) / int(free.sum())
+    return (x + t).clamp(0.0, hi)
+
+
+def counts_with_total(x: torch.Tensor, d_in: int, total: int, cap: int) -> torch.Tensor:
+    """Integer per-row counts close to ``x * d_in`` with ``sum == total`` and each in [0, cap]
+    (floor, then largest-remainder corrections; ties by row index, so deterministic)."""
+    y = x.double() * d_in
+    c = torch.floor(y).clamp(0, cap).long()
+    frac = y - c.double()
+    out = c.numel()
+    if not 0 <= total <= out * cap:
+        raise PrunekitError(f"cannot place {total} pruned weights in {out} rows of at most {cap}")
+    d = total - int(c.sum())
+    while d != 0:
+        if d > 0:
+            room = c < cap
+            key = torch.where(room, frac, torch.full_like(frac, -float("inf")))
+            order = torch.sort(key, descending=True, stable=True).indices
+        else:
+            room = c > 0
+            key = torch.where(room, frac, torch.full_like(frac, float("inf")))
+            order = torch.sort(key, stable=True).indices
+        take = order[: min(abs(d), int(room.sum()))]
+        step = 1 if d > 0 else -1
+        c[take] += step
+        frac[take] -= step  # a second round (rare) prefers other rows first
+        d -= step * take.numel()
+    return c
+
+
+def ratios_from_counts(counts: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Row ratios (float64) for which ``rowwise_mask`` prunes exactly ``counts``: ``count / d_in``,
+    nudged up by one ulp where rounding would make ``floor(d_in * r)`` fall one short (1/49*49 < 1)."""
+    r = counts.double() / d_in
+    short = torch.floor(r * d_in) < counts.double()
+    return torch.where(short, torch.nextafter(r, torch.full_like(r, 2.0)), r)
+
+
+def _minmax(q: torch.Tensor) -> torch.Tensor:
+    span = q.max() - q.min()
+    if not span > 0:
+        return torch.zeros_like(q)
+    return (q - q.min()) / span
+
+
+def trim_update(x: torch.Tensor, q: torch.Tensor, lr: float, target: float, hi: float) -> torch.Tensor:
+    """One TRIM step: ``x + centred(minmax(q) * 2 * lr)``, projected to [0, hi] with mean ``target``.
+    For lr > 0 the rows whose outputs are better preserved (higher ``q``) get pruned more."""
+    step = _minmax(q.double()) * (2.0 * lr)
+    return project_mean_box(x + (step - step.mean()), target, hi)
+
+
+# ---- TRIM ------------------------------------------------------------------------------------
+@torch.no_grad()
+def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, target: float,
+                      lrs=DEFAULT_LRS, neg_lrs=DEFAULT_NEG_LRS, iters: int = 10, max_row: float = 0.95,
+                      total: str = "uniform", eps: float = 1e-12):
+    """TRIM row-wise sparsity for one layer.
+
+    W: (out, d_in) dense weights; scores: (out, d_in) metric scores (higher = keep); X: (n, d_in)
+    calibration inputs (last token of each sample); target: the layer's sparsity.
+    Returns ``(row_sparsity, info)``: ``row_sparsity`` (out,) float64 on W's device, to pass to
+    ``rowwise_mask`` / ``make_mask``; ``info`` = {"lr", "score_uniform", "score", "iters_run",
+    "counts", "total"}. ``lr`` is 0.0 when uniform was kept.
+    """
+    if W.dim() != 2 or scores.shape != W.shape:
+        raise PrunekitError(f"TRIM needs 2-D weights and scores of the same shape, got {tuple(W.shape)} "
+                            f"and {tuple(scores.shape)}")
+    target = float(target)
+    if not 0.0 <= target < 1.0:
+        raise PrunekitError(f"sparsity must be in [0, 1), got {target}")
+    if total not in ("uniform", "layer"):
+        raise PrunekitError(f"total must be 'uniform' or 'layer', got {total!r}")
+    out, d_in = W.shape
+    dev = W.device
+    hi = max(float(max_row), target)  # a target above max_row leaves no room: stays uniform
+    cap = min(d_in, int(d_in * hi))
+    K = out * int(d_in * target) if total == "uniform" else int(out * d_in * target)
+
+    Wf = W.float()
+    # rank of every weight within its row, in rowwise_mask's order (stable ascending sort), so the
+    # mask for any per-row counts k is just rank < k (identical to rowwise_mask, without re-sorting)
+    order = torch.sort(scores.to(dev), dim=1, stable=True).indices
+    rank = torch.empty((out, d_in), dtype=torch.int32, device=dev)
+    rank.scatter_(1, order, torch.arange(d_in, dtype=torch.int32, device=dev).expand(out, d_in).contiguous())
+    del order
+
+    # the allocation itself (out,) lives on the CPU in float64: the projection and rounding are
+    # many tiny ops, which would otherwise be many device synchronisations
+    uniform = torch.full((out,), target, dtype=torch.float64)
+    u_counts = counts_with_total(uniform, d_in, K, cap)
+    X = X.to(dev, torch.float32) if X is not None else torch.zeros(0, d_in, device=dev)
+    info = {"lr": 0.0, "score_uniform": None, "score": None, "iters_run": 0, "counts": u_counts.cpu(),
+            "total": K}
+    if X.shape[0] == 0 or target == 0.0 or cap <= int(d_in * target):
+        return ratios_from_counts(u_counts, d_in).to(dev), info
+
+    Xt = X.t().contiguous()
+    Y = Wf @ Xt  # (out, n) dense outputs
+    Yd = Y.double()
+    y_norm = Yd.norm(dim=1)
+    y_all = Yd.pow(2).sum().sqrt()
+
+    def evaluate(counts):
+        """(per-row cosines q, layer cosine) of the exact-count mask."""
+        mask = rank < counts.to(dev, torch.int32)[:, None]  # == rowwise_mask(scores, ratios_from_counts(counts))
+        Yp = Wf.masked_fill(mask, 0.0) @ Xt
+        dots = (Yd * Yp.double()).sum(1)
+        p_norm = Yp.norm(dim=1).double()
+        q = dots / (y_norm * p_norm).clamp_min(eps)
+        layer = float(dots.sum() / (y_all * p_norm.pow(2).sum().sqrt()).clamp_min(eps))
+        return q.cpu(), layer
+
+    q_uni, s_uni = evaluate(u_counts)
+    info["score_uniform"] = info["score"] = s_uni
+    best = {"score": s_uni, "counts": u_counts, "lr": 0.0}
+
+    def run(lr):
+        """``iters`` TRIM iterations from uniform with this lr; best (score, counts) seen."""
+        x, q = uniform.clone(), q_uni
+        top_score, top_counts = -float("inf"), None
+        for _ in range(iters):
+            x = trim_update(x, q, lr, target, hi)
+            counts = counts_with_total(x, d_in, K, cap)
+            q, score = evaluate(counts)
+            info["iters_run"] += 1
+            if score > top_score:
+                top_score, top_counts = score, counts
+        return top_score, top_counts
+
+    def sweep(rates):
+        for lr in rates:
+            score, counts = run(float(lr))
+            if counts is None or not score > best["score"]:
+                break  # stops improving: no larger lr
+            best.update(score=score, counts=counts, lr=float(lr))
+
+    sweep(lrs)
+    if best["lr"] == 0.0:  # no positive lr beats uniform
+        sweep(neg_lrs)
+    info.update(lr=best["lr"], score=best["score"], counts=best["counts"].cpu())
+    return ratios_from_counts(best["counts"], d_in).to(dev), info
+
+
+# ---- registry --------------------------------------------------------------------------------
+def _trim(W, scores, stats, target, **kw):
+    if stats is None or "last_tokens" not in stats.needs:
+        raise PrunekitError("row-wise 'trim' needs the 'last_tokens' calibration statistic "
+                            "(add ROWWISE_NEEDS['trim'] to the statistics the engine gathers)")
+    return trim_row_sparsity(W, scores, stats.last_token_inputs(), target, **kw)
+
+
+# name -> fn(W, scores, stats, target, **params) -> (row_sparsity, info)
+ROWWISE: dict[str, Callable] = {"trim": _trim}
+# statistics each row-wise method reads (added to the metric's needs by the engine)
+ROWWISE_NEEDS: dict[str, set[str]] = {"trim": {"last_tokens"}}
+
+
+def apply_rowwise(name: str, W: torch.Tensor, scores: torch.Tensor, stats, target: float,
+                  info: dict | None = None, **params) -> torch.Tensor:
+    """Per-row sparsity of one layer by row-wise method ``name``; pass the result to ``make_mask``
+    (or ``rowwise_mask``) with the same ``scores``. ``info``, if given, is filled with the method's
+    diagnostics."""
+    try:
+        fn = ROWWISE[name]
+    except KeyError:
+        raise PrunekitError(f"unknown row-wise method {name!r}; valid: {', '.join(sorted(ROWWISE))}") from None
+    rows, extra = fn(W.float(), scores, stats, float(target), **params)
+    if info is not None:
+        info.update(extra)
+    return rows
