@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", help="layer-wise allocation method (default uniform)")
     p.add_argument("--allocation-param", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--granularity", choices=["block", "layer"])
+    p.add_argument("--rowwise", help="row-wise allocation inside each layer: trim")
+    p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
     p.add_argument("--calib", help="calibration source: c4, wikitext2, or a .txt/.jsonl/.parquet file")
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)
@@ -97,7 +99,7 @@ def cmd_prune(a) -> int:
     from .config import load_recipe, make_config
     from .pipeline import run
 
-    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "calib", "nsamples", "seqlen",
+    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "reconstruct", "calib", "nsamples", "seqlen",
               "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval", "eval_max_windows",
               "eval_seqlen", "out", "overwrite"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}

@@ -22,7 +22,9 @@ class PruneConfig(BaseModel):
     allocation_params: dict[str, Any] = Field(default_factory=dict)
     granularity: str = "block"
     max_ratio: float = 0.99
-    rowwise: Optional[str] = None
+    rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
+    rowwise_params: dict[str, Any] = Field(default_factory=dict)
+    reconstruct: Optional[str] = Field(None, description="'sparsegpt': OBS weight update on the metric's mask")
     calib: str = "c4"
     nsamples: int = 128
     seqlen: Optional[int] = Field(None, description="default: min(2048, model context)")
@@ -84,8 +86,22 @@ class PruneConfig(BaseModel):
         from .allocate import get_allocator
         from .metrics import get_metric
 
-        get_metric(self.metric)
+        metric = get_metric(self.metric)
         get_allocator(self.allocation)
+        if self.rowwise is not None:
+            from .rowwise import ROWWISE
+
+            if self.rowwise not in ROWWISE:
+                raise ValueError(f"unknown rowwise method {self.rowwise!r}; valid: {', '.join(sorted(ROWWISE))}")
+            if self.nm is not None:
+                raise ValueError("row-wise allocation changes per-row counts; it cannot be combined with an N:M pattern")
+            if metric.solver is not None:
+                raise ValueError(f"{self.metric} chooses its own masks; for TRIM with reconstruction use a score "
+                                 "metric with reconstruct: sparsegpt")
+        if self.reconstruct not in (None, "sparsegpt"):
+            raise ValueError(f"unknown reconstruct {self.reconstruct!r}; valid: sparsegpt")
+        if self.reconstruct and metric.solver is not None:
+            raise ValueError(f"{self.metric} already reconstructs weights")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         return self

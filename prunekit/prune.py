@@ -117,7 +117,7 @@ def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric,
     sub = calib_ids[: min(len(calib_ids), 32)]
 
     def prune_to(ratios: dict, M: float) -> list[float]:
-        pruner = _Pruner(metric, ratios, nm)
+        pruner = _Pruner.from_config(cfg, metric, ratios)
         current: list[torch.Tensor] = []
         result: list[float] = []
 
@@ -131,7 +131,7 @@ def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric,
             result.append(_outlier_ratios(current, (M,))[float(M)])
             current.clear()
 
-        iterate_blocks(model, blocks, block_layers, sub, metric.needs | {"sq_sum"}, handle, device,
+        iterate_blocks(model, blocks, block_layers, sub, stats_needs(metric, cfg) | {"sq_sum"}, handle, device,
                        batch_size=cfg.batch_size, sequential=cfg.sequential, desc="MRP step", on_block_done=done)
         return result
 
@@ -147,8 +147,9 @@ AUTO_DEFAULTS = {"owl": {"lam": 0.08, "M": 5.0}, "alphapruning": {"eps": 0.3}, "
 
 
 def _prune_all(pruner, metric, model, blocks, block_layers, ids, device, cfg, desc):
-    if metric.needs:
-        iterate_blocks(model, blocks, block_layers, ids, metric.needs, pruner, device,
+    needs = stats_needs(metric, cfg)
+    if needs:
+        iterate_blocks(model, blocks, block_layers, ids, needs, pruner, device,
                        batch_size=cfg.batch_size, sequential=cfg.sequential, desc=desc)
     else:  # weight-only metric: no forward pass needed
         for d in block_layers:
@@ -186,7 +187,7 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
             trial = dict(resolved, **{key: value})
             ratios = allocate(cfg.allocation, summary, cfg.target(), granularity=cfg.granularity,
                               max_ratio=cfg.max_ratio, **trial)
-            _prune_all(_Pruner(metric, ratios, nm), metric, model, blocks, block_layers, sub, device, cfg,
+            _prune_all(_Pruner.from_config(cfg, metric, ratios), metric, model, blocks, block_layers, sub, device, cfg,
                        "auto trial")
             loss = float(nll_of_windows(model, held, device, batch_size=4, desc="auto proxy").mean())
             trials.append({"params": trial, "heldout_nll": loss})
@@ -246,13 +247,32 @@ class Report(dict):
         self.masks = masks or {}
 
 
-class _Pruner:
-    """The per-layer handler the engine calls: score or solve, mask, bias update, zero, record."""
+def stats_needs(metric, cfg) -> frozenset[str]:
+    """Every statistic the chosen metric, row-wise method and reconstruction read, gathered in one pass."""
+    needs = set(metric.needs)
+    if cfg.rowwise:
+        from .rowwise import ROWWISE_NEEDS
 
-    def __init__(self, metric, ratios: dict, nm):
+        needs |= ROWWISE_NEEDS[cfg.rowwise]
+    if cfg.reconstruct == "sparsegpt":
+        needs.add("hessian")
+    return frozenset(needs)
+
+
+class _Pruner:
+    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), weight
+    reconstruction, bias update, zero, record."""
+
+    def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
+                 reconstruct: str | None = None):
         self.metric, self.ratios, self.nm = metric, ratios, nm
+        self.rowwise, self.rowwise_params, self.reconstruct = rowwise, rowwise_params or {}, reconstruct
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
+
+    @classmethod
+    def from_config(cls, cfg, metric, ratios):
+        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
@@ -263,10 +283,22 @@ class _Pruner:
         else:
             Wf = W.float()  # may alias W (fp32 models): solvers work on their own copy
             Wn = None
+            info = {}
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None)
             else:
-                mask = make_mask(self.metric.score(Wf, stats), r, self.nm, self.metric.group)
+                scores = self.metric.score(Wf, stats)
+                if self.rowwise:
+                    from .rowwise import apply_rowwise
+
+                    rows = apply_rowwise(self.rowwise, Wf, scores, stats, r, info=info, **self.rowwise_params)
+                    mask = make_mask(scores, rows)
+                else:
+                    mask = make_mask(scores, r, self.nm, self.metric.group)
+                if self.reconstruct == "sparsegpt":
+                    from .metrics.sparsegpt import sparsegpt_solver
+
+                    Wn, mask = sparsegpt_solver(Wf, stats, r, self.nm, mask)
             if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
                 add_bias(module, self.metric.bias_update(Wf, mask, stats))
             if Wn is not None:
@@ -274,6 +306,8 @@ class _Pruner:
             W[mask] = 0
         self.masks[name] = pack_mask(mask)
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
+        if self.rowwise and info:
+            self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:
@@ -302,7 +336,7 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     seqlen = resolve_seqlen(model, cfg.seqlen)
     device = resolve_device(cfg.device)
     alloc_needs = get_allocator(cfg.allocation).needs
-    needs_data = (bool(metric.needs) or bool(alloc_needs & {"outliers", "engine"})
+    needs_data = (bool(stats_needs(metric, cfg)) or bool(alloc_needs & {"outliers", "engine"})
                   or ("scores" in alloc_needs and (bool(metric.needs) or metric.score is None))
                   or "auto" in cfg.allocation_params.values())
     if calib_ids is None and needs_data:
@@ -312,7 +346,7 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     t_data = time.time()
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device)
     t_alloc = time.time()
-    pruner = _Pruner(metric, ratios, nm)
+    pruner = _Pruner.from_config(cfg, metric, ratios)
     _prune_all(pruner, metric, model, blocks, block_layers, calib_ids, device, cfg, "pruning")
     t_prune = time.time()
     return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, {
@@ -341,7 +375,8 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
         "family": family,
         "method": {"metric": cfg.metric, "pattern": cfg.pattern, "allocation": cfg.allocation,
                    "allocation_params": cfg.allocation_params, "granularity": cfg.granularity,
-                   "sequential": cfg.sequential, "rowwise": cfg.rowwise},
+                   "sequential": cfg.sequential, "rowwise": cfg.rowwise,
+                   "reconstruct": cfg.reconstruct},
         "target_sparsity": cfg.target(),
         "protocol": {"calib": cfg.calib if calib_ids is not None else None,
                      "nsamples": int(calib_ids.shape[0]) if calib_ids is not None else 0,
