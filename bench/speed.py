@@ -1,0 +1,134 @@
+"""Speed and memory benchmark of a prune.
+
+    python bench/speed.py                       # SmolLM2, Wanda 50%, protocol S (64 x 512), CPU
+    python bench/speed.py --model llama7b-random --device cuda      # 7B-shaped random LLaMA, 128 x 2048
+    python bench/speed.py --model llama7b-random --blocks 2 --nsamples 4 --seqlen 256   # same path, small, CPU
+
+Reports wall time of ``prunekit.prune`` (model already loaded), peak memory (RSS on CPU,
+``torch.cuda.max_memory_allocated`` on GPU), and, on GPU, the floor of 2 x params x calibration tokens
+FLOPs at the GPU's dense bf16 peak. Writes bench/results/speed.json (merged by key) and speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, load_results, save_json  # noqa: E402
+
+import prunekit  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def random_llama(blocks: int, dtype, hidden=4096, mlp=11008, heads=32, vocab=32000):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.fill_(1.0)
+            else:
+                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.02).to(dtype))
+    model.model.rotary_emb.__init__(cfg)  # buffers were left empty by to_empty
+    model.eval()
+    return model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", help="smollm2 | llama7b-random | any model spec")
+    ap.add_argument("--metric", default="wanda")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--nsamples", type=int)
+    ap.add_argument("--seqlen", type=int)
+    ap.add_argument("--blocks", type=int, default=32, help="for llama7b-random")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--repeat", type=int, default=1)
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and a.device != "cpu"
+    device = "cuda" if cuda else "cpu"
+    big = a.model == "llama7b-random"
+    nsamples = a.nsamples or (128 if big else 64)
+    seqlen = a.seqlen or (2048 if big else 512)
+    t = time.time()
+    if big:
+        dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+        model, tok = random_llama(a.blocks, dtype), None
+        calib = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    else:
+        model, tok = prunekit.load_model(a.model, a.dtype or "auto")
+        from prunekit.data import calibration_windows
+
+        calib = calibration_windows(tok, "c4", nsamples, seqlen, 0)
+    load_s = time.time() - t
+    params = sum(p.numel() for p in model.parameters())
+    block_params = sum(p.numel() for p in prunekit.models.families.get_blocks(model).parameters())
+    rss_before = rss_gib()
+    times = []
+    for _ in range(a.repeat):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        t = time.time()
+        report = prunekit.prune(model, tok, {"metric": a.metric, "sparsity": a.sparsity, "device": device,
+                                             "nsamples": nsamples, "seqlen": seqlen}, calib_ids=calib)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+    res = {"model": a.model + (f" ({a.blocks} blocks)" if big else ""), "metric": a.metric,
+           "sparsity": a.sparsity, "device": device, "dtype": str(next(model.parameters()).dtype),
+           "nsamples": nsamples, "seqlen": seqlen, "calibration_tokens": nsamples * seqlen,
+           "params": params, "block_params": block_params, "load_s": round(load_s, 2),
+           "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
+           "peak_rss_gib": round(rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
+           "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block"}
+    if cuda:
+        name = torch.cuda.get_device_name(0)
+        res["gpu"] = name
+        res["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        if peak:
+            floor = 2 * block_params * nsamples * seqlen / (peak * 1e12)
+            res["flops_floor_s"] = round(floor, 2)
+            res["x_floor"] = round(min(times) / floor, 2)
+            res["peak_tflops_assumed"] = peak
+        one_block = block_params / len(prunekit.models.families.get_blocks(model)) * model.dtype.itemsize
+        res["one_block_gib"] = round(one_block / 2**30, 3)
+        res["hidden_states_gib"] = round(nsamples * seqlen * model.config.hidden_size * model.dtype.itemsize / 2**30, 2)
+    res["environment"] = environment()
+    key = f"{res['model']}|{a.metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+    out = RESULTS / "speed.json"
+    data = load_results(out)
+    data[key] = res
+    save_json(out, data)
+    lines = ["# Speed benchmark", "", "Wall time of `prunekit.prune` with the model already loaded (min over repeats); "
+             "peak RSS is the process high-water mark (model included).", "",
+             "| model | metric | device | calibration | prune s | peak RSS GiB | peak GPU GiB | x FLOPs floor | machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, r in data.items():
+        lines.append(f"| {r['model']} | {r['metric']} {r['sparsity']} | {r['device']} | {r['nsamples']} x {r['seqlen']} | "
+                     f"{r['prune_s']} | {r['peak_rss_gib']} | {r.get('peak_gpu_gib', '-')} | {r.get('x_floor', '-')} | "
+                     f"{r['environment']['processor']}, {r['environment']['cpu_count']} CPUs, torch {r['environment']['torch']} |")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    print(res)
+
+
+if __name__ == "__main__":
+    main()
