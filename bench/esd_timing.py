@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--farms", action="store_true", help="also time FARMS alphas (max_side 2000, grid 12)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--real", action="store_true", help="the real SmolLM2 weights instead of random ones")
+    ap.add_argument("--save", action="store_true", help="merge the result into bench/results/esd_timing.json")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -59,7 +61,15 @@ def main(argv=None) -> dict:
 
     g = torch.Generator(device=device).manual_seed(a.seed)
     t0 = time.perf_counter()
-    weights = {k: torch.randn(s, generator=g, device=device) * 0.02 for k, s in shp.items()}  # N(0, 0.02) init
+    if a.real:
+        import prunekit
+        from prunekit.models.families import block_linears, weight_view
+
+        model, _ = prunekit.load_model("smollm2")
+        weights = {n: weight_view(m).to(device) for dd in block_linears(model) for n, m in dd.items()}
+        shp = {n: tuple(w.shape) for n, w in weights.items()}
+    else:
+        weights = {k: torch.randn(s, generator=g, device=device) * 0.02 for k, s in shp.items()}  # N(0, 0.02) init
     sync(device)
     t_init = time.perf_counter() - t0
 
@@ -69,7 +79,8 @@ def main(argv=None) -> dict:
     t_alpha = time.perf_counter() - t0
     alphas = [v["alpha"] for v in stats.values()]
     out = {
-        "model": "llama7b-shapes" if a.llama7b else "smollm2-135m-shapes", **d,
+        "model": "SmolLM2-135M-Instruct (real weights)" if a.real else
+                 ("llama7b-shapes (random)" if a.llama7b else "smollm2-135m-shapes (random)"), **d,
         "n_matrices": len(weights), "params": sum(s[0] * s[1] for s in shp.values()),
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -84,6 +95,12 @@ def main(argv=None) -> dict:
         sync(device)
         out.update(farms_s=round(time.perf_counter() - t0, 3), farms_alpha_mean=sum(fa) / len(fa))
     print(json.dumps(out))
+    if a.save:
+        res = Path(__file__).resolve().parent / "results" / "esd_timing.json"
+        data = json.loads(res.read_text()) if res.is_file() else {}
+        data[f"{out['model']}|{out['device']}|threads={out['threads']}|farms={a.farms}"] = out
+        res.parent.mkdir(exist_ok=True)
+        res.write_text(json.dumps(data, indent=2))
     return out
 
 

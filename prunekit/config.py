@@ -98,6 +98,9 @@ class PruneConfig(BaseModel):
             if metric.solver is not None:
                 raise ValueError(f"{self.metric} chooses its own masks; for TRIM with reconstruction use a score "
                                  "metric with reconstruct: sparsegpt")
+        if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
+            raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
+                             "has nothing to move; use an unstructured pattern with non-uniform allocations")
         if self.reconstruct not in (None, "sparsegpt"):
             raise ValueError(f"unknown reconstruct {self.reconstruct!r}; valid: sparsegpt")
         if self.reconstruct and metric.solver is not None:

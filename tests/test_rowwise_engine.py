@@ -46,7 +46,8 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
 @pytest.mark.parametrize("bad,msg", [({"rowwise": "trim", "pattern": "2:4"}, "cannot be combined with an N:M"),
                                      ({"rowwise": "trim", "metric": "sparsegpt"}, "chooses its own masks"),
                                      ({"rowwise": "nope"}, "unknown rowwise method"),
-                                     ({"reconstruct": "obs"}, "unknown reconstruct")])
+                                     ({"reconstruct": "obs"}, "unknown reconstruct"),
+                                     ({"pattern": "2:4", "allocation": "owl"}, "has nothing to move")])
 def test_rowwise_config_errors(bad, msg):
     with pytest.raises(prunekit.PrunekitError, match=msg):
         prunekit.make_config(**bad)
