@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["block", "layer"])
     p.add_argument("--rowwise", help="row-wise allocation inside each layer: trim")
     p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
+    p.add_argument("--remove-blocks", type=int, metavar="K", help="remove K decoder blocks before pruning")
+    p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
+    p.add_argument("--removal-score", choices=["bi", "magnitude", "taylor", "ppl"])
+    p.add_argument("--calib-select", help="prototype:hard | prototype:easy | prototype:mixed")
+    p.add_argument("--calib-pool", type=int, metavar="N", help="candidate windows for --calib-select")
     p.add_argument("--calib", help="calibration source: c4, wikitext2, or a .txt/.jsonl/.parquet file")
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)
@@ -64,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model")
     e.add_argument("--model", required=True)
-    e.add_argument("--ppl", type=_csv, default=["wikitext2"], help="wikitext2,c4 or a text file")
+    e.add_argument("--ppl", type=_csv, default=None, help="wikitext2,c4 or a text file (default wikitext2 "
+                   "unless --tasks is given)")
     e.add_argument("--seqlen", type=int)
     e.add_argument("--max-windows", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
+    e.add_argument("--tasks", type=_csv, help="zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,"
+                   "arc_challenge,openbookqa,piqa or 'all'")
+    e.add_argument("--limit", type=int, help="first N items of each task")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--backend", choices=["prunekit", "lm-eval"], default="prunekit")
     e.add_argument("--json", help="also write the results to this JSON file")
 
     m = sub.add_parser("models", help="list cached models (and fetch the embedded default)")
@@ -99,7 +110,8 @@ def cmd_prune(a) -> int:
     from .config import load_recipe, make_config
     from .pipeline import run
 
-    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "reconstruct", "calib", "nsamples", "seqlen",
+    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "reconstruct",
+              "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib", "nsamples", "seqlen",
               "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval", "eval_max_windows",
               "eval_seqlen", "out", "overwrite"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
@@ -128,11 +140,24 @@ def cmd_eval(a) -> int:
     seqlen = resolve_seqlen(model, a.seqlen)
     dev = resolve_device(a.device)
     res = {}
-    for s in a.ppl:
+    ppl_sets = a.ppl if a.ppl is not None else ([] if a.tasks else ["wikitext2"])
+    for s in ppl_sets:
         r = perplexity(model, tok, s, seqlen, a.max_windows, dev)
         res[s] = r
         print(f"{s}: perplexity {r['ppl']:.3f} (seqlen {seqlen}, {r['windows']}/{r['windows_available']} windows, "
               f"{r['tokens']} tokens, {r['kind']})")
+    if a.tasks:
+        from .evaluate.zeroshot import evaluate_tasks
+
+        names = None if a.tasks == ["all"] else a.tasks
+        z = evaluate_tasks(model, tok, names=names, limit=a.limit, batch_size=a.batch_size, device=dev,
+                           backend=a.backend)
+        res["zeroshot"] = z
+        for t, r in z["tasks"].items():
+            print(f"{t}: acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} (n={r['n']} of {r['n_available']})")
+        if z.get("mean_acc") is not None:
+            print(f"mean acc over {'the 7 paper tasks' if z['mean_complete'] else 'the paper tasks run'}: "
+                  f"{z['mean_acc']:.4f}" + (f" (limit {a.limit} per task)" if a.limit else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "results": res}, f, indent=2)

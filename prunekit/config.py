@@ -25,6 +25,11 @@ class PruneConfig(BaseModel):
     rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
     reconstruct: Optional[str] = Field(None, description="'sparsegpt': OBS weight update on the metric's mask")
+    remove_blocks: int = Field(0, description="decoder blocks to remove before pruning")
+    removal: str = Field("prune-comp", description="prune-comp (iterative, compensated) or bi (ShortGPT one-shot)")
+    removal_score: str = Field("bi", description="block score: bi, magnitude, taylor, ppl")
+    calib_select: Optional[str] = Field(None, description="prototype:hard|easy|mixed")
+    calib_pool: Optional[int] = Field(None, description="candidate windows for calib_select (default 4 x nsamples)")
     calib: str = "c4"
     nsamples: int = 128
     seqlen: Optional[int] = Field(None, description="default: min(2048, model context)")
@@ -101,6 +106,16 @@ class PruneConfig(BaseModel):
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")
+        if self.remove_blocks < 0:
+            raise ValueError("remove_blocks must be >= 0")
+        if self.removal not in ("prune-comp", "bi"):
+            raise ValueError(f"unknown removal {self.removal!r}; valid: prune-comp, bi")
+        if self.calib_select is not None:
+            from .data.select import parse_select
+
+            parse_select(self.calib_select)
+            if self.calib_pool is not None and self.calib_pool < self.nsamples:
+                raise ValueError(f"calib_pool ({self.calib_pool}) must be >= nsamples ({self.nsamples})")
         if self.reconstruct not in (None, "sparsegpt"):
             raise ValueError(f"unknown reconstruct {self.reconstruct!r}; valid: sparsegpt")
         if self.reconstruct and metric.solver is not None:

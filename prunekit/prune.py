@@ -325,17 +325,25 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     cfg = config if isinstance(config, PruneConfig) else make_config(**config)
     t0 = time.time()
     fam = family_of(model)
-    blocks = get_blocks(model)
-    block_layers = block_linears(model, cfg.ignore)
+    check_attention_layout(model)
     metric = get_metric(cfg.metric)
     nm = cfg.nm
     if nm is not None:
-        for d in block_layers:
+        for d in block_linears(model, cfg.ignore):
             for name, m in d.items():
                 check_nm_shape(nm, weight_view(m).shape[1], name)
     seqlen = resolve_seqlen(model, cfg.seqlen)
     device = resolve_device(cfg.device)
     alloc_needs = get_allocator(cfg.allocation).needs
+    extra_report = {}
+    if calib_ids is None and (cfg.calib_select or cfg.remove_blocks):
+        if tokenizer is None:
+            raise PrunekitError("calibration selection and block removal need a tokenizer or calib_ids")
+        calib_ids, extra_report = select_and_remove(cfg, model, tokenizer, seqlen, device)
+    elif cfg.remove_blocks:
+        extra_report["layer_removal"] = remove_blocks_step(cfg, model, calib_ids, device)
+    blocks = get_blocks(model)
+    block_layers = block_linears(model, cfg.ignore)
     needs_data = (bool(stats_needs(metric, cfg)) or bool(alloc_needs & {"outliers", "engine"})
                   or ("scores" in alloc_needs and (bool(metric.needs) or metric.score is None))
                   or "auto" in cfg.allocation_params.values())
@@ -347,11 +355,54 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device)
     t_alloc = time.time()
     pruner = _Pruner.from_config(cfg, metric, ratios)
-    _prune_all(pruner, metric, model, blocks, block_layers, calib_ids, device, cfg, "pruning")
+    if nm is None and all(r == 0 for r in ratios.values()):  # nothing to prune (e.g. block removal only)
+        for d in block_layers:
+            for name, m in d.items():
+                pruner(name, m, None)
+    else:
+        _prune_all(pruner, metric, model, blocks, block_layers, calib_ids, device, cfg, "pruning")
     t_prune = time.time()
+    alloc_extra.update(extra_report)
     return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, {
         "data_s": round(t_data - t0, 2), "allocation_s": round(t_alloc - t_data, 2),
         "prune_s": round(t_prune - t_alloc, 2), "total_s": round(t_prune - t0, 2)}, device)
+
+
+def check_attention_layout(model) -> None:
+    """Block 0's captured arguments (its attention mask) are reused for every block: refuse models whose
+    blocks use different attention layouts (sliding-window and full layers mixed) instead of pruning them
+    with a wrong mask."""
+    types = getattr(model.config, "layer_types", None)
+    if types and len(set(types)) > 1:
+        raise PrunekitError(f"{model.config.model_type}: blocks mix attention types {sorted(set(types))}; "
+                            "block-by-block calibration with per-block masks is not supported yet")
+
+
+def remove_blocks_step(cfg, model, calib_ids, device) -> dict:
+    from .layer_removal import prune_and_comp, remove_one_shot
+
+    if calib_ids is None:
+        raise PrunekitError("block removal needs calibration data")
+    fn = prune_and_comp if cfg.removal == "prune-comp" else remove_one_shot
+    return fn(model, calib_ids, cfg.remove_blocks, score=cfg.removal_score, device=device, batch_size=cfg.batch_size)
+
+
+def select_and_remove(cfg, model, tokenizer, seqlen, device):
+    """Calibration windows (optionally chosen by prototype scores from a larger pool), then block removal."""
+    info = {}
+    if cfg.calib_select:
+        from .data.select import parse_select, select_windows
+
+        pool = calibration_windows(tokenizer, cfg.calib, cfg.calib_pool or 4 * cfg.nsamples, seqlen, cfg.seed)
+        idx, sel = select_windows(pool, cfg.nsamples, parse_select(cfg.calib_select), seed=cfg.seed, embed=model,
+                                  device=device, batch_size=cfg.batch_size or 8)
+        calib_ids = pool[idx]
+        info["calib_select"] = sel
+    else:
+        calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
+    if cfg.remove_blocks:
+        info["layer_removal"] = remove_blocks_step(cfg, model, calib_ids, device)
+    return calib_ids, info
 
 
 def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, alloc_extra, timing, device) -> dict:

@@ -1,0 +1,29 @@
+"""CLI wiring of block removal, calibration selection and zero-shot evaluation."""
+import json
+
+from transformers import AutoModelForCausalLM
+
+from prunekit.cli import main
+
+from conftest import STORIES_HF, TINY_TEXT
+
+
+def test_remove_blocks_then_prune_saves_a_smaller_model(tmp_path):
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(STORIES_HF), "--metric", "wanda", "--sparsity", "0.5", "--remove-blocks", "2",
+                 "--calib-select", "prototype:hard", "--calib-pool", "12", "--calib", str(TINY_TEXT),
+                 "--nsamples", "6", "--seqlen", "64", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["allocation"]["layer_removal"]["removed"]) == 2
+    assert len(rep["allocation"]["calib_select"]["samples"]) == 6
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.num_hidden_layers == 3 and len(m.model.layers) == 3
+    assert rep["saved"]["overall_sparsity"] == 0.5
+
+
+def test_eval_tasks_json(tmp_path, capsys):
+    out = tmp_path / "z.json"
+    assert main(["eval", "--model", str(STORIES_HF), "--tasks", "rte,piqa", "--limit", "8", "--json", str(out)]) == 0
+    z = json.loads(out.read_text())["results"]["zeroshot"]
+    assert z["tasks"]["rte"]["n"] == 8 and 0 <= z["tasks"]["piqa"]["acc"] <= 1
+    assert "rte: acc" in capsys.readouterr().out
