@@ -34,9 +34,11 @@ def suites() -> dict[str, list[dict]]:
         for pat in ("2:4", "4:8"):
             core.append({"metric": metric, "sparsity": 0.5, "pattern": pat})
     core.append({"metric": "wanda", "sparsity": 0.5, "sequential": False})  # the Wanda paper's protocol
+    # most informative points first (70%, 80%), the iterative MRP last
     alloc = [{"metric": "wanda", "sparsity": s, "allocation": a}
-             for s in (0.6, 0.7, 0.8)
-             for a in ("uniform", "global", "er", "owl", "alphapruning", "farms", "mrp")]
+             for s in (0.7, 0.8, 0.6)
+             for a in ("uniform", "owl", "alphapruning", "farms", "er", "global")]
+    alloc += [{"metric": "wanda", "sparsity": s, "allocation": "mrp"} for s in (0.7, 0.8, 0.6)]
     metrics = [{"metric": m, "sparsity": s} for m in ("sparsegpt", "ria", "stade") for s in (0.5, 0.6, 0.7, 0.8)]
     metrics += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in ("sparsegpt", "ria", "stade")]
     return {"core": core, "alloc": alloc, "metrics": metrics}
