@@ -56,3 +56,12 @@ def gpt2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
+
+
+@pytest.fixture
+def one_thread():
+    """2 shared CPU cores: OpenMP threads spinning against other processes can slow SVDs 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,7 @@ SHAPES = {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32),
           "gate": (64, 32), "up": (64, 32), "down": (32, 64)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_summary(n_blocks=6, identical=False, seed=0):

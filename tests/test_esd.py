@@ -12,13 +12,7 @@ from prunekit.allocate.esd import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared CPU cores: OpenMP threads spinning against other processes can slow SVDs 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pareto(n, alpha, xmin=1.0, seed=0):
