@@ -16,7 +16,8 @@ from .allocate.esd import eigenvalues, fit_power_law, spectral_stats_many
 from .allocate.methods import layer_alphas
 from .data import calibration_windows
 from .models.families import block_linears, get_blocks
-from .prune import model_summary, outlier_profile, resolve_device, score_profile
+from .profiles import outlier_profile, score_profile
+from .prune import model_summary, resolve_device
 from .metrics import get_metric
 from .save import atomic_dir
 
