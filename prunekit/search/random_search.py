@@ -1,0 +1,28 @@
+"""Random search over DSA programs: the same-budget baseline for the evolutionary search.
+
+Programs are drawn from the same distribution as DSA's initial population (including the seed
+programs first, so both searches start from the same place), with the same validity and novelty
+rules, the same fitness, checkpointing and resume. Each "generation" is simply the next batch of
+``population`` random programs.
+"""
+from __future__ import annotations
+
+from .dsa import DEFAULT_SEEDS, ProgramSearch, ProgramSpace
+
+
+class RandomProgramSearch(ProgramSearch):
+    method = "random"
+
+    def next_population(self) -> list[str]:
+        taken: dict[str, tuple] = {}
+        while len(taken) < self.population_size:
+            if self._random_novel(taken) is None:
+                break
+        return list(taken)
+
+
+def search_random(space: ProgramSpace, fitness, budget: int, out_dir=None, seed: int = 0, resume: bool = True,
+                  population: int = 16, seed_programs=DEFAULT_SEEDS, progress: bool = True,
+                  fingerprint: dict | None = None) -> dict:
+    return RandomProgramSearch(space, fitness, budget, out_dir, seed, resume, population=population, elite=0,
+                               seed_programs=seed_programs, progress=progress, fingerprint=fingerprint).run()

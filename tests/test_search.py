@@ -1,0 +1,319 @@
+"""Searched allocations: DSA programs, the evolutionary / random / TPE searches, checkpoint and resume."""
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from prunekit.allocate import allocate
+from prunekit.search import run_search
+from prunekit.search.fitness import Fitness
+from prunekit.search.program import (MAX_PRE, MAX_TR, POST_OPS, PRE_OPS, REDUCTIONS, TRANSFORMS, BlockScores,
+                                     InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(n_calib=6, n_held=4, seqlen=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (n_calib, seqlen), generator=g), torch.randint(0, 128, (n_held, seqlen), generator=g)
+
+
+def _summary(model, calib):
+    from prunekit.metrics import get_metric
+    from prunekit.models.families import block_linears, get_blocks
+    from prunekit.profiles import score_profile
+    from prunekit.prune import model_summary
+
+    bl = block_linears(model)
+    s = model_summary(model, bl, frozenset({"scores"}))
+    s.scores = score_profile(model, get_blocks(model), bl, calib, get_metric("wanda"), torch.device("cpu"), None)
+    return s
+
+
+# ----------------------------------------------------------------------------- program representation
+def test_program_text_round_trip():
+    p = Program.parse("pre:abslog|red:var|tr:atan,asin|post:none")
+    assert p == Program(("abslog",), "var", ("atan", "asin"), "none")
+    assert Program.parse(p.text) == p
+    assert p.readable() == "abslog -> var -> atan, asin"
+    assert Program.parse(p.readable()) == p  # the paper's arrow form parses too
+    assert Program.parse("red:var|tr:atan,asin|pre:abslog") == p  # sections in any order, post optional
+    q = Program.parse("none -> outlier5 -> neg -> rank")
+    assert q.text == "pre:none|red:outlier5|tr:neg|post:rank" and Program.parse(q.readable()) == q
+    rng = random.Random(0)
+    for _ in range(500):
+        r = random_program(rng)
+        assert Program.parse(r.text) == r and Program.parse(r.readable()) == r
+    for bad in ["", "pre:abs", "red:nope", "pre:abs,abs,abs|red:mean", "red:mean|tr:sin,sin,sin,sin",
+                "red:mean|post:zzz", "abs -> mean", "pre=abs|red:mean", "red:mean|red:var"]:
+        with pytest.raises(InvalidProgram):
+            Program.parse(bad)
+
+
+def test_canonical_form_keeps_the_function():
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(300, generator=g, dtype=torch.float64) * (b + 1) + 0.1 * b for b in range(5)]
+    checked = 0
+    for _ in range(3000):
+        pre = tuple(rng.choice(list(PRE_OPS)) for _ in range(rng.randint(0, MAX_PRE)))
+        tr = tuple(rng.choice(list(TRANSFORMS)) for _ in range(rng.randint(0, MAX_TR)))
+        p = Program(pre, rng.choice(list(REDUCTIONS)), tr, rng.choice(list(POST_OPS)))
+        c = p.canonical()
+        assert c.canonical() == c and len(c.pre) <= len(p.pre) and len(c.tr) <= len(p.tr)
+        if c == p:
+            continue
+        try:
+            a = p.block_values(blocks)
+        except InvalidProgram:
+            continue
+        torch.testing.assert_close(c.block_values(blocks), a, rtol=1e-6, atol=1e-9)  # equal up to the 1e-12 guards
+        checked += 1
+    assert checked > 50
+    assert Program.parse("pre:abs,abs|red:mean|tr:neg,neg").key == "pre:abs|red:mean|tr:none|post:none"
+    assert Program.parse("pre:abs,sq|red:mean|tr:neg,abs").key == "pre:sq|red:mean|tr:abs|post:none"
+
+
+def test_mutation_and_crossover_only_produce_valid_programs():
+    rng = random.Random(2)
+    pop = [random_program(rng) for _ in range(20)]
+    for _ in range(3000):
+        a, b = rng.choice(pop), rng.choice(pop)
+        for child in (mutate(a, rng), crossover(a, b, rng), mutate(crossover(a, b, rng), rng)):
+            child.validate()
+            assert child == child.canonical()
+            assert Program.parse(child.text) == child
+            assert len(child.pre) <= MAX_PRE and len(child.tr) <= MAX_TR
+        pop[rng.randrange(len(pop))] = mutate(a, rng)
+    changed = sum(mutate(p, rng) != p for p in pop * 10)
+    assert changed >= 190  # a mutation changes the program (up to 10 retries)
+
+
+def test_program_mapping_and_invalid_programs():
+    g = torch.Generator().manual_seed(0)
+    blocks = BlockScores([torch.rand(200, generator=g, dtype=torch.float64) * (b + 1) for b in range(4)])
+    p = Program.parse("red:mean")
+    r = p.block_ratios(blocks, 0.5, 0.1)
+    assert abs(float(r.mean()) - 0.5) < 1e-12 and float(r.max() - r.min()) == pytest.approx(0.2)
+    assert int(r.argmax()) == 3  # higher value -> more pruning
+    assert int(Program.parse("red:mean|tr:neg").block_ratios(blocks, 0.5, 0.1).argmin()) == 3  # neg flips it
+    with pytest.raises(InvalidProgram):
+        Program.parse("pre:sq|red:mean|tr:exp,exp,exp").block_values(BlockScores([torch.full((4,), 30.0)] * 2))
+    with pytest.raises(InvalidProgram):
+        Program.parse("red:mean|tr:neg,log").block_values(blocks)
+
+
+# ----------------------------------------------------------------------------- allocator
+def test_dsa_allocator_hits_target_exactly():
+    import prunekit
+    from prunekit.search import program  # noqa: F401  (registers 'dsa')
+
+    model = tiny_model("llama", layers=4)
+    calib, _ = _data()
+    summary = _summary(model, calib)
+    for text, lam in [("pre:abslog|red:var|tr:atan|post:none", 0.08), ("red:outlier3|tr:neg|post:rank", 0.2),
+                      ("pre:sqrt|red:entropy|post:smooth", 0.1)]:
+        r = allocate("dsa", summary, 0.6, program=text, lam=lam)
+        n = {l.name: l.numel for l in summary.layers}
+        mean = sum(r[k] * n[k] for k in r) / sum(n.values())
+        assert abs(mean - 0.6) < 1e-12
+        # OWL's mapping: the ratios span exactly 2 lam around the target (centred on the mean, not on S)
+        assert max(r.values()) - min(r.values()) == pytest.approx(2 * lam)
+        for b in range(4):
+            assert len({round(r[l.name], 15) for l in summary.layers if l.block == b}) == 1
+        assert r == dsa_final_ratios(summary, 0.6, text, lam)  # what the search evaluates
+    assert len(set(allocate("dsa", summary, 0.6, program="red:mean", lam=0.0).values())) == 1
+    with pytest.raises(prunekit.PrunekitError):
+        allocate("dsa", summary, 0.6)
+    rep = prunekit.prune(model, None, {"sparsity": 0.6, "allocation": "dsa", "device": "cpu",
+                                       "allocation_params": {"program": "abslog -> var -> atan", "lam": 0.1}},
+                         calib_ids=calib)
+    assert rep["allocation"]["dsa_program"] == "pre:abslog|red:var|tr:atan|post:none"
+    assert abs(sum(l["target"] * l["numel"] for l in rep["layers"]) / rep["params"]["prunable"] - 0.6) < 1e-6
+
+
+# ----------------------------------------------------------------------------- fitness
+def test_fitness_cached_mode_matches_full_mode_for_weight_only_metric():
+    model = tiny_model("opt", layers=3)
+    calib, held = _data()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    names = None
+    vals = {}
+    for mode in ("cached", "full"):
+        f = Fitness(model, calib, held, metric="magnitude", device="cpu", mode=mode)
+        names = list(f.layers)
+        a = {n: 0.3 + 0.1 * (i % 3) for i, n in enumerate(names)}
+        b = {n: 0.5 for n in names}
+        vals[mode] = [f.evaluate(a), f.evaluate(b), f.evaluate(dict(a, **{names[0]: 0.9})), f.evaluate(None)]
+        f.close()
+        for k, v in model.state_dict().items():  # left dense
+            assert torch.equal(v, dense[k]), k
+    assert vals["cached"] == pytest.approx(vals["full"], rel=1e-6)
+    assert len(set(vals["cached"])) == 4
+
+
+# ----------------------------------------------------------------------------- searches
+def _run(method, out_dir, budget, seed=0, resume=True, family="llama", **kw):
+    model = tiny_model(family, layers=4)
+    calib, held = _data()
+    return run_search(model, None, method, budget, 0.5, calib_ids=calib, heldout_ids=held, out_dir=out_dir,
+                      seed=seed, resume=resume, device="cpu", progress=False, **kw)
+
+
+def _strip(res):
+    return {k: v for k, v in res.items() if k not in ("seconds", "checkpoint", "resumed_from", "fitness")}
+
+
+def test_dsa_search_is_deterministic_for_a_seed(tmp_path):
+    a = _run("dsa", tmp_path / "a", 14, population=5)
+    b = _run("dsa", tmp_path / "b", 14, population=5)
+    assert _strip(a) == _strip(b)
+    assert a["evaluations"] == 14 and a["generations"] >= 3
+    assert [h["eval"] for h in a["history"]] == list(range(1, 15))
+    bests = [h["best_fitness"] for h in a["history"]]
+    assert bests == [min(h["fitness"] for h in a["history"][:i + 1]) for i in range(14)]
+    assert a["best"]["fitness"] == bests[-1] == a["history"][-1]["best_fitness"]
+    assert len({h["program"] for h in a["history"]}) == 14  # de-duplicated
+    assert Program.parse(a["best"]["program"]).readable() == a["best"]["readable"]
+    assert a["recipe"]["allocation"] == "dsa" and a["recipe"]["allocation_params"]["program"] == a["best"]["program"]
+    saved = json.loads((tmp_path / "a" / "dsa_result.json").read_text())
+    assert saved["best"] == a["best"]
+    c = _run("dsa", tmp_path / "c", 14, seed=1, population=5)
+    assert [h["program"] for h in c["history"]] != [h["program"] for h in a["history"]]
+
+
+def test_found_program_is_reused_without_searching(tmp_path):
+    import prunekit
+
+    res = _run("dsa", tmp_path, 6, population=3)
+    model = tiny_model("llama", layers=4)
+    calib, _ = _data()
+    # run_search held out nothing from calib_ids here (heldout_ids given): the same windows reproduce the scores
+    rep = prunekit.prune(model, None, dict(res["recipe"], device="cpu"), calib_ids=calib)
+    blocks = {}
+    for l in rep["layers"]:
+        blocks.setdefault(l["block"], l["target"])
+    assert [blocks[b] for b in range(4)] == pytest.approx(res["best"]["block_ratios"], abs=1e-6)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(monkeypatch, n):
+    """Make the n-th fresh fitness evaluation (held-out forward) raise."""
+    calls = {"n": 0}
+    orig = Fitness.heldout_ppl
+
+    def boom(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Crash("simulated crash")
+        return orig(self)
+
+    monkeypatch.setattr(Fitness, "heldout_ppl", boom)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["dsa", "random"])
+def test_resume_after_crash_gives_the_uninterrupted_result(tmp_path, monkeypatch, method):
+    full = _run(method, tmp_path / "full", 12, population=4)
+    calls = _crash_after(monkeypatch, 2 + 7)  # dense + uniform baselines, then 6 candidates finish
+    with pytest.raises(_Crash):
+        _run(method, tmp_path / "crash", 12, population=4)
+    state = json.loads((tmp_path / "crash" / f"{method}_state.json").read_text())
+    assert len(state["history"]) == 6
+    monkeypatch.undo()
+    calls = _crash_after(monkeypatch, 10 ** 9)
+    resumed = _run(method, tmp_path / "crash", 12, population=4)
+    assert calls["n"] == 12 - 6  # finished candidates (and the baselines) are not evaluated again
+    assert resumed["resumed_from"]["evaluations"] == 6
+    assert _strip(resumed) == _strip(full)
+    # a larger budget continues the same search
+    more = _run(method, tmp_path / "crash", 15, population=4)
+    assert more["history"][:12] == full["history"] and more["evaluations"] == 15
+    with pytest.raises(Exception, match="different search"):
+        _run(method, tmp_path / "crash", 15, seed=3, population=4)
+    fresh = _run(method, tmp_path / "crash", 12, resume=False, population=4)
+    assert _strip(fresh) == _strip(full)
+
+
+# ----------------------------------------------------------------------------- TPE + KV cache
+def test_kv_fake_quantisation():
+    from prunekit.search.tpe import fake_quant, kv_memory_fraction, kv_quant_hooks
+
+    x = torch.randn(3, 5, 16)
+    for bits, tol in ((8, 0.05), (4, 0.5)):
+        q = fake_quant(x, bits, 8)
+        assert float((q - x).abs().max()) < tol
+        assert all(len(torch.unique(g)) <= 2 ** bits for g in q.reshape(-1, 8))
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        hooks = kv_quant_hooks(model, [2, 8])
+        quant = model(ids).logits
+        for h in hooks:
+            h.remove()
+        again = model(ids).logits
+    assert torch.equal(dense, again) and not torch.allclose(dense, quant)
+    # head_dim 8: fp16 scale + minimum per 8 values = 4 extra bits per value
+    assert kv_memory_fraction(model, [4, 4]) == pytest.approx(8 / 16)
+
+
+def test_tpe_search_resume_is_identical(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    kw = dict(n_groups=2, n_startup_trials=3, kv_budget=0.5)
+    full = _run("tpe", tmp_path / "full", 6, **kw)
+    assert full["evaluations"] == 6 and full["best"]["kv_fraction"] <= 0.5 + 1e-12
+    assert abs(sum(full["best"]["block_ratios"]) / 4 - 0.5) < 1e-9  # equal block sizes: exact target
+    assert 0 < full["best"]["kv_memory_saved"] < 1
+    assert full["recipe"]["sparsity"] == full["best"]["block_ratios"]
+    # crash inside the 4th evaluated trial (3 baselines first), then resume
+    _crash_after(monkeypatch, 3 + 4)
+    with pytest.raises(_Crash):
+        _run("tpe", tmp_path / "crash", 6, **kw)
+    monkeypatch.undo()
+    resumed = _run("tpe", tmp_path / "crash", 6, **kw)
+    assert resumed["resumed_from"]["evaluations"] == 3
+    assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    # a trial left RUNNING by a kill -9 is redone
+    import optuna
+
+    study = optuna.load_study(study_name="prunekit-tpe", storage=f"sqlite:///{tmp_path / 'crash' / 'tpe.db'}")
+    study.ask()
+    again = _run("tpe", tmp_path / "crash", 7, **kw)
+    assert again["resumed_from"]["stale_trials"] == 1 and again["history"][:len(full["history"])] == full["history"]
+
+
+# ----------------------------------------------------------------------------- OptiShear
+def test_optishear_search_pareto_and_resume(tmp_path, monkeypatch):
+    pytest.importorskip("pymoo")
+    kw = dict(population=6, n_fitness_windows=4)
+    full = _run("optishear", tmp_path / "full", 12, **kw)
+    assert full["evaluations"] == 12 and full["generations"] == 2
+    assert full["best"]["sparsity"] == 0.5 and abs(sum(full["best"]["block_ratios"]) / 4 - 0.5) < 1e-9
+    assert all(h["sparsity"] >= 0.5 - 1e-9 for h in full["history"])  # the target is a constraint
+    front = [(p["kl"], -p["sparsity"]) for p in full["pareto"]]
+    for h in full["history"]:  # nothing evaluated dominates a Pareto point
+        for f in front:
+            assert not (h["kl"] <= f[0] and -h["sparsity"] <= f[1] and (h["kl"], -h["sparsity"]) != f)
+    calls = {"n": 0}
+    orig = Fitness.kl_to_dense
+
+    def boom(self):
+        calls["n"] += 1
+        if calls["n"] == 9:  # 8 candidates finished (generation 0 and 2 of generation 1)
+            raise _Crash("simulated crash")
+        return orig(self)
+
+    monkeypatch.setattr(Fitness, "kl_to_dense", boom)
+    with pytest.raises(_Crash):
+        _run("optishear", tmp_path / "crash", 12, **kw)
+    monkeypatch.undo()
+    resumed = _run("optishear", tmp_path / "crash", 12, **kw)
+    assert resumed["resumed_from"]["evaluations"] == 8
+    assert _strip(resumed) == _strip(full)
