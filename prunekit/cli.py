@@ -102,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="reload a saved pruned folder and check its zeros against its masks")
     v.add_argument("--model", required=True)
 
+    s = sub.add_parser("search", help="search an allocation: dsa | random | tpe | optishear (resumable)")
+    s.add_argument("--method", required=True, choices=["dsa", "random", "tpe", "optishear"])
+    s.add_argument("--budget", type=int, default=100, help="perplexity evaluations")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--metric", default="wanda")
+    s.add_argument("--sparsity", type=float, required=True)
+    s.add_argument("--calib", default="c4")
+    s.add_argument("--nsamples", type=int, default=128)
+    s.add_argument("--seqlen", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--heldout", type=int, default=16, help="held-out windows for the fitness")
+    s.add_argument("--heldout-seqlen", type=int, default=256)
+    s.add_argument("--lam", type=float, default=0.08)
+    s.add_argument("--mode", choices=["cached", "full"], default="cached",
+                   help="cached: dense statistics once, candidates re-prune changed layers only")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--out", required=True, help="folder for checkpoints, result and recipe")
+    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("--param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameters, e.g. population=16, kv_budget=0.3")
+
     sub.add_parser("methods", help="list registered metrics and allocators")
     return ap
 
@@ -202,6 +224,32 @@ def cmd_verify(a) -> int:
     return 0
 
 
+def cmd_search(a) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .models.loading import load_model
+    from .search import run_search
+
+    model, tok = load_model(a.model)
+    res = run_search(model, tok, a.method, a.budget, a.sparsity, metric=a.metric, out_dir=a.out, seed=a.seed,
+                     resume=not a.no_resume, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
+                     n_heldout=a.heldout, heldout_seqlen=a.heldout_seqlen, device=a.device,
+                     batch_size=a.batch_size, lam=a.lam, mode=a.mode, **dict(a.param))
+    recipe = dict(res["recipe"], model=a.model)
+    extras = {k: recipe.pop(k) for k in ("kv_cache_bits", "optishear_metric") if k in recipe}
+    Path(a.out, "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if extras:
+        Path(a.out, "recipe_extras.yaml").write_text(yaml.safe_dump(extras, sort_keys=False))
+    best = res["best"]
+    print(f"{a.method}: best {best.get('readable') or best.get('program') or ''} held-out PPL "
+          f"{best.get('ppl', best.get('fitness'))}; baselines {res['baselines']}; "
+          f"{res['evaluations']} evaluations in {res['seconds']} s")
+    print(f"reuse without searching: prunekit prune --recipe {Path(a.out, 'recipe.yaml')} --out DIR")
+    return 0
+
+
 def cmd_methods(a) -> int:
     from .allocate import ALLOCATORS
     from .metrics import METRICS
@@ -216,7 +264,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
-                "verify": cmd_verify, "analyze": cmd_analyze}[a.cmd](a)
+                "verify": cmd_verify, "analyze": cmd_analyze, "search": cmd_search}[a.cmd](a)
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

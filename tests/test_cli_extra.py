@@ -27,3 +27,17 @@ def test_eval_tasks_json(tmp_path, capsys):
     z = json.loads(out.read_text())["results"]["zeroshot"]
     assert z["tasks"]["rte"]["n"] == 8 and 0 <= z["tasks"]["piqa"]["acc"] <= 1
     assert "rte: acc" in capsys.readouterr().out
+
+
+def test_search_cli_writes_a_reusable_recipe(tmp_path):
+    out = tmp_path / "s"
+    assert main(["search", "--method", "dsa", "--budget", "3", "--model", str(STORIES_HF), "--sparsity", "0.6",
+                 "--calib", str(TINY_TEXT), "--nsamples", "4", "--seqlen", "32", "--heldout", "2",
+                 "--heldout-seqlen", "32", "--out", str(out), "--param", "population=3"]) == 0
+    import yaml
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["allocation"] == "dsa" and "program" in recipe["allocation_params"]
+    assert main(["prune", "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "p")]) == 0
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["method"]["allocation"] == "dsa"
