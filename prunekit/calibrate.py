@@ -264,6 +264,11 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
             free, _ = torch.cuda.mem_get_info(device)
             offload = hidden_bytes > free / 4
     store = torch.device("cpu") if offload or device.type == "cpu" else device
+    from . import distributed
+
+    input_ids = distributed.shard(input_ids)  # data-parallel: each rank a slice, statistics all-reduced
+    handle = distributed.wrap_handle(handle)
+    batch_size = min(batch_size, max(1, input_ids.shape[0]))
     inputs = capture_inputs(model, blocks, input_ids, batch_size, device, store)
     if offload and store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]

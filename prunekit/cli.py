@@ -141,6 +141,10 @@ def cmd_prune(a) -> int:
         given["allocation_params"] = dict(a.allocation_param)
     cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
     report = run(cfg)
+    from .distributed import rank
+
+    if rank() != 0:
+        return 0
     print(f"pruned {report['model']} with {report['method']['metric']} / {report['method']['allocation']} / "
           f"{report['method']['pattern']}: sparsity {report['overall_sparsity']:.4f} of prunable weights "
           f"(target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
@@ -263,6 +267,9 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .distributed import init_from_env
+
+        init_from_env()
         return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
                 "verify": cmd_verify, "analyze": cmd_analyze, "search": cmd_search}[a.cmd](a)
     except PrunekitError as e:

@@ -5,6 +5,7 @@ import logging
 import time
 from pathlib import Path
 
+from . import distributed
 from .config import PruneConfig
 from .evaluate import perplexity
 from .models.loading import load_model
@@ -68,12 +69,14 @@ def run(cfg: PruneConfig) -> Report:
     load_s = time.time() - t0
     device = resolve_device(cfg.device)
     eval_seqlen = resolve_seqlen(model, cfg.eval_seqlen or cfg.seqlen)
-    dense = evaluate_ppl(model, tok, cfg.eval, eval_seqlen, cfg.eval_max_windows, device) if cfg.eval else {}
+    lead = distributed.rank() == 0  # under torchrun only rank 0 evaluates and writes
+    dense = evaluate_ppl(model, tok, cfg.eval, eval_seqlen, cfg.eval_max_windows, device) if cfg.eval and lead else {}
     report = prune(model, tok, cfg)
     report["timing"]["load_s"] = round(load_s, 2)
-    if cfg.eval:
+    report["protocol"]["world_size"] = distributed.world()
+    if cfg.eval and lead:
         pruned = evaluate_ppl(model, tok, cfg.eval, eval_seqlen, cfg.eval_max_windows, device)
         report["eval"] = {s: {"dense": dense[s], "pruned": pruned[s]} for s in cfg.eval}
-    if cfg.out:
+    if cfg.out and lead:
         save_pruned(model, tok, report, cfg, cfg.out, cfg.overwrite)
     return report
