@@ -34,14 +34,19 @@ def suites() -> dict[str, list[dict]]:
         for pat in ("2:4", "4:8"):
             core.append({"metric": metric, "sparsity": 0.5, "pattern": pat})
     core.append({"metric": "wanda", "sparsity": 0.5, "sequential": False})  # the Wanda paper's protocol
-    # most informative points first (70%, 80%), the iterative MRP last
-    alloc = [{"metric": "wanda", "sparsity": s, "allocation": a}
-             for s in (0.7, 0.8, 0.6)
-             for a in ("uniform", "owl", "alphapruning", "farms", "er", "global")]
-    alloc += [{"metric": "wanda", "sparsity": s, "allocation": "mrp"} for s in (0.7, 0.8, 0.6)]
-    metrics = [{"metric": m, "sparsity": s} for m in ("sparsegpt", "ria", "stade") for s in (0.5, 0.6, 0.7, 0.8)]
-    metrics += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in ("sparsegpt", "ria", "stade")]
-    return {"core": core, "alloc": alloc, "metrics": metrics}
+    allocators = ("uniform", "owl", "alphapruning", "farms", "er", "global", "mrp")
+    alloc = {f"alloc{int(s * 100)}": [{"metric": "wanda", "sparsity": s, "allocation": a} for a in allocators]
+             for s in (0.6, 0.7, 0.8)}
+    # metrics (issue 4): every metric at 50% and 70% and 2:4, uniform; TRIM and SparseGPT reconstruction on top
+    metrics = [{"metric": m, "sparsity": s} for s in (0.5, 0.7) for m in ("sparsegpt", "ria", "stade", "ace")]
+    metrics += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in ("sparsegpt", "ria", "stade", "ace")]
+    metrics += [{"metric": "wanda", "sparsity": s, "rowwise": "trim"} for s in (0.5, 0.7)]
+    metrics += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "owl"},
+                {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "owl"},
+                {"metric": "wanda", "sparsity": 0.7, "reconstruct": "sparsegpt"}]
+    extra = [{"metric": m, "sparsity": s} for m in ("sparsegpt", "ria", "stade", "ace") for s in (0.6, 0.8)]
+    return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
+            "metrics-extra": extra}
 
 
 def key_of(run: dict) -> str:
@@ -51,6 +56,8 @@ def key_of(run: dict) -> str:
         parts.append("dense-block-stats")
     if run.get("rowwise"):
         parts.append(run["rowwise"])
+    if run.get("reconstruct"):
+        parts.append("reconstruct-" + run["reconstruct"])
     return "/".join(parts)
 
 
@@ -70,7 +77,9 @@ def markdown(data: dict) -> str:
     for k, r in sorted(data["runs"].items(), key=lambda kv: (kv[1]["config"]["metric"], kv[1]["config"].get("pattern", "u"),
                                                                kv[1]["config"]["sparsity"], kv[0])):
         c = r["config"]
-        notes = "dense-block stats (Wanda paper)" if c.get("sequential") is False else ""
+        notes = ", ".join(x for x in ("dense-block stats (Wanda paper)" if c.get("sequential") is False else "",
+                                       f"rowwise {c['rowwise']}" if c.get("rowwise") else "",
+                                       f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "") if x)
         lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
                      f"{c.get('allocation', 'uniform')} | {notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
     lines.append("")
