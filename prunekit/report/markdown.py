@@ -25,11 +25,9 @@ def report_markdown(r: dict) -> str:
     if r.get("eval"):
         lines += ["", "## Perplexity", "", "| dataset | seqlen | windows | dense | pruned |", "|---|---|---|---|---|"]
         for name, e in r["eval"].items():
-            d, pr = e.get("dense"), e.get("pruned")
-            ref = pr or d
-            lines.append(f"| {name} | {ref['seqlen']} | {ref['windows']} of {ref['windows_available']} | "
-                         f"{d['ppl']:.3f} | {pr['ppl']:.3f} |" if d and pr else
-                         f"| {name} | {ref['seqlen']} | {ref['windows']} | {d['ppl'] if d else '-'} | {pr['ppl'] if pr else '-'} |")
+            d, pr = e["dense"], e["pruned"]
+            lines.append(f"| {name} | {pr['seqlen']} | {pr['windows']} of {pr['windows_available']} | "
+                         f"{d['ppl']:.3f} | {pr['ppl']:.3f} |")
         lines.append("")
         lines.append("Token perplexity, non-overlapping windows (paper convention), not lm-eval word perplexity.")
     lines += ["", "## Sparsity per block", "", "| block | sparsity | params |", "|---|---|---|"]
