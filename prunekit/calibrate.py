@@ -84,10 +84,13 @@ class BlockInputs:
     kwargs: list[dict]
     hidden_in_kwargs: bool
 
-    def call(self, block: nn.Module, i: int, device) -> torch.Tensor:
+    def call(self, block: nn.Module, i: int, device, raw: bool = False):
+        """Run ``block`` on batch i; the hidden states out (``raw=True``: the block's own return value)."""
         h = self.hidden[i].to(device, non_blocking=True)
         args, kwargs = _to(self.args[i], device), _to(self.kwargs[i], device)
         out = block(*args, hidden_states=h, **kwargs) if self.hidden_in_kwargs else block(h, *args, **kwargs)
+        if raw:
+            return out
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @property
@@ -95,7 +98,7 @@ class BlockInputs:
         return len(self.hidden)
 
 
-def _non_block_modules(model: nn.Module, blocks: nn.ModuleList):
+def non_block_modules(model: nn.Module, blocks: nn.ModuleList):
     inside = {id(m) for m in blocks.modules()}
     for m in model.modules():
         if id(m) in inside:
@@ -109,7 +112,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
                    device, store_device) -> BlockInputs:
     """Run the model on the windows until block 0 and keep all of block 0's arguments."""
     moved = []
-    for m in _non_block_modules(model, blocks):  # embeddings, rotary tables, final norm: small
+    for m in non_block_modules(model, blocks):  # embeddings, rotary tables, final norm: small
         moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
         m.to(device)
     seen: dict = {}

@@ -74,3 +74,17 @@ def test_perplexity_matches_independent_loss():
     assert r["ppl"] == pytest.approx(math.exp(sum(losses) / 6), rel=1e-5)
     full = prunekit.perplexity(model, tok, str(TINY_TEXT), seqlen=256)
     assert 3.0 < full["ppl"] < 8.0  # MANIFEST: about 5.43 on this excerpt
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt", "gpt2", "gpt_neox", "qwen2"])
+def test_blockwise_perplexity_equals_whole_model(fam):
+    from conftest import tiny_model
+
+    model = tiny_model(fam)
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+    a = prunekit.perplexity(model, None, "x", seqlen=32, ids=ids, batch_size=2, offload=False)
+    b = prunekit.perplexity(model, None, "x", seqlen=32, ids=ids, batch_size=2, offload=True)
+    assert b["offload"] and not a["offload"] and a["windows"] == b["windows"] == 6
+    assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
+    c = prunekit.perplexity(model, None, "x", seqlen=32, ids=ids, batch_size=2, offload=False)
+    assert c["ppl"] == a["ppl"]  # the blocks' own forward is back

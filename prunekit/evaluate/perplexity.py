@@ -26,8 +26,75 @@ def nll_of_windows(model, windows: torch.Tensor, device, batch_size: int = 1, de
     return torch.cat(out)
 
 
+@torch.no_grad()
+def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: int = 1, desc: str = "ppl") -> torch.Tensor:
+    """Same as :func:`nll_of_windows` for models larger than the device: blocks run one at a time on the
+    device (hidden states kept on CPU), then the model's own head (final norm, lm_head) runs on the
+    device with every block replaced by a pass-through, the last one returning the computed states."""
+    from ..calibrate import capture_inputs, non_block_modules
+    from ..models.families import get_blocks
+
+    device = torch.device(device)
+    blocks = get_blocks(model)
+    inputs = capture_inputs(model, blocks, windows, batch_size, device, torch.device("cpu"))
+    template = None
+    for block in tqdm(blocks, desc=f"{desc} (block by block)", unit="block", leave=False):
+        orig = next(block.parameters()).device
+        block.to(device)
+        try:
+            for i in range(inputs.n_batches):
+                out = inputs.call(block, i, device, raw=True)
+                if template is None:
+                    template = out
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                inputs.hidden[i] = h.to("cpu")
+        finally:
+            block.to(orig)
+    state = {"i": 0}
+
+    def passthrough(last):
+        def forward(*args, **kwargs):
+            h = inputs.hidden[state["i"]].to(device) if last else (args[0] if args else kwargs["hidden_states"])
+            if isinstance(template, (tuple, list)):
+                return (h,) + tuple(template[1:])
+            return h
+        return forward
+
+    moved = []
+    for m in non_block_modules(model, blocks):
+        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
+        m.to(device)
+    for j, block in enumerate(blocks):
+        block.forward = passthrough(j == len(blocks) - 1)
+    out = []
+    try:
+        for i, s in enumerate(range(0, windows.shape[0], batch_size)):
+            state["i"] = i
+            x = windows[s:s + batch_size].to(device)
+            logits = model(x, use_cache=False).logits[:, :-1, :].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+            out.append(loss.view(x.shape[0], -1).mean(1).double().cpu())
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+        for m, dev in moved:
+            m.to(dev)
+    return torch.cat(out)
+
+
+def _needs_offload(model, device) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return size > 0.8 * free
+
+
 def perplexity(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-               device=None, batch_size: int = 1, ids: torch.Tensor | None = None) -> dict:
+               device=None, batch_size: int = 1, ids: torch.Tensor | None = None, offload: bool | None = None) -> dict:
+    """``offload``: run block by block (for models larger than the device); default: when the model
+    would not fit in 80% of the free GPU memory."""
     device = device or next(model.parameters()).device
     t0 = time.time()
     if ids is None:
@@ -39,12 +106,17 @@ def perplexity(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, 
     if max_windows:
         n = min(n, max_windows)
     windows = ids[: n * seqlen].view(n, seqlen)
-    orig = next(model.parameters()).device
-    model.to(device)
-    try:
-        nll = nll_of_windows(model, windows, device, batch_size, desc=f"ppl {source}")
-    finally:
-        model.to(orig)
+    if offload is None:
+        offload = _needs_offload(model, device)
+    if offload:
+        nll = nll_of_windows_blockwise(model, windows, device, batch_size, desc=f"ppl {source}")
+    else:
+        orig = next(model.parameters()).device
+        model.to(device)
+        try:
+            nll = nll_of_windows(model, windows, device, batch_size, desc=f"ppl {source}")
+        finally:
+            model.to(orig)
     return {
         "dataset": source,
         "ppl": float(math.exp(nll.mean().item())),
@@ -54,4 +126,5 @@ def perplexity(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, 
         "windows_available": total,
         "tokens": n * seqlen,
         "seconds": round(time.time() - t0, 2),
+        "offload": bool(offload),
     }
