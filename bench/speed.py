@@ -50,6 +50,25 @@ def random_llama(blocks: int, dtype, hidden=4096, mlp=11008, heads=32, vocab=320
     return model
 
 
+def projection(hidden, inter, kv, blocks, vocab, tokens, gpu_gib=80.0, dtype_bytes=2) -> dict:
+    """On-paper GPU peak of prunekit's engine for a LLaMA shape: one block's weights, the activations of
+    the largest calibration batch that fits in 40% of the GPU (prunekit's auto batch size), the non-block
+    modules (embeddings, lm_head) during capture, and the fp32 statistics of one layer (Wanda: a vector;
+    SparseGPT: a d x d Hessian). Hidden states of all samples live in pinned CPU memory."""
+    block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) * dtype_bytes
+    per_token = (10 * hidden + 4 * inter) * dtype_bytes
+    act_budget = 0.4 * gpu_gib * 2**30
+    act = min(tokens * per_token, act_budget)
+    non_block = 2 * vocab * hidden * dtype_bytes
+    hessian = max(hidden, inter) ** 2 * 4
+    return {"block_gib": round(block / 2**30, 2), "activations_gib": round(act / 2**30, 2),
+            "non_block_gib": round(non_block / 2**30, 2), "sparsegpt_hessian_gib": round(hessian / 2**30, 2),
+            "peak_wanda_gib": round((block + act + non_block) / 2**30, 1),
+            "peak_sparsegpt_gib": round((block + act + non_block + hessian) / 2**30, 1),
+            "cpu_hidden_states_gib": round(tokens * hidden * dtype_bytes / 2**30, 1),
+            "cpu_weights_gib": round((blocks * block + non_block) / 2**30, 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama7b-random | any model spec")
@@ -112,6 +131,10 @@ def main(argv=None):
         one_block = block_params / len(prunekit.models.families.get_blocks(model)) * model.dtype.itemsize
         res["one_block_gib"] = round(one_block / 2**30, 3)
         res["hidden_states_gib"] = round(nsamples * seqlen * model.config.hidden_size * model.dtype.itemsize / 2**30, 2)
+    if big:  # the same formula on paper for 7B (checked against the measurement when a GPU is lent) and 70B
+        tokens = nsamples * seqlen
+        res["projection_7b"] = projection(4096, 11008, 4096, 32, 32000, tokens)
+        res["projection_70b"] = projection(8192, 28672, 1024, 80, 32000, tokens)
     res["environment"] = environment()
     key = f"{res['model']}|{a.metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
     out = RESULTS / "speed.json"

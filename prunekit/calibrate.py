@@ -246,6 +246,36 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
     outputs_pass()
 
 
+def activation_bytes_per_token(model) -> int:
+    """Rough peak activation memory of one block per token: hidden-sized tensors (residual, norms, q/k/v/o
+    and their copies) and MLP-sized ones (gate, up, activation), in the model's dtype."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None)
+             or getattr(cfg, "n_inner", None) or 4 * hidden)
+    size = next(model.parameters()).element_size()
+    return (10 * hidden + 4 * inter) * size
+
+
+def free_memory(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def auto_batch_size(model, n: int, seqlen: int, device, fraction: float = 0.4) -> int:
+    """All samples in one batch (one pass per block) when their activations fit in ``fraction`` of the
+    free memory, else the largest batch that does."""
+    per_sample = activation_bytes_per_token(model) * seqlen
+    return int(max(1, min(n, (fraction * free_memory(device)) // max(per_sample, 1))))
+
+
 def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[dict[str, nn.Module]],
                    input_ids: torch.Tensor, needs: frozenset[str], handle: Handle, device="cpu",
                    batch_size: int | None = None, sequential: bool = True, offload: bool | None = None,
@@ -259,7 +289,7 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
     device = torch.device(device)
     tune_malloc()
     n = input_ids.shape[0]
-    batch_size = batch_size or n
+    batch_size = batch_size or auto_batch_size(model, n, input_ids.shape[1], device)
     if offload is None:
         offload = False
         if device.type == "cuda":
