@@ -71,7 +71,10 @@ def markdown(data: dict) -> str:
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
              f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
              f"{env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
-             f"Dense perplexity: **{data['dense']['ppl']:.3f}**", "",
+             f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times on a 2-core machine "
+             "that other work shared during this benchmark; isolated timings are in speed.md. Unless noted, the "
+             "engine is sequential (each layer's statistics from inputs after the earlier layers of its block "
+             "were pruned).", "",
              "| metric | sparsity | pattern | allocation | notes | WikiText-2 PPL | prune time (s) |",
              "|---|---|---|---|---|---|---|"]
     for k, r in sorted(data["runs"].items(), key=lambda kv: (kv[1]["config"]["metric"], kv[1]["config"].get("pattern", "u"),
