@@ -59,8 +59,19 @@ def tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give memory back below 2 GiB of slack
+        _LIBC.append(libc)
     except (OSError, AttributeError):
         pass
+
+
+_LIBC: list = []
+
+
+def release_memory() -> None:
+    """Give the heap's free memory back to the OS (called after every block, so the retained heap
+    never exceeds one block pass: without it, fragmentation grew a 64 x 512 SmolLM2 prune to 24 GB)."""
+    if _LIBC:
+        _LIBC[0].malloc_trim(0)
 
 
 def _to(obj, device):
@@ -315,4 +326,6 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
             block.to(orig)
         if on_block_done:
             on_block_done(b)
+        release_memory()
     del inputs
+    release_memory()
