@@ -54,11 +54,12 @@ def analyze(model, tokenizer, out, target: float = 0.7, calib: str | None = "c4"
     allocs = {}
     for name in STATIC_ALLOCATORS + (CALIB_ALLOCATORS if calib else ()):
         if name in ALLOCATORS:
-            ratios = allocate(name, summary, target, granularity="block")
-            per_block = {}
+            ratios = allocate(name, summary, target)  # each method at its own level, shown per block
+            num, den = {}, {}
             for l in summary.layers:
-                per_block[l.block] = ratios[l.name]
-            allocs[name] = [per_block[b] for b in sorted(per_block)]
+                num[l.block] = num.get(l.block, 0.0) + ratios[l.name] * l.numel
+                den[l.block] = den.get(l.block, 0) + l.numel
+            allocs[name] = [num[b] / den[b] for b in sorted(num)]
     result = {"model": model_name, "target": target, "layers": rows, "allocations": allocs,
               "protocol": {"calib": calib, "nsamples": nsamples if calib else 0, "seqlen": seqlen, "seed": seed,
                            "xmin_mode": xmin_mode, "compat": compat, "owl_M": 5.0},

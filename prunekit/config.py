@@ -20,7 +20,7 @@ class PruneConfig(BaseModel):
     pattern: str = "unstructured"
     allocation: str = "uniform"
     allocation_params: dict[str, Any] = Field(default_factory=dict)
-    granularity: str = "block"
+    granularity: Optional[str] = Field(None, description="block | layer; default: the allocation's own level")
     max_ratio: float = 0.99
     rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
@@ -106,6 +106,8 @@ class PruneConfig(BaseModel):
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")
+        if self.granularity not in (None, "block", "layer"):
+            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
         if self.remove_blocks < 0:
             raise ValueError("remove_blocks must be >= 0")
         if self.removal not in ("prune-comp", "bi"):

@@ -93,3 +93,16 @@ def test_analyze_cli_writes_report(tmp_path):
     for name, per_block in r["allocations"].items():
         mean = sum(s * block_numel[b] for b, s in enumerate(per_block)) / total
         assert mean == pytest.approx(0.6, abs=1e-6), name
+
+
+def test_default_granularity_is_the_methods_own(calib_ids):
+    """ER is a per-layer rule (block averaging would make it uniform on identical blocks); OWL is per block."""
+    model = tiny_model("llama", layers=3, hidden=64)
+    er = prunekit.prune(model, None, {"metric": "magnitude", "sparsity": 0.6, "allocation": "er"})
+    assert er["method"]["granularity"] == "layer"
+    in_block0 = {round(l["target"], 6) for l in er["layers"] if l["block"] == 0}
+    assert len(in_block0) > 1
+    owl = prunekit.prune(tiny_model("llama", layers=3, hidden=64), None,
+                         {"metric": "wanda", "sparsity": 0.6, "allocation": "owl"}, calib_ids=calib_ids)
+    assert owl["method"]["granularity"] == "block"
+    assert len({round(l["target"], 9) for l in owl["layers"] if l["block"] == 0}) == 1

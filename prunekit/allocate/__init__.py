@@ -51,14 +51,15 @@ class Allocator:
     fn: Callable
     needs: frozenset[str]
     description: str = ""
+    granularity: str = "block"  # the method's own level, used when the config does not choose one
 
 
 ALLOCATORS: dict[str, Allocator] = {}
 
 
-def register_allocator(name: str, needs=("shapes",), description: str = ""):
+def register_allocator(name: str, needs=("shapes",), description: str = "", granularity: str = "block"):
     def deco(fn):
-        ALLOCATORS[name] = Allocator(name, fn, frozenset(needs), description)
+        ALLOCATORS[name] = Allocator(name, fn, frozenset(needs), description, granularity)
         return fn
 
     return deco
@@ -102,14 +103,16 @@ def finalize(ratios: torch.Tensor, numels: torch.Tensor, target: float, max_rati
     return r
 
 
-def allocate(name: str, summary: ModelSummary, target: float, granularity: str = "block",
+def allocate(name: str, summary: ModelSummary, target: float, granularity: str | None = None,
              max_ratio: float = 0.99, **params) -> dict[str, float]:
     """Run an allocator and return exact, clipped per-layer ratios.
 
     ``granularity='block'`` gives every layer of a block the block's ratio (the allocator's per-layer
-    output is averaged per block, parameter-weighted, before finalising).
+    output is averaged per block, parameter-weighted, before finalising); ``None`` uses the method's
+    own level (per layer for ER, ER-plus and the global threshold, per block for the others).
     """
     alloc = get_allocator(name)
+    granularity = granularity or alloc.granularity
     raw = alloc.fn(summary, target, **params)
     r = torch.tensor([float(raw[l.name]) for l in summary.layers], dtype=torch.float64)
     n = summary.numels()

@@ -25,7 +25,7 @@ from ..errors import PrunekitError
 from . import ModelSummary, register_allocator
 
 
-@register_allocator("global", needs=("scores",), description="one score threshold across all layers")
+@register_allocator("global", granularity="layer", needs=("scores",), description="one score threshold across all layers")
 def global_threshold(summary: ModelSummary, target: float, **unused) -> dict[str, float]:
     if unused:
         raise PrunekitError(f"global: unknown parameter(s) {sorted(unused)}")

@@ -77,7 +77,7 @@ def _er_density(summary: ModelSummary, target: float, dense: torch.Tensor | None
     return d
 
 
-@register_allocator("er", description="Erdos-Renyi: density ~ (n_in + n_out) / (n_in * n_out)")
+@register_allocator("er", granularity="layer", description="Erdos-Renyi: density ~ (n_in + n_out) / (n_in * n_out)")
 def er(summary: ModelSummary, target: float, **unused) -> dict[str, float]:
     """ER (Mocanu et al.; Evci et al.): density proportional to ``(n_in + n_out) / (n_in n_out)``,
     scaled so the parameter-weighted density is ``1 - target``; ratio = 1 - density (layers whose
@@ -88,7 +88,7 @@ def er(summary: ModelSummary, target: float, **unused) -> dict[str, float]:
     return {l.name: float(1.0 - x) for l, x in zip(summary.layers, d)}
 
 
-@register_allocator("er-plus", description="ER with the last pruned layer kept dense (LLM adaptation)")
+@register_allocator("er-plus", granularity="layer", description="ER with the last pruned layer kept dense (LLM adaptation)")
 def er_plus(summary: ModelSummary, target: float, dense_last: str = "layer", **unused) -> dict[str, float]:
     """ER-plus, adapted to LLMs (documented choice; the paper's adaptation is unverified).
 
