@@ -84,7 +84,8 @@ def markdown(data: dict) -> str:
                                        f"rowwise {c['rowwise']}" if c.get("rowwise") else "",
                                        f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "") if x)
         lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
-                     f"{c.get('allocation', 'uniform')} | {notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
+                     f"{c.get('allocation', 'uniform')}{' (' + r['granularity'] + ')' if r.get('granularity') else ''} | "
+                     f"{notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -145,6 +146,7 @@ def main(argv=None):
         ev = evaluate()
         data["runs"][key] = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
                              "overall_sparsity": report["overall_sparsity"],
+                             "granularity": report["method"]["granularity"],
                              "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
         save_json(out, data)
