@@ -148,6 +148,10 @@ def cmd_prune(a) -> int:
     print(f"pruned {report['model']} with {report['method']['metric']} / {report['method']['allocation']} / "
           f"{report['method']['pattern']}: sparsity {report['overall_sparsity']:.4f} of prunable weights "
           f"(target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
+    pr = report["protocol"]
+    if pr["calib"]:
+        print(f"calibration: {pr['calib']}, {pr['nsamples']} windows x {pr['seqlen']} tokens, seed {pr['seed']}, "
+              f"device {pr['device']}")
     for name, ev in report.get("eval", {}).items():
         d = ev["dense"]
         print(f"{name} perplexity (seqlen {d['seqlen']}, {d['windows']}/{d['windows_available']} windows): "
