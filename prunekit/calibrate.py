@@ -22,7 +22,7 @@ Both strategies of ``sequential=True`` compute the same thing; batching only cha
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -94,11 +94,18 @@ class BlockInputs:
     args: list[tuple]  # positional arguments after the hidden states
     kwargs: list[dict]
     hidden_in_kwargs: bool
+    # per block index, per batch size: keyword arguments that differ from block 0's (e.g. the
+    # sliding-window mask of models that mix attention types); filled by ``probe_block_kwargs``
+    overrides: dict = field(default_factory=dict)
+    block_index: int = 0  # which block's overrides ``call`` applies
 
     def call(self, block: nn.Module, i: int, device, raw: bool = False):
         """Run ``block`` on batch i; the hidden states out (``raw=True``: the block's own return value)."""
         h = self.hidden[i].to(device, non_blocking=True)
         args, kwargs = _to(self.args[i], device), _to(self.kwargs[i], device)
+        extra = self.overrides.get(self.block_index, {}).get(h.shape[0])
+        if extra:
+            kwargs = dict(kwargs, **_to(extra, device))
         out = block(*args, hidden_states=h, **kwargs) if self.hidden_in_kwargs else block(h, *args, **kwargs)
         if raw:
             return out
@@ -154,6 +161,69 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         for m, dev in moved:
             m.to(dev)
     return BlockInputs(hidden, rest, kws, hidden_in_kwargs)
+
+
+@torch.no_grad()
+def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInputs, input_ids: torch.Tensor,
+                       device, store_device) -> None:
+    """Record, for every block, the keyword arguments the model passes it that differ from block 0's.
+
+    Most models give every block the same objects (rotary tables, one mask); models that mix attention
+    types (sliding-window and full layers) give some blocks another mask. One forward per batch size runs
+    with every block replaced by a pass-through recorder (no block computes; the forward stops after the
+    last block, before the LM head). The pass-through returns the same structure as the real block,
+    learnt from one real call of block 0.
+    """
+    if len(blocks) < 2:
+        return
+    orig = next(blocks[0].parameters()).device
+    blocks[0].to(device)
+    try:
+        template = inputs.call(blocks[0], 0, device, raw=True)
+    finally:
+        blocks[0].to(orig)
+    sizes = {}
+    start = 0
+    for h in inputs.hidden:  # first batch of every size
+        sizes.setdefault(h.shape[0], start)
+        start += h.shape[0]
+    moved = []
+    for m in non_block_modules(model, blocks):
+        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
+        m.to(device)
+    recorded: dict[int, dict] = {}
+
+    def recorder(j):
+        def forward(*args, **kwargs):
+            recorded[j] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if j == len(blocks) - 1:
+                raise _Stop
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) + tuple(template[1:]) if isinstance(template, (tuple, list)) else h
+        return forward
+
+    for block_i, block in enumerate(blocks):
+        block.forward = recorder(block_i)
+    try:
+        for size, first in sizes.items():
+            recorded.clear()
+            try:
+                model(input_ids[first:first + size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            base = recorded.get(0, {})
+            for j in range(1, len(blocks)):
+                diff = {k: v for k, v in recorded.get(j, {}).items() if base.get(k, _MISSING) is not v}
+                if diff:
+                    inputs.overrides.setdefault(j, {})[size] = _to(diff, store_device)
+    finally:
+        for block in blocks:
+            del block.forward
+        for m, dev in moved:
+            m.to(dev)
+
+
+_MISSING = object()
 
 
 def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> list[list[str]]:
@@ -314,11 +384,13 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
     handle = distributed.wrap_handle(handle)
     batch_size = min(batch_size, max(1, input_ids.shape[0]))
     inputs = capture_inputs(model, blocks, input_ids, batch_size, device, store)
+    probe_block_kwargs(model, blocks, inputs, input_ids, device, store)
     if offload and store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
     for b, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
         orig = next(block.parameters()).device
         block.to(device)
+        inputs.block_index = b
         try:
             run_block(block, block_layers[b], inputs, needs, handle, device, sequential,
                       max_last_tokens=max_last_tokens)

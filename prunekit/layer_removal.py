@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import BlockInputs, capture_inputs
+from .calibrate import BlockInputs, capture_inputs, probe_block_kwargs
 from .errors import PrunekitError
 from .models.families import block_linears, blocks_path, family_of, find_linears, get_blocks, weight_view
 
@@ -118,11 +118,14 @@ def _walk(model: nn.Module, input_ids: torch.Tensor, visit=None, device="cpu", b
     blocks = get_blocks(model)
     stop = len(blocks) if stop is None else stop
     bs = batch_size or input_ids.shape[0]
-    inputs = capture_inputs(model, blocks, input_ids, bs, device, _store_device(model, input_ids, device))
+    store = _store_device(model, input_ids, device)
+    inputs = capture_inputs(model, blocks, input_ids, bs, device, store)
+    probe_block_kwargs(model, blocks, inputs, input_ids, device, store)
     for b in range(stop):
         block = blocks[b]
         orig = next(block.parameters()).device
         block.to(device)
+        inputs.block_index = b
         hooks = block_hooks(b, block) if block_hooks else []
         try:
             for i in range(inputs.n_batches):

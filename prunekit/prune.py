@@ -92,7 +92,6 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     cfg = config if isinstance(config, PruneConfig) else make_config(**config)
     t0 = time.time()
     fam = family_of(model)
-    check_attention_layout(model)
     metric = get_metric(cfg.metric)
     nm = cfg.nm
     if nm is not None:
@@ -133,16 +132,6 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, {
         "data_s": round(t_data - t0, 2), "allocation_s": round(t_alloc - t_data, 2),
         "prune_s": round(t_prune - t_alloc, 2), "total_s": round(t_prune - t0, 2)}, device)
-
-
-def check_attention_layout(model) -> None:
-    """Block 0's captured arguments (its attention mask) are reused for every block: refuse models whose
-    blocks use different attention layouts (sliding-window and full layers mixed) instead of pruning them
-    with a wrong mask."""
-    types = getattr(model.config, "layer_types", None)
-    if types and len(set(types)) > 1:
-        raise PrunekitError(f"{model.config.model_type}: blocks mix attention types {sorted(set(types))}; "
-                            "block-by-block calibration with per-block masks is not supported yet")
 
 
 def remove_blocks_step(cfg, model, calib_ids, device) -> dict:

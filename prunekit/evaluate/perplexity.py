@@ -31,16 +31,18 @@ def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: i
     """Same as :func:`nll_of_windows` for models larger than the device: blocks run one at a time on the
     device (hidden states kept on CPU), then the model's own head (final norm, lm_head) runs on the
     device with every block replaced by a pass-through, the last one returning the computed states."""
-    from ..calibrate import capture_inputs, non_block_modules
+    from ..calibrate import capture_inputs, non_block_modules, probe_block_kwargs
     from ..models.families import get_blocks
 
     device = torch.device(device)
     blocks = get_blocks(model)
     inputs = capture_inputs(model, blocks, windows, batch_size, device, torch.device("cpu"))
+    probe_block_kwargs(model, blocks, inputs, windows, device, torch.device("cpu"))
     template = None
-    for block in tqdm(blocks, desc=f"{desc} (block by block)", unit="block", leave=False):
+    for b, block in enumerate(tqdm(blocks, desc=f"{desc} (block by block)", unit="block", leave=False)):
         orig = next(block.parameters()).device
         block.to(device)
+        inputs.block_index = b
         try:
             for i in range(inputs.n_batches):
                 out = inputs.call(block, i, device, raw=True)
