@@ -21,6 +21,7 @@ Both strategies of ``sequential=True`` compute the same thing; batching only cha
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -125,14 +126,25 @@ def non_block_modules(model: nn.Module, blocks: nn.ModuleList):
             yield m
 
 
+@contextlib.contextmanager
+def non_blocks_on(model: nn.Module, blocks: nn.ModuleList, device):
+    """Temporarily move the modules outside the blocks (embeddings, rotary tables, final norm, head) to
+    ``device``; each goes back where it was."""
+    moved = []
+    try:
+        for m in non_block_modules(model, blocks):
+            moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
+            m.to(device)
+        yield
+    finally:
+        for m, dev in moved:
+            m.to(dev)
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
                    device, store_device) -> BlockInputs:
     """Run the model on the windows until block 0 and keep all of block 0's arguments."""
-    moved = []
-    for m in non_block_modules(model, blocks):  # embeddings, rotary tables, final norm: small
-        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
-        m.to(device)
     seen: dict = {}
 
     def pre(_mod, args, kwargs):
@@ -143,23 +155,22 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     hidden_in_kwargs = False
     handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        for s in range(0, input_ids.shape[0], batch_size):
-            try:
-                model(input_ids[s:s + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-            args, kwargs = seen["args"], dict(seen["kwargs"])
-            if args:
-                h, args = args[0], tuple(args[1:])
-            else:
-                h, hidden_in_kwargs = kwargs.pop("hidden_states"), True
-            hidden.append(h.to(store_device))
-            rest.append(_to(args, store_device))
-            kws.append(_to(kwargs, store_device))
+        with non_blocks_on(model, blocks, device):  # embeddings, rotary tables, final norm: small
+            for s in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids[s:s + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+                args, kwargs = seen["args"], dict(seen["kwargs"])
+                if args:
+                    h, args = args[0], tuple(args[1:])
+                else:
+                    h, hidden_in_kwargs = kwargs.pop("hidden_states"), True
+                hidden.append(h.to(store_device))
+                rest.append(_to(args, store_device))
+                kws.append(_to(kwargs, store_device))
     finally:
         handle.remove()
-        for m, dev in moved:
-            m.to(dev)
     return BlockInputs(hidden, rest, kws, hidden_in_kwargs)
 
 
@@ -187,10 +198,6 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
     for h in inputs.hidden:  # first batch of every size
         sizes.setdefault(h.shape[0], start)
         start += h.shape[0]
-    moved = []
-    for m in non_block_modules(model, blocks):
-        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
-        m.to(device)
     recorded: dict[int, dict] = {}
 
     def recorder(j):
@@ -205,22 +212,21 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
     for block_i, block in enumerate(blocks):
         block.forward = recorder(block_i)
     try:
-        for size, first in sizes.items():
-            recorded.clear()
-            try:
-                model(input_ids[first:first + size].to(device), use_cache=False)
-            except _Stop:
-                pass
-            base = recorded.get(0, {})
-            for j in range(1, len(blocks)):
-                diff = {k: v for k, v in recorded.get(j, {}).items() if base.get(k, _MISSING) is not v}
-                if diff:
-                    inputs.overrides.setdefault(j, {})[size] = _to(diff, store_device)
+        with non_blocks_on(model, blocks, device):
+            for size, first in sizes.items():
+                recorded.clear()
+                try:
+                    model(input_ids[first:first + size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+                base = recorded.get(0, {})
+                for j in range(1, len(blocks)):
+                    diff = {k: v for k, v in recorded.get(j, {}).items() if base.get(k, _MISSING) is not v}
+                    if diff:
+                        inputs.overrides.setdefault(j, {})[size] = _to(diff, store_device)
     finally:
         for block in blocks:
             del block.forward
-        for m, dev in moved:
-            m.to(dev)
 
 
 _MISSING = object()

@@ -31,7 +31,7 @@ def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: i
     """Same as :func:`nll_of_windows` for models larger than the device: blocks run one at a time on the
     device (hidden states kept on CPU), then the model's own head (final norm, lm_head) runs on the
     device with every block replaced by a pass-through, the last one returning the computed states."""
-    from ..calibrate import capture_inputs, non_block_modules, probe_block_kwargs
+    from ..calibrate import capture_inputs, non_blocks_on, probe_block_kwargs
     from ..models.families import get_blocks
 
     device = torch.device(device)
@@ -62,25 +62,20 @@ def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: i
             return h
         return forward
 
-    moved = []
-    for m in non_block_modules(model, blocks):
-        moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
-        m.to(device)
     for j, block in enumerate(blocks):
         block.forward = passthrough(j == len(blocks) - 1)
     out = []
     try:
-        for i, s in enumerate(range(0, windows.shape[0], batch_size)):
-            state["i"] = i
-            x = windows[s:s + batch_size].to(device)
-            logits = model(x, use_cache=False).logits[:, :-1, :].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-            out.append(loss.view(x.shape[0], -1).mean(1).double().cpu())
+        with non_blocks_on(model, blocks, device):
+            for i, s in enumerate(range(0, windows.shape[0], batch_size)):
+                state["i"] = i
+                x = windows[s:s + batch_size].to(device)
+                logits = model(x, use_cache=False).logits[:, :-1, :].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+                out.append(loss.view(x.shape[0], -1).mean(1).double().cpu())
     finally:
         for block in blocks:
             del block.forward  # back to the class's forward
-        for m, dev in moved:
-            m.to(dev)
     return torch.cat(out)
 
 
