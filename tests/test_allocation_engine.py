@@ -106,3 +106,30 @@ def test_default_granularity_is_the_methods_own(calib_ids):
                          {"metric": "wanda", "sparsity": 0.6, "allocation": "owl"}, calib_ids=calib_ids)
     assert owl["method"]["granularity"] == "block"
     assert len({round(l["target"], 9) for l in owl["layers"] if l["block"] == 0}) == 1
+
+
+def test_mrp_schedule_bounds_mean_and_most_redundant_first():
+    """MRP with a fake engine whose outlier ratios are fixed: blocks stay in [S - lam, S + lam], the
+    weighted mean is exactly S after the schedule, and the most redundant blocks get the most sparsity."""
+    from prunekit.allocate import LayerInfo, ModelSummary
+    from prunekit.allocate.engine_based import mrp
+
+    layers = [LayerInfo(f"b{b}.l{i}", b, (16 * (i + 1), 32)) for b in range(6) for i in range(2)]
+    outliers = [0.05, 0.01, 0.03, 0.02, 0.06, 0.04]  # block 1 is the most redundant, block 4 the least
+    seen = []
+
+    def prune_to(ratios, M):
+        seen.append(dict(ratios))
+        return outliers
+
+    summary = ModelSummary(layers=layers, extra={"engine": prune_to})
+    ratios = mrp(summary, 0.7, steps=4, frac=0.5, lam=0.08)
+    numel = {l.name: l.numel for l in layers}
+    mean = sum(ratios[n] * numel[n] for n in ratios) / sum(numel.values())
+    assert mean == pytest.approx(0.7, abs=1e-12)
+    assert all(0.62 - 1e-12 <= r <= 0.78 + 1e-12 for r in ratios.values())
+    per_block = [ratios[f"b{b}.l0"] for b in range(6)]
+    assert per_block[1] == pytest.approx(0.78) and per_block[4] == pytest.approx(0.62)
+    order = sorted(range(6), key=lambda b: outliers[b])
+    assert all(per_block[a] >= per_block[b] - 1e-12 for a, b in zip(order, order[1:]))
+    assert len(seen) == 5 and all(v == pytest.approx(0.62) for v in seen[0].values())
