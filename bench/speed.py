@@ -150,7 +150,40 @@ def main(argv=None):
                      f"{r['prune_s']} | {r['peak_rss_gib']} | {r.get('peak_gpu_gib', '-')} | {r.get('x_floor', '-')} | "
                      f"{r['environment']['processor']}, {r['environment']['cpu_count']} CPUs, torch {r['environment']['torch']} |")
     (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    write_scale(data)
     print(res)
+
+
+def write_scale(data: dict) -> None:
+    """bench/results/scale.md: measured peaks (CPU RSS, GPU when lent) and the on-paper GPU peak for 7B and
+    70B LLaMA shapes at protocol P (128 x 2048 calibration tokens, bf16, 80 GiB GPU)."""
+    lines = ["# Scale: memory peaks and the 7B / 70B projection", "",
+             "## Measured", "",
+             "Peak RSS is the process high-water mark (model, calibration hidden states and statistics included); "
+             "peak GPU is `torch.cuda.max_memory_allocated`.", "",
+             "| model | params | metric | device | calibration | prune s | peak RSS GiB | peak GPU GiB | machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data.values():
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['metric']} {r['sparsity']} | {r['device']} | "
+                     f"{r['nsamples']} x {r['seqlen']} | {r['prune_s']} | {r['peak_rss_gib']} | "
+                     f"{r.get('peak_gpu_gib', '-')} | {r['environment']['processor']}, "
+                     f"{r['environment']['cpu_count']} CPUs, {r['environment']['date']} |")
+    tokens = 128 * 2048
+    shapes = {"7B (LLaMA-2-7B shape)": (4096, 11008, 4096, 32, 32000),
+              "70B (LLaMA-2-70B shape, GQA 8 KV heads)": (8192, 28672, 1024, 80, 32000)}
+    lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)", "",
+              "Weights stay on the CPU; the GPU holds one block, the calibration batch's activations (at most 40% of "
+              "the GPU: the automatic batch size), the embeddings / lm_head while block 0's inputs are captured, and "
+              "one layer's fp32 statistics. Formula: `projection()` in bench/speed.py. Not yet checked against a GPU "
+              "measurement (no GPU was lent when this was written).", "",
+              "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | peak Wanda GiB | "
+              "peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, shape in shapes.items():
+        p = projection(*shape, tokens)
+        lines.append(f"| {name} | {p['block_gib']} | {p['activations_gib']} | {p['non_block_gib']} | "
+                     f"{p['sparsegpt_hessian_gib']} | {p['peak_wanda_gib']} | {p['peak_sparsegpt_gib']} | "
+                     f"{p['cpu_hidden_states_gib']} | {p['cpu_weights_gib']} |")
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,21 @@ from prunekit.evaluate.zeroshot import evaluate_tasks  # noqa: E402
 PIPELINES = {
     "dense": None,
     "wanda-50-uniform": {"metric": "wanda", "sparsity": 0.5},
-    "wanda-70-owl": {"metric": "wanda", "sparsity": 0.7, "allocation": "owl"},
+    "best-70": None,  # filled from bench/results/quality_<protocol>.json (lowest 70% perplexity), or --best70
 }
+
+
+def best_70(protocol: str) -> dict:
+    """The 70% unstructured pipeline with the lowest WikiText-2 perplexity in the quality benchmark."""
+    import json
+
+    path = RESULTS / f"quality_{protocol}.json"
+    runs = json.loads(path.read_text())["runs"].values() if path.exists() else []
+    cands = [r for r in runs if r["config"]["sparsity"] == 0.7 and r["config"].get("pattern", "unstructured")
+             == "unstructured"]
+    if not cands:
+        return {"metric": "wanda", "sparsity": 0.7, "allocation": "owl"}
+    return {k: v for k, v in min(cands, key=lambda r: r["ppl"])["config"].items() if k not in ("seed",)}
 
 
 def main(argv=None):
@@ -35,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pipelines", nargs="*", default=list(PIPELINES))
-    ap.add_argument("--best70", help="JSON config of the best 70%% pipeline, overrides wanda-70-owl")
+    ap.add_argument("--best70", help="JSON config of the 70%% pipeline (default: the best in quality_<protocol>.json)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -44,7 +57,9 @@ def main(argv=None):
     if a.best70:
         import json
 
-        pipes["wanda-70-owl"] = json.loads(a.best70)
+        pipes["best-70"] = json.loads(a.best70)
+    else:
+        pipes["best-70"] = best_70("P" if cuda else "S")
     model, tok = prunekit.load_model("smollm2")
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib = calibration_windows(tok, proto["calib"], proto["nsamples"], proto["seqlen"], proto["seed"])
@@ -65,10 +80,15 @@ def main(argv=None):
              f"Local task files, lm-eval conventions (0-shot, log-likelihood, acc; acc_norm in the JSON). "
              f"{'First ' + str(a.limit) + ' items per task' if a.limit else 'Full tasks'}. Pruning calibration "
              f"{proto['nsamples']} x {proto['seqlen']} C4 windows. {out['environment']['processor']}, "
-             f"torch {out['environment']['torch']}, {out['environment']['date']}.", "",
+             f"torch {out['environment']['torch']}, {out['environment']['date']}."
+             + (f" With {a.limit} items a task's accuracy has a standard error of up to {0.5 / a.limit ** 0.5:.3f} "
+                f"(the 7-task mean about {0.5 / (7 * a.limit) ** 0.5:.3f}): small differences are noise."
+                if a.limit else ""), "",
              "| pipeline | " + " | ".join(tasks) + " | mean (7 paper tasks) |", "|---" * (len(tasks) + 2) + "|"]
     for name, r in out["runs"].items():
         t = r["results"]["tasks"]
+        if r["config"]:
+            name += " (" + ", ".join(f"{k}={v}" for k, v in r["config"].items()) + ")"
         lines.append(f"| {name} | " + " | ".join(f"{t[k]['acc']:.3f}" if k in t else "-" for k in tasks)
                      + f" | {r['results']['mean_acc']:.4f} |")
     (RESULTS / "zeroshot.md").write_text("\n".join(lines) + "\n")
