@@ -86,8 +86,59 @@ def markdown(data: dict) -> str:
         lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
                      f"{c.get('allocation', 'uniform')}{' (' + r['granularity'] + ')' if r.get('granularity') else ''} | "
                      f"{notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
+    lines += ["", "## Best pipeline per sparsity", "",
+              "Lowest WikiText-2 perplexity among the runs above, per sparsity and pattern (only what was run: see "
+              "the table for which combinations were).", "",
+              "| sparsity | pattern | best pipeline | PPL | runs compared |", "|---|---|---|---|---|"]
+    for (sp, pat), (k, r, n) in sorted(best_per_sparsity(data).items()):
+        lines.append(f"| {sp:.2f} | {pat} | {describe(r['config'])} | {r['ppl']:.3f} | {n} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def describe(c: dict) -> str:
+    parts = [c["metric"], c.get("allocation", "uniform")]
+    if c.get("rowwise"):
+        parts.append(c["rowwise"])
+    if c.get("reconstruct"):
+        parts.append("reconstruct " + c["reconstruct"])
+    if c.get("sequential") is False:
+        parts.append("dense-block stats")
+    return " + ".join(parts)
+
+
+def best_per_sparsity(data: dict) -> dict:
+    groups: dict = {}
+    for k, r in data["runs"].items():
+        c = r["config"]
+        g = (c["sparsity"], c.get("pattern", "unstructured"))
+        best = groups.get(g)
+        n = (best[2] if best else 0) + 1
+        groups[g] = (k, r, n) if best is None or r["ppl"] < best[1]["ppl"] else (best[0], best[1], n)
+    return groups
+
+
+def write_index() -> None:
+    """quality.json / quality.md: one index over the protocols' files, with the best pipeline per sparsity."""
+    index = {}
+    for f in sorted(RESULTS.glob("quality_*.json")):
+        d = load_results(f)
+        if not d.get("runs"):
+            continue
+        index[d["protocol_name"]] = {
+            "file": f.name, "protocol": d["protocol"], "dense_ppl": d.get("dense", {}).get("ppl"),
+            "runs": len(d["runs"]),
+            "best": [{"sparsity": sp, "pattern": pat, "pipeline": describe(r["config"]), "ppl": r["ppl"], "key": k}
+                     for (sp, pat), (k, r, n) in sorted(best_per_sparsity(d).items())]}
+    save_json(RESULTS / "quality.json", index)
+    lines = ["# Quality benchmark index", "", "Full tables: " + ", ".join(f"[{v['file'][:-5]}.md]({v['file'][:-5]}.md)"
+                                                                       for v in index.values()), ""]
+    for name, v in index.items():
+        lines += [f"## Protocol {name}: " + ", ".join(f"{k} {x}" for k, x in v["protocol"].items()), "", f"Dense PPL {v['dense_ppl']:.3f}; {v['runs']} runs.", "",
+                  "| sparsity | pattern | best pipeline | PPL |", "|---|---|---|---|"]
+        lines += [f"| {b['sparsity']:.2f} | {b['pattern']} | {b['pipeline']} | {b['ppl']:.3f} |" for b in v["best"]]
+        lines.append("")
+    (RESULTS / "quality.md").write_text("\n".join(lines))
 
 
 def main(argv=None):
@@ -151,7 +202,9 @@ def main(argv=None):
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
         save_json(out, data)
         (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
+        write_index()
     (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
+    write_index()
 
 
 if __name__ == "__main__":
