@@ -271,6 +271,18 @@ def verdict(data: dict) -> list[str]:
             out.append(f"  DSA's first generation ({pop} programs) is identical to random search's first batch "
                        f"(same seed programs, same RNG); they differ in the remaining {max(0, data['budget'] - pop)} "
                        "evaluations.")
+            later = {}
+            for name, rec in (("DSA", d), ("random", r)):
+                fits = sorted(h["fitness"] for h in rec.get("history", []) if h.get("generation", 0) > 0
+                              and math.isfinite(h.get("fitness", math.inf)))
+                if fits:
+                    later[name] = (fits[len(fits) // 2], fits[0], len(fits))
+            if len(later) == 2:
+                out.append("  After the first generation: " + "; ".join(
+                    f"{k} median fitness {fmt(v[0])}, best {fmt(v[1])} ({v[2]} evaluations)" for k, v in later.items())
+                    + (": DSA's offspring are clearly better than random programs on the median."
+                       if later["DSA"][0] < 0.9 * later["random"][0] else
+                       ": medians within 10%, no clear sign at this budget that evolution beats random sampling."))
     out.append("- One search seed and one calibration draw: differences of a few percent are within what another "
                "seed could change.")
     if data["settings"]["mode"] == "cached":
