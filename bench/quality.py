@@ -108,14 +108,16 @@ def describe(c: dict) -> str:
 
 
 def best_per_sparsity(data: dict) -> dict:
+    """(sparsity, pattern) -> (key, run, number of runs compared) of the lowest-perplexity run."""
     groups: dict = {}
     for k, r in data["runs"].items():
-        c = r["config"]
-        g = (c["sparsity"], c.get("pattern", "unstructured"))
-        best = groups.get(g)
-        n = (best[2] if best else 0) + 1
-        groups[g] = (k, r, n) if best is None or r["ppl"] < best[1]["ppl"] else (best[0], best[1], n)
-    return groups
+        groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern", "unstructured")), []).append((k, r))
+    return {g: (*min(runs, key=lambda kr: kr[1]["ppl"]), len(runs)) for g, runs in groups.items()}
+
+
+def write_reports(pname: str, data: dict) -> None:
+    (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
+    write_index()
 
 
 def write_index() -> None:
@@ -131,8 +133,8 @@ def write_index() -> None:
             "best": [{"sparsity": sp, "pattern": pat, "pipeline": describe(r["config"]), "ppl": r["ppl"], "key": k}
                      for (sp, pat), (k, r, n) in sorted(best_per_sparsity(d).items())]}
     save_json(RESULTS / "quality.json", index)
-    lines = ["# Quality benchmark index", "", "Full tables: " + ", ".join(f"[{v['file'][:-5]}.md]({v['file'][:-5]}.md)"
-                                                                       for v in index.values()), ""]
+    tables = [Path(v["file"]).with_suffix(".md").name for v in index.values()]
+    lines = ["# Quality benchmark index", "", "Full tables: " + ", ".join(f"[{t}]({t})" for t in tables), ""]
     for name, v in index.items():
         lines += [f"## Protocol {name}: " + ", ".join(f"{k} {x}" for k, x in v["protocol"].items()), "", f"Dense PPL {v['dense_ppl']:.3f}; {v['runs']} runs.", "",
                   "| sparsity | pattern | best pipeline | PPL |", "|---|---|---|---|"]
@@ -201,10 +203,8 @@ def main(argv=None):
                              "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
         save_json(out, data)
-        (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
-        write_index()
-    (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
-    write_index()
+        write_reports(pname, data)
+    write_reports(pname, data)
 
 
 if __name__ == "__main__":

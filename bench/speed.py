@@ -50,6 +50,11 @@ def random_llama(blocks: int, dtype, hidden=4096, mlp=11008, heads=32, vocab=320
     return model
 
 
+# (hidden, intermediate, kv width, blocks, vocab) of the shapes projected on paper
+LLAMA_SHAPES = {"7b": ("7B (LLaMA-2-7B shape)", (4096, 11008, 4096, 32, 32000)),
+                "70b": ("70B (LLaMA-2-70B shape, GQA 8 KV heads)", (8192, 28672, 1024, 80, 32000))}
+
+
 def projection(hidden, inter, kv, blocks, vocab, tokens, gpu_gib=80.0, dtype_bytes=2) -> dict:
     """On-paper GPU peak of prunekit's engine for a LLaMA shape: one block's weights, the activations of
     the largest calibration batch that fits in 40% of the GPU (prunekit's auto batch size), the non-block
@@ -133,8 +138,8 @@ def main(argv=None):
         res["hidden_states_gib"] = round(nsamples * seqlen * model.config.hidden_size * model.dtype.itemsize / 2**30, 2)
     if big:  # the same formula on paper for 7B (checked against the measurement when a GPU is lent) and 70B
         tokens = nsamples * seqlen
-        res["projection_7b"] = projection(4096, 11008, 4096, 32, 32000, tokens)
-        res["projection_70b"] = projection(8192, 28672, 1024, 80, 32000, tokens)
+        for key, (_, shape) in LLAMA_SHAPES.items():
+            res[f"projection_{key}"] = projection(*shape, tokens)
     res["environment"] = environment()
     key = f"{res['model']}|{a.metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
     out = RESULTS / "speed.json"
@@ -169,8 +174,6 @@ def write_scale(data: dict) -> None:
                      f"{r.get('peak_gpu_gib', '-')} | {r['environment']['processor']}, "
                      f"{r['environment']['cpu_count']} CPUs, {r['environment']['date']} |")
     tokens = 128 * 2048
-    shapes = {"7B (LLaMA-2-7B shape)": (4096, 11008, 4096, 32, 32000),
-              "70B (LLaMA-2-70B shape, GQA 8 KV heads)": (8192, 28672, 1024, 80, 32000)}
     lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)", "",
               "Weights stay on the CPU; the GPU holds one block, the calibration batch's activations (at most 40% of "
               "the GPU: the automatic batch size), the embeddings / lm_head while block 0's inputs are captured, and "
@@ -178,7 +181,7 @@ def write_scale(data: dict) -> None:
               "measurement (no GPU was lent when this was written).", "",
               "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | peak Wanda GiB | "
               "peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, shape in shapes.items():
+    for name, shape in LLAMA_SHAPES.values():
         p = projection(*shape, tokens)
         lines.append(f"| {name} | {p['block_gib']} | {p['activations_gib']} | {p['non_block_gib']} | "
                      f"{p['sparsegpt_hessian_gib']} | {p['peak_wanda_gib']} | {p['peak_sparsegpt_gib']} | "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, save_json  # noqa: E402
+from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.data import calibration_windows  # noqa: E402
@@ -32,15 +32,13 @@ PIPELINES = {
 
 def best_70(protocol: str) -> dict:
     """The 70% unstructured pipeline with the lowest WikiText-2 perplexity in the quality benchmark."""
-    import json
+    from quality import best_per_sparsity
 
-    path = RESULTS / f"quality_{protocol}.json"
-    runs = json.loads(path.read_text())["runs"].values() if path.exists() else []
-    cands = [r for r in runs if r["config"]["sparsity"] == 0.7 and r["config"].get("pattern", "unstructured")
-             == "unstructured"]
-    if not cands:
+    data = load_results(RESULTS / f"quality_{protocol}.json")
+    best = best_per_sparsity(data).get((0.7, "unstructured")) if data.get("runs") else None
+    if best is None:
         return {"metric": "wanda", "sparsity": 0.7, "allocation": "owl"}
-    return {k: v for k, v in min(cands, key=lambda r: r["ppl"])["config"].items() if k not in ("seed",)}
+    return {k: v for k, v in best[1]["config"].items() if k != "seed"}
 
 
 def main(argv=None):
