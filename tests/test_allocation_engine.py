@@ -133,3 +133,9 @@ def test_mrp_schedule_bounds_mean_and_most_redundant_first():
     order = sorted(range(6), key=lambda b: outliers[b])
     assert all(per_block[a] >= per_block[b] - 1e-12 for a, b in zip(order, order[1:]))
     assert len(seen) == 5 and all(v == pytest.approx(0.62) for v in seen[0].values())
+    # one block per step: its increment would overshoot S + lam, so the cap binds and the rest flows on
+    capped = mrp(ModelSummary(layers=layers, extra={"engine": prune_to}), 0.7, steps=4, frac=1 / 6, lam=0.08)
+    mean = sum(capped[n] * numel[n] for n in capped) / sum(numel.values())
+    assert mean == pytest.approx(0.7, abs=1e-12)
+    assert all(0.62 - 1e-12 <= r <= 0.78 + 1e-12 for r in capped.values())
+    assert capped["b1.l0"] == pytest.approx(0.78) and capped["b3.l0"] == pytest.approx(0.78)
