@@ -45,8 +45,22 @@ def suites() -> dict[str, list[dict]]:
                 {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "owl"},
                 {"metric": "wanda", "sparsity": 0.7, "reconstruct": "sparsegpt"}]
     extra = [{"metric": m, "sparsity": s} for m in ("sparsegpt", "ria", "stade", "ace") for s in (0.6, 0.8)]
+    # grid (issue 4): the full metric x {uniform, OWL, AP} x TRIM x 5-sparsity grid is ~150 CPU runs; this is a
+    # covering subset in priority order (first TRIM, then every metric at 2:4, then every metric x {uniform, AP}
+    # at 70%, the level where pipelines differ most), so an interrupted run keeps the most informative rows.
+    grid = [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim"},
+            {"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "alphapruning"},
+            {"metric": "wanda", "sparsity": 0.5, "rowwise": "trim"},
+            {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "alphapruning"},
+            {"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "alphapruning",
+             "reconstruct": "sparsegpt"}]
+    grid += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in ("sparsegpt", "ria", "stade", "ace")]
+    grid += [{"metric": m, "sparsity": 0.7, "allocation": a} for a in ("uniform", "alphapruning")
+             for m in ("ria", "stade", "ace")]
+    grid += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "owl"},
+             {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "owl"}]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
-            "metrics-extra": extra}
+            "metrics-extra": extra, "grid": grid}
 
 
 def key_of(run: dict) -> str:
@@ -201,6 +215,12 @@ def main(argv=None):
                              "overall_sparsity": report["overall_sparsity"],
                              "granularity": report["method"]["granularity"],
                              "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
+        rw = [l["rowwise"] for l in report["layers"] if l.get("rowwise", {}).get("score") is not None]
+        if rw:  # TRIM: how often and by how much it beat uniform rows on its own objective (output cosine)
+            gains = [r["score"] - r["score_uniform"] for r in rw]
+            data["runs"][key]["rowwise"] = {"layers": len(rw), "improved": sum(g > 0 for g in gains),
+                                            "mean_cos_gain": sum(gains) / len(gains), "min_cos_gain": min(gains),
+                                            "negative_lr": sum(r["lr"] < 0 for r in rw)}
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
         save_json(out, data)
         write_reports(pname, data)

@@ -168,6 +168,8 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
             rec = pruner.records[name]
             layers.append({"name": name, "block": b, "shape": rec["shape"], "target": round(rec["target"], 6),
                            "sparsity": rec["pruned"] / rec["numel"], "numel": rec["numel"]})
+            if "rowwise" in rec:  # e.g. TRIM: chosen lr, layer output cosine with and without it
+                layers[-1]["rowwise"] = rec["rowwise"]
     blocks = []
     for b in range(len(block_layers)):
         ls = [l for l in layers if l["block"] == b]
