@@ -69,7 +69,7 @@ def key_of(run: dict) -> str:
     if run.get("sequential") is False:
         parts.append("dense-block-stats")
     if run.get("rowwise"):
-        parts.append(run["rowwise"])
+        parts.append(run["rowwise"] + "".join(f",{k}={v}" for k, v in sorted(run.get("rowwise_params", {}).items())))
     if run.get("reconstruct"):
         parts.append("reconstruct-" + run["reconstruct"])
     return "/".join(parts)
@@ -113,12 +113,23 @@ def markdown(data: dict) -> str:
 def describe(c: dict) -> str:
     parts = [c["metric"], c.get("allocation", "uniform")]
     if c.get("rowwise"):
-        parts.append(c["rowwise"])
+        parts.append(c["rowwise"] + "".join(f" {k}={v}" for k, v in sorted(c.get("rowwise_params", {}).items())))
     if c.get("reconstruct"):
         parts.append("reconstruct " + c["reconstruct"])
     if c.get("sequential") is False:
         parts.append("dense-block stats")
     return " + ".join(parts)
+
+
+def rowwise_summary(layers: list[dict]) -> dict | None:
+    """TRIM: how often and by how much it beat uniform rows on its own objective (layer output cosine);
+    ``layers``: report layer entries or pruner records (those with a 'rowwise' entry count)."""
+    rw = [l["rowwise"] for l in layers if l.get("rowwise", {}).get("score") is not None]
+    if not rw:
+        return None
+    gains = [r["score"] - r["score_uniform"] for r in rw]
+    return {"layers": len(rw), "improved": sum(g > 0 for g in gains), "mean_cos_gain": sum(gains) / len(gains),
+            "min_cos_gain": min(gains), "negative_lr": sum(r["lr"] < 0 for r in rw)}
 
 
 def best_per_sparsity(data: dict) -> dict:
@@ -215,12 +226,9 @@ def main(argv=None):
                              "overall_sparsity": report["overall_sparsity"],
                              "granularity": report["method"]["granularity"],
                              "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
-        rw = [l["rowwise"] for l in report["layers"] if l.get("rowwise", {}).get("score") is not None]
-        if rw:  # TRIM: how often and by how much it beat uniform rows on its own objective (output cosine)
-            gains = [r["score"] - r["score_uniform"] for r in rw]
-            data["runs"][key]["rowwise"] = {"layers": len(rw), "improved": sum(g > 0 for g in gains),
-                                            "mean_cos_gain": sum(gains) / len(gains), "min_cos_gain": min(gains),
-                                            "negative_lr": sum(r["lr"] < 0 for r in rw)}
+        rw = rowwise_summary(report["layers"])
+        if rw:
+            data["runs"][key]["rowwise"] = rw
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
         save_json(out, data)
         write_reports(pname, data)

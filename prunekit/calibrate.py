@@ -270,10 +270,11 @@ Handle = Callable[[str, nn.Module, LayerStats], None]
 @torch.no_grad()
 def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, needs: frozenset[str],
               handle: Handle, device, sequential: bool = True, update_inputs: bool = True,
-              max_last_tokens: int = 256) -> None:
+              max_last_tokens: int = 256, tokens_per_sample: int = 1) -> None:
     """Collect statistics, call ``handle`` for every layer, then replace ``inputs.hidden`` by the
     block's outputs after pruning (when ``update_inputs``)."""
-    new_stats = lambda name: LayerStats(needs, in_features(layers[name]), max_last_tokens=max_last_tokens)  # noqa: E731
+    new_stats = lambda name: LayerStats(needs, in_features(layers[name]), max_last_tokens=max_last_tokens,  # noqa: E731
+                                         tokens_per_sample=tokens_per_sample)
 
     def outputs_pass():
         for i in range(inputs.n_batches):
@@ -367,7 +368,7 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
                    input_ids: torch.Tensor, needs: frozenset[str], handle: Handle, device="cpu",
                    batch_size: int | None = None, sequential: bool = True, offload: bool | None = None,
                    desc: str = "pruning", on_block_done: Callable[[int], None] | None = None,
-                   max_last_tokens: int = 256) -> None:
+                   max_last_tokens: int = 256, tokens_per_sample: int = 1) -> None:
     """The whole engine: capture block-0 inputs, then prune block by block.
 
     ``offload``: keep hidden states on CPU between uses (default: when the device is not the CPU and
@@ -399,7 +400,7 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
         inputs.block_index = b
         try:
             run_block(block, block_layers[b], inputs, needs, handle, device, sequential,
-                      max_last_tokens=max_last_tokens)
+                      max_last_tokens=max_last_tokens, tokens_per_sample=tokens_per_sample)
         finally:
             block.to(orig)
         if on_block_done:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation-param", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--granularity", choices=["block", "layer"])
     p.add_argument("--rowwise", help="row-wise allocation inside each layer: trim")
+    p.add_argument("--rowwise-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. tokens_per_sample=4 (TRIM inputs per calibration sequence), iters=10")
     p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
     p.add_argument("--remove-blocks", type=int, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
@@ -139,6 +141,8 @@ def cmd_prune(a) -> int:
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
     if a.allocation_param:
         given["allocation_params"] = dict(a.allocation_param)
+    if a.rowwise_param:
+        given["rowwise_params"] = dict(a.rowwise_param)
     cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
     report = run(cfg)
     from .distributed import rank

@@ -66,7 +66,8 @@ def all_reduce_stats(st: LayerStats) -> None:
     if "last_tokens" in st.needs:
         gathered = [None] * world()
         dist.all_gather_object(gathered, st.last_tokens)
-        st.last_tokens = [t for part in gathered for t in part][: st.max_last_tokens]
+        rows = [t for part in gathered for t in part]  # capped in rows, as LayerStats.update does
+        st.last_tokens = [torch.cat(rows)[: st.max_last_tokens * st.tokens_per_sample]] if rows else []
 
 
 def broadcast_layer(module) -> None:

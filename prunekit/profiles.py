@@ -10,7 +10,7 @@ from .data import calibration_windows
 from .errors import PrunekitError
 from .metrics import wanda
 from .models.families import weight_view
-from .pruner import LayerPruner, prune_all, stats_needs
+from .pruner import LayerPruner, prune_all, stats_needs, stats_options
 
 
 def _outlier_ratios(scores: list[torch.Tensor], ms) -> dict[float, float]:
@@ -82,7 +82,8 @@ def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric,
             current.clear()
 
         iterate_blocks(model, blocks, block_layers, sub, stats_needs(metric, cfg) | {"sq_sum"}, handle, device,
-                       batch_size=cfg.batch_size, sequential=cfg.sequential, desc="MRP step", on_block_done=done)
+                       batch_size=cfg.batch_size, sequential=cfg.sequential, desc="MRP step", on_block_done=done,
+                       **stats_options(cfg))
         return result
 
     return prune_to

@@ -20,6 +20,14 @@ def stats_needs(metric, cfg) -> frozenset[str]:
     return frozenset(needs)
 
 
+def stats_options(cfg) -> dict:
+    """Keyword options of the statistics themselves (passed to ``iterate_blocks``): TRIM's
+    ``rowwise_params['tokens_per_sample']`` (rows of X per calibration sequence; default 1, the paper's)."""
+    if cfg.rowwise and "tokens_per_sample" in cfg.rowwise_params:
+        return {"tokens_per_sample": int(cfg.rowwise_params["tokens_per_sample"])}
+    return {}
+
+
 class LayerPruner:
     """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), weight
     reconstruction, bias update, zero, record."""
@@ -85,7 +93,7 @@ def prune_all(pruner, metric, model, blocks, block_layers, ids, device, cfg, des
     needs = stats_needs(metric, cfg)
     if needs:
         iterate_blocks(model, blocks, block_layers, ids, needs, pruner, device,
-                       batch_size=cfg.batch_size, sequential=cfg.sequential, desc=desc)
+                       batch_size=cfg.batch_size, sequential=cfg.sequential, desc=desc, **stats_options(cfg))
     else:  # weight-only metric: no forward pass needed
         for d in block_layers:
             for name, m in d.items():

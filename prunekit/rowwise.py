@@ -7,8 +7,10 @@ build their own masks (SparseGPT) are not supported.
 
 TRIM (see the "Row-wise" section of the reference notes)
 --------------------------------------------------------
-X holds the inputs of the last token of each calibration sample, shape (n, d_in). Start from the
-uniform allocation ``x_r = s``. Each iteration:
+X holds the inputs of the last token of each calibration sample, shape (n, d_in) (the paper's
+choice; ``rowwise_params={"tokens_per_sample": k}`` takes k evenly spaced positions ending at the last
+token instead, k x more rows from the same calibration data). Start from the uniform allocation
+``x_r = s``. Each iteration:
 
 1. prune with the current allocation, giving ``W_p``;
 2. ``q_r`` = cosine similarity between row ``r`` of ``W X^T`` and of ``W_p X^T`` (per output
@@ -225,7 +227,9 @@ def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, ta
 
 
 # ---- registry --------------------------------------------------------------------------------
-def _trim(W, scores, stats, target, **kw):
+def _trim(W, scores, stats, target, tokens_per_sample: int = 1, **kw):
+    # tokens_per_sample is a statistics option (how many rows of X each calibration sequence gives),
+    # consumed by the engine when it gathers 'last_tokens' (pruner.stats_options)
     if stats is None or "last_tokens" not in stats.needs:
         raise PrunekitError("row-wise 'trim' needs the 'last_tokens' calibration statistic "
                             "(add ROWWISE_NEEDS['trim'] to the statistics the engine gathers)")

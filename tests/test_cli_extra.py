@@ -41,3 +41,13 @@ def test_search_cli_writes_a_reusable_recipe(tmp_path):
     assert main(["prune", "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "p")]) == 0
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["method"]["allocation"] == "dsa"
+
+
+def test_rowwise_params_from_the_cli(tmp_path):
+    out = tmp_path / "t"
+    assert main(["prune", "--model", str(STORIES_HF), "--metric", "wanda", "--sparsity", "0.5", "--rowwise", "trim",
+                 "--rowwise-param", "tokens_per_sample=2", "--rowwise-param", "iters=3", "--calib", str(TINY_TEXT),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["rowwise_params"] == {"tokens_per_sample": 2, "iters": 3}
+    assert rep["method"]["rowwise"] == "trim" and all("rowwise" in l for l in rep["layers"])

@@ -56,3 +56,16 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
 def test_rowwise_config_errors(bad, msg):
     with pytest.raises(prunekit.PrunekitError, match=msg):
         prunekit.make_config(**bad)
+
+
+def test_trim_tokens_per_sample_reaches_the_statistics(calib_ids, monkeypatch):
+    """rowwise_params tokens_per_sample=k gives TRIM k rows of X per calibration sequence (not a TRIM kwarg)."""
+    import prunekit.rowwise as rw
+
+    seen = []
+    orig = rw.trim_row_sparsity
+    monkeypatch.setattr(rw, "trim_row_sparsity", lambda W, S, X, t, **kw: (seen.append(X.shape[0]), orig(W, S, X, t, **kw))[1])
+    model = tiny_model("llama", hidden=64)
+    prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.5, "rowwise": "trim",
+                                 "rowwise_params": {"tokens_per_sample": 3}}, calib_ids=calib_ids)
+    assert seen and all(n == 3 * calib_ids.shape[0] for n in seen)

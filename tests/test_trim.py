@@ -230,3 +230,18 @@ def test_matches_naive_reference_search(seed):
     assert torch.equal(info["counts"], counts) and torch.equal(rowwise_mask(S, rows).sum(1), counts)
     assert info["lr"] == lr and info["iters_run"] == n_iter
     assert info["score"] == pytest.approx(score, abs=1e-6)
+
+
+def test_tokens_per_sample_takes_evenly_spaced_positions_ending_at_the_last():
+    x = torch.randn(3, 16, D_IN)
+    st = LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=4, max_last_tokens=2)
+    assert st.token_positions(16) == [3, 7, 11, 15]
+    st.update(x)
+    # at most max_last_tokens sequences, k rows each, in (sequence, position) order
+    assert torch.equal(st.last_token_inputs(), x[:2][:, [3, 7, 11, 15]].reshape(-1, D_IN))
+    one = LayerStats(frozenset({"last_tokens"}), D_IN)
+    one.update(x)
+    assert torch.equal(one.last_token_inputs(), x[:, -1])  # default: the paper's last token only
+    assert LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=40).token_positions(5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="tokens_per_sample"):
+        LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=0)

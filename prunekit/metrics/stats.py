@@ -4,7 +4,9 @@ Only the statistics a chosen method declares it needs are accumulated, so memory
   - ``sq_sum``/``sum``/``count``: O(d_in) floats per layer (Wanda, RIA, STADE, OWL);
   - ``hessian``: O(d_in^2) fp32 per layer, only for solvers (SparseGPT); one layer's Hessian
     lives at a time per block stage, on the compute device;
-  - ``last_tokens``: at most ``max_last_tokens`` rows of d_in (TRIM), kept on CPU.
+  - ``last_tokens``: the inputs of the last token of each sequence (TRIM's X), or of ``tokens_per_sample``
+    evenly spaced positions ending at the last one, for at most ``max_last_tokens`` sequences, so at most
+    ``max_last_tokens * tokens_per_sample`` rows of d_in, kept on CPU.
 All accumulation is in float32 (float64 for sums over many tokens), whatever the model dtype.
 """
 from __future__ import annotations
@@ -27,8 +29,11 @@ class LayerStats:
     hessian: torch.Tensor | None = None
     last_tokens: list[torch.Tensor] = field(default_factory=list)
     max_last_tokens: int = 256
+    tokens_per_sample: int = 1
 
     def __post_init__(self):
+        if int(self.tokens_per_sample) < 1:
+            raise ValueError(f"tokens_per_sample must be >= 1, got {self.tokens_per_sample}")
         unknown = set(self.needs) - KNOWN_STATS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_STATS)}")
@@ -37,9 +42,10 @@ class LayerStats:
     def update(self, x: torch.Tensor) -> None:
         """x: the layer input, shape (..., seq, d_in) or (..., d_in)."""
         if x.dim() >= 3 and "last_tokens" in self.needs:
-            room = self.max_last_tokens - sum(t.shape[0] for t in self.last_tokens)
+            room = self.max_last_tokens * self.tokens_per_sample - sum(t.shape[0] for t in self.last_tokens)
             if room > 0:
-                self.last_tokens.append(x[..., -1, :].reshape(-1, self.d_in)[:room].float().cpu())
+                self.last_tokens.append(x[..., self.token_positions(x.shape[-2]), :].reshape(-1, self.d_in)[:room]
+                                        .float().cpu())
         if x.dim() >= 3:
             self.samples += x[..., 0, 0].numel()
         else:
@@ -58,6 +64,12 @@ class LayerStats:
             xf = x.float()
             h = xf.t() @ xf
             self.hessian = h if self.hessian is None else self.hessian.add_(h)
+
+    def token_positions(self, seq: int) -> list[int]:
+        """Positions kept for ``last_tokens`` in a sequence of ``seq`` tokens: the last one, then every
+        ``seq // k``-th before it (k = ``tokens_per_sample``, at most ``seq``), in increasing order."""
+        k = min(int(self.tokens_per_sample), seq)
+        return sorted(seq - 1 - (j * seq) // k for j in range(k))
 
     # ---- derived quantities -------------------------------------------------------------------
     def col_norm(self) -> torch.Tensor:

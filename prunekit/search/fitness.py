@@ -39,7 +39,7 @@ class Fitness:
         from ..config import make_config
         from ..metrics import get_metric
         from ..prune import resolve_device
-        from ..pruner import stats_needs
+        from ..pruner import stats_needs, stats_options
 
         if mode not in ("cached", "full"):
             raise PrunekitError(f"fitness mode must be 'cached' or 'full', got {mode!r}")
@@ -73,7 +73,8 @@ class Fitness:
                 self.stats[name] = st
 
             iterate_blocks(model, self.blocks, self.block_layers, calib_ids, self.needs, keep, self.device,
-                           batch_size=batch_size, sequential=False, desc="search: dense statistics")
+                           batch_size=batch_size, sequential=False, desc="search: dense statistics",
+                           **stats_options(self.cfg))
         self.memo: dict = {}
         self.n_evaluations = 0  # fresh (non-memoised) evaluations
         self.kv_hooks: list = []
