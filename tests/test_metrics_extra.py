@@ -83,6 +83,24 @@ def test_sparsegpt_does_not_modify_inputs(layer):
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
 
+def test_sparsegpt_overwrite_h_gives_the_same_result(layer):
+    """The engine's adapter lets the solver damp its fresh hessian_mean() in place (memory): same answer,
+    also on the damping-retry and diagonal-fallback paths."""
+    W, X, st = layer
+    g = _gen(6)
+    B = torch.randn(W.shape[1], W.shape[1], generator=g)
+    indefinite = B @ B.T / W.shape[1]
+    indefinite -= (torch.linalg.eigvalsh(indefinite)[0] + 0.5) * torch.eye(W.shape[1])
+    for H, kw in ((st.hessian_mean(), {}), (indefinite, {}), (indefinite, {"max_damp_tries": 1}),
+                  (st.hessian_mean(), {"pattern": (2, 4)})):
+        ref_W, ref_m = sparsegpt_solve(W, H, 0.5, **kw)
+        H0 = H.clone()
+        sparsegpt_solve(W, H, 0.5, **kw)
+        assert torch.equal(H, H0)  # default: H untouched
+        got_W, got_m = sparsegpt_solve(W, H.clone(), 0.5, overwrite_h=True, **kw)
+        assert torch.equal(got_W, ref_W) and torch.equal(got_m, ref_m)
+
+
 def test_sparsegpt_zero_sparsity_is_identity(layer):
     W, X, st = layer
     W_sg, mask = sparsegpt_solve(W, st.hessian_mean(), 0.0)

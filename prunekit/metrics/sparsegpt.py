@@ -34,10 +34,12 @@ checked for NaN/inf; if the updates produced any, the layer is redone with the d
 It never raises for numerical reasons.
 
 Memory: one (in, in) fp32 Hessian per layer is gathered (``stats.hessian``); while solving, the
-solver holds the damped copy of H, its Cholesky factor / inverse and the upper factor U, i.e. up to
-three (in, in) fp32 matrices at the peak (released before the column sweep, which keeps U only),
-plus an fp32 copy of W and a bool mask of its size. For a 4096 x 11008 MLP projection the Hessian
-alone is 11008^2 * 4 B = 485 MB.
+solver holds one damped working copy of H (through the engine's adapter this is the fresh
+``hessian_mean()``, damped in place: ``overwrite_h``), its Cholesky factor L and the inverse, i.e. with
+``stats.hessian`` four (in, in) fp32 matrices at the peak (L and the inverse are released before the
+column sweep, which keeps U only), plus two fp32 copies of W and a bool mask of its size. For a
+4096 x 11008 MLP projection one such matrix is 11008^2 * 4 B = 485 MB. (Before ``overwrite_h``, the
+adapter path held six: a second copy of H and a damped copy per attempt.)
 """
 from __future__ import annotations
 
@@ -58,8 +60,9 @@ DEFAULT_MAX_DAMP_TRIES = 8
 
 
 def _diagonal_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """U for a diagonal Hessian: U = diag(1 / sqrt(H_jj + damp)); no cross-column updates."""
-    d = torch.nan_to_num(H.diagonal().clone(), nan=1.0, posinf=1.0, neginf=1.0)
+    """U for a diagonal Hessian: U = diag(1 / sqrt(H_jj + damp)); no cross-column updates.
+    ``H``: the (in, in) Hessian or just its diagonal (a vector)."""
+    d = torch.nan_to_num((H.diagonal() if H.dim() == 2 else H).clone(), nan=1.0, posinf=1.0, neginf=1.0)
     d = torch.where(d > 0, d, torch.ones_like(d)) + max(float(damp), 0.0)
     return torch.diag(d.rsqrt())
 
@@ -69,23 +72,27 @@ def _finite_factor(U: torch.Tensor) -> bool:
 
 
 def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
-                           max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer") -> torch.Tensor:
+                           max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer",
+                           overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp I)^-1, raising the damping on failure (never raises).
 
     H must already have its dead diagonal entries replaced. The first attempt uses
     damp = percdamp * mean(diag H); each failure multiplies it by 10 (a zero damping is first raised
     to 1e-6 * mean(diag H)). After ``max_damp_tries`` failures the diagonal of H is used instead.
+    ``overwrite=True`` damps H in place (one (in, in) copy less; H then holds the last damped matrix);
+    by default H is left as it was.
     """
     if not bool(torch.isfinite(H).all()):
         log.warning("%s: the Hessian has NaN/inf entries; SparseGPT falls back to its diagonal (no OBS compensation)", name)
         return _diagonal_factor(H, 0.0)
-    mean_diag = float(H.diagonal().mean())
+    diag = H.diagonal().clone()
+    mean_diag = float(diag.mean())
     if not mean_diag > 0:
         mean_diag = 1.0
     damp = percdamp * mean_diag
     for attempt in range(max(int(max_damp_tries), 0)):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp)
+        Hd = H if overwrite else H.clone()
+        Hd.diagonal().copy_(diag + damp)
         U = None
         try:
             L, info = torch.linalg.cholesky_ex(Hd)
@@ -108,7 +115,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
         damp = new_damp
     log.warning("%s: SparseGPT Cholesky failed %d times; falling back to the diagonal Hessian (no OBS compensation)",
                 name, max_damp_tries)
-    return _diagonal_factor(H, percdamp * mean_diag)
+    return _diagonal_factor(diag, percdamp * mean_diag)
 
 
 def _check_inputs(W, H, sparsity, pattern, mask):
@@ -190,12 +197,15 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity=0.5, pattern: tuple[int, int] | None = None,
                     mask: torch.Tensor | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
                     percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
-                    name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+                    name: str = "layer", overwrite_h: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with SparseGPT; returns (new fp32 weight, bool prune mask, True = pruned).
 
     ``H`` is (2/n) sum x x^T (``LayerStats.hessian_mean()``); ``sparsity`` a float in [0, 1) or a
     per-row tensor of ratios; ``pattern`` (N, M) or None; ``mask`` an optional fixed prune mask (then
     only the OBS updates are done). W and H are not modified; the caller writes the result back.
+    ``overwrite_h=True`` lets the solver use H (fp32, on W's device) as its scratch copy: two (in, in)
+    matrices less at the peak, H's contents undefined afterwards (the engine's adapter passes a fresh
+    ``hessian_mean()``).
     Dead input columns (H_jj == 0) are zeroed in the result even where the mask keeps them (their
     input is 0 on every calibration token); the returned mask lists only the pruned positions.
     """
@@ -208,13 +218,16 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity=0.5, pattern: tup
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
     if blocksize < 1:
         raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
-    Hf = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
+    Hf = H.detach().to(device=Wf.device, dtype=torch.float32)
+    if Hf.data_ptr() == H.data_ptr() and not overwrite_h:
+        Hf = Hf.clone()  # .to() made no copy, and the caller's H must stay as it was
     diag = Hf.diagonal()
     dead = ~(diag > 0) & torch.isfinite(diag)  # zero (or negative) diagonal: the feature never fires
     if bool(dead.any()):
         diag[dead] = 1.0
         Wf[:, dead] = 0.0
-    U = inverse_cholesky_upper(Hf, percdamp, max_damp_tries, name=name)
+    diag = diag.clone()  # H's diagonal (dead entries 1) for the diagonal fallback below
+    U = inverse_cholesky_upper(Hf, percdamp, max_damp_tries, name=name, overwrite=True)  # Hf is our copy
     del Hf
     if isinstance(s, torch.Tensor):
         s = s.to(Wf.device)
@@ -222,9 +235,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity=0.5, pattern: tup
     out_mask = _sweep(Wf, U, s, pattern, mask, blocksize)
     if not bool(torch.isfinite(Wf).all()):
         log.warning("%s: SparseGPT updates produced NaN/inf; redoing the layer with the diagonal Hessian", name)
-        Hd = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
-        Hd.diagonal()[dead] = 1.0
-        U = _diagonal_factor(Hd, 0.0)
+        U = _diagonal_factor(diag, 0.0)
         Wf = W0
         out_mask = _sweep(Wf, U, s, pattern, mask, blocksize)
         Wf = torch.nan_to_num(Wf, nan=0.0, posinf=0.0, neginf=0.0)  # only if W itself held NaN/inf
@@ -235,7 +246,7 @@ def sparsegpt_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None,
     """Adapter with the engine's solver signature: solver(W, stats, sparsity, pattern, mask)."""
     if stats is None or stats.hessian is None:
         raise PrunekitError("SparseGPT needs the layer Hessian: gather statistics with needs=('hessian',)")
-    return sparsegpt_solve(W, stats.hessian_mean(), sparsity, pattern=pattern, mask=mask, **kw)
+    return sparsegpt_solve(W, stats.hessian_mean(), sparsity, pattern=pattern, mask=mask, overwrite_h=True, **kw)
 
 
 register_metric(
