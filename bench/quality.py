@@ -60,7 +60,18 @@ def suites() -> dict[str, list[dict]]:
     grid += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "owl"},
              {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "owl"}]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
-            "metrics-extra": extra, "grid": grid}
+            "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm()}
+
+
+def grid_confirm(top: int = 2) -> list[dict]:
+    """The ``top`` best pipelines per sparsity of bench/grid.py's screening grid (grid_G.json), to check
+    under this protocol (sequential calibration, 64 windows) that the proxy's ranking holds."""
+    g = load_results(RESULTS / "grid_G.json")
+    groups: dict = {}
+    for r in g.get("runs", {}).values():
+        if not r["config"].get("rowwise_params"):
+            groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern")), []).append(r)
+    return [r["config"] for rs in groups.values() for r in sorted(rs, key=lambda r: r["ppl"])[:top]]
 
 
 def key_of(run: dict) -> str:

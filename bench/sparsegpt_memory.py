@@ -64,14 +64,19 @@ def main(argv=None):
     data = load_results(path)
     data[f"{a.label} {a.out}x{a.inp}"] = row
     save_json(path, data)
+    write_md(data)
+
+
+def write_md(data: dict) -> None:
     lines = ["# SparseGPT: peak host memory of one layer solve", "",
              "Engine path (LayerStats with the accumulated Hessian, the registered solver adapter), CPU fp32, "
-             "sparsity 0.5. 'extra' = RSS high-water mark after the solve minus before it; one solve per process.", "",
-             "| version | W shape | Hessian MiB | W MiB | extra MiB | extra / Hessian | solve s | machine |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sparsity 0.5. 'extra' = RSS high-water mark after the solve minus before it; one solve per process. "
+             "'git' is the checkout the benchmark ran from; 'prunekit' the package it imported (PYTHONPATH).", "",
+             "| version | prunekit | W shape | Hessian MiB | W MiB | extra MiB | extra / Hessian | solve s | machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data.values():
         env = r["environment"]
-        lines.append(f"| {r['label']} ({env.get('git', '?')}) | {r['shape'][0]} x {r['shape'][1]} | {r['hessian_mib']} | "
+        lines.append(f"| {r['label']} (git {env.get('git', '?')}) | {Path(r['prunekit_file']).parent.parent} | {r['shape'][0]} x {r['shape'][1]} | {r['hessian_mib']} | "
                      f"{r['weight_mib']} | {r['solve_extra_mib']} | {r['extra_in_hessians']} | {r['seconds']} | "
                      f"{env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, {env['date']} |")
     (RESULTS / "sparsegpt_memory.md").write_text("\n".join(lines) + "\n")
