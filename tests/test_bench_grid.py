@@ -1,0 +1,44 @@
+"""bench/grid.py's screening proxy is what it says: dense statistics, gathered once, reused per pipeline."""
+import sys
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.calibrate import iterate_blocks
+from prunekit.models.families import block_linears, get_blocks, weight_view
+
+from conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import grid  # noqa: E402
+
+
+def test_grid_cache_matches_the_engine_and_restores(calib_ids):
+    model = tiny_model("llama", hidden=64)
+    cache = grid.DenseStats(model, calib_ids, "cpu", batch_size=3, tokens_per_sample=4)
+    ratios = cache.ratios("uniform", 0.5)
+    cache.prune({"metric": "wanda", "sparsity": 0.5}, ratios)
+    ref = tiny_model("llama", hidden=64)
+    prunekit.prune(ref, None, {"metric": "wanda", "sparsity": 0.5, "sequential": False}, calib_ids=calib_ids)
+    mods, ref_mods = dict(model.named_modules()), dict(ref.named_modules())
+    block0 = list(block_linears(model)[0])
+    for n in block0:  # block 0 sees the same (dense) inputs in both: same masks
+        assert torch.equal(weight_view(mods[n]) == 0, weight_view(ref_mods[n]) == 0), n
+    # TRIM's rows for k = 1 / 2 taken from the k = 4 gathering equal a direct gathering with that k
+    cache.restore()
+    for k in (1, 2):
+        direct = {}
+        iterate_blocks(model, get_blocks(model)[:1], block_linears(model)[:1], calib_ids, frozenset({"last_tokens"}),
+                       lambda name, m, st: direct.__setitem__(name, st), "cpu", batch_size=3, sequential=False,
+                       tokens_per_sample=k)
+        for n in block0:
+            got = cache.with_tokens(cache.stats[n], k).last_token_inputs()
+            assert got.shape[0] == k * calib_ids.shape[0]
+            assert torch.allclose(got, direct[n].last_token_inputs()), (n, k)
+    # restore undoes weights and biases a metric added (STADE's bias compensation)
+    dense = {n: weight_view(m).clone() for n, m in cache.layers.items()}
+    cache.prune({"metric": "stade", "sparsity": 0.5}, ratios)
+    assert any(m.bias is not None for m in cache.layers.values())
+    cache.restore()
+    assert all(torch.equal(weight_view(m), dense[n]) and m.bias is None for n, m in cache.layers.items())
