@@ -59,17 +59,22 @@ def projection(hidden, inter, kv, blocks, vocab, tokens, gpu_gib=80.0, dtype_byt
     """On-paper GPU peak of prunekit's engine for a LLaMA shape: one block's weights, the activations of
     the largest calibration batch that fits in 40% of the GPU (prunekit's auto batch size), the non-block
     modules (embeddings, lm_head) during capture, and the fp32 statistics of one layer (Wanda: a vector;
-    SparseGPT: a d x d Hessian). Hidden states of all samples live in pinned CPU memory."""
+    SparseGPT: a d x d Hessian). While SparseGPT solves the largest layer it holds four d x d fp32 matrices
+    (the accumulated Hessian, its damped working copy, the Cholesky factor and the inverse) and two fp32
+    copies of the weight: measured on CPU, bench/results/sparsegpt_memory.md (5.1 Hessians of extra RSS
+    for 4096 x 11008, with the weight copies). Hidden states of all samples live in pinned CPU memory."""
     block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) * dtype_bytes
     per_token = (10 * hidden + 4 * inter) * dtype_bytes
     act_budget = 0.4 * gpu_gib * 2**30
     act = min(tokens * per_token, act_budget)
     non_block = 2 * vocab * hidden * dtype_bytes
     hessian = max(hidden, inter) ** 2 * 4
+    solve = 4 * hessian + 2 * hidden * inter * 4
     return {"block_gib": round(block / 2**30, 2), "activations_gib": round(act / 2**30, 2),
             "non_block_gib": round(non_block / 2**30, 2), "sparsegpt_hessian_gib": round(hessian / 2**30, 2),
             "peak_wanda_gib": round((block + act + non_block) / 2**30, 1),
-            "peak_sparsegpt_gib": round((block + act + non_block + hessian) / 2**30, 1),
+            "sparsegpt_solve_gib": round(solve / 2**30, 2),
+            "peak_sparsegpt_gib": round((block + act + non_block + solve) / 2**30, 1),
             "cpu_hidden_states_gib": round(tokens * hidden * dtype_bytes / 2**30, 1),
             "cpu_weights_gib": round((blocks * block + non_block) / 2**30, 1)}
 
@@ -177,14 +182,18 @@ def write_scale(data: dict) -> None:
     lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)", "",
               "Weights stay on the CPU; the GPU holds one block, the calibration batch's activations (at most 40% of "
               "the GPU: the automatic batch size), the embeddings / lm_head while block 0's inputs are captured, and "
-              "one layer's fp32 statistics. Formula: `projection()` in bench/speed.py. Not yet checked against a GPU "
+              "one layer's fp32 statistics (SparseGPT: while solving the largest layer, four fp32 Hessian-sized "
+              "matrices and two fp32 weight copies, as measured on CPU in sparsegpt_memory.md). Formula: "
+              "`projection()` in bench/speed.py. Not yet checked against a GPU "
               "measurement (no GPU was lent when this was written).", "",
-              "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | peak Wanda GiB | "
-              "peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |", "|---|---|---|---|---|---|---|---|---|"]
+              "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | SparseGPT solve GiB | "
+              "peak Wanda GiB | peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, shape in LLAMA_SHAPES.values():
         p = projection(*shape, tokens)
         lines.append(f"| {name} | {p['block_gib']} | {p['activations_gib']} | {p['non_block_gib']} | "
-                     f"{p['sparsegpt_hessian_gib']} | {p['peak_wanda_gib']} | {p['peak_sparsegpt_gib']} | "
+                     f"{p['sparsegpt_hessian_gib']} | {p['sparsegpt_solve_gib']} | {p['peak_wanda_gib']} | "
+                     f"{p['peak_sparsegpt_gib']} | "
                      f"{p['cpu_hidden_states_gib']} | {p['cpu_weights_gib']} |")
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
