@@ -59,8 +59,12 @@ def suites() -> dict[str, list[dict]]:
              for m in ("ria", "stade", "ace")]
     grid += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "allocation": "owl"},
              {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "owl"}]
+    # SparseGPT x allocator (issue 4's grid, the arms bench/grid.py's dense-statistics proxy cannot rank)
+    sg_alloc = [{"metric": "sparsegpt", "sparsity": s, "allocation": a}
+                for s, a in ((0.6, "alphapruning"), (0.8, "alphapruning"), (0.8, "uniform"), (0.6, "uniform"),
+                             (0.5, "alphapruning"), (0.7, "owl"), (0.6, "owl"), (0.5, "owl"), (0.8, "owl"))]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
-            "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm()}
+            "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc}
 
 
 def grid_confirm(top: int = 2) -> list[dict]:
