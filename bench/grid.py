@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
-from quality import describe, key_of, rowwise_summary  # noqa: E402
+from quality import by_level, describe, key_of, rowwise_summary  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.allocate import allocate, get_allocator  # noqa: E402
@@ -110,7 +111,6 @@ class DenseStats:
                        lambda name, module, st: self.stats.__setitem__(name, st), device,
                        batch_size=batch_size, sequential=False, desc="grid: dense statistics",
                        tokens_per_sample=tokens_per_sample)
-        self.k = tokens_per_sample
         self.seconds = time.time() - t
         self.seqlen = calib_ids.shape[1]
         self.summaries: dict = {}
@@ -179,18 +179,15 @@ def report_tables(data: dict) -> str:
              "run here only at 70% (dense statistics mislead weight reconstruction: see the protocol S table at the "
              "end). STADE's bias compensation also uses dense input means here.", ""]
     fmt = lambda v: "-" if v is None else (f"{v:.1f}" if v < 1e4 else f"{v:.3g}")  # noqa: E731
+    # unstructured runs by (sparsity, allocation, metric family, with TRIM)
+    cell_of = {(r["config"]["sparsity"], r["config"].get("allocation", "uniform"), *arm(r["config"])): r
+               for r in runs.values() if "pattern" not in r["config"]}
     for s in SPARSITIES:
         lines += [f"## {int(s * 100)}% unstructured", "",
                   "| metric | " + " | ".join(f"{a} | {a} + TRIM" for a in ALLOCATORS) + " |",
                   "|---|" + "---|" * (2 * len(ALLOCATORS))]
         for m in (*MASK_METRICS, "sparsegpt"):
-            cells = []
-            for a in ALLOCATORS:
-                for t in (False, True):
-                    r = next((r for r in runs.values() if r["config"]["sparsity"] == s and
-                              r["config"].get("allocation", "uniform") == a and "pattern" not in r["config"]
-                              and arm(r["config"]) == (m, t)), None)
-                    cells.append(fmt(r and r["ppl"]))
+            cells = [fmt(cell_of.get((s, a, m, t), {}).get("ppl")) for a in ALLOCATORS for t in (False, True)]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## 2:4", "", "| metric | PPL |", "|---|---|"]
@@ -202,10 +199,8 @@ def report_tables(data: dict) -> str:
               "(70% and 2:4 only) are shown apart because the proxy misleads reconstruction (protocol S table below).", "",
               "| sparsity | pattern | best mask-only pipeline | PPL | runs compared | best SparseGPT arm | PPL |",
               "|---|---|---|---|---|---|---|"]
-    groups: dict = {}
-    for k, r in runs.items():
-        groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern", "unstructured")), []).append(r)
-    for (sp, pat), rs in sorted(groups.items()):
+    for (sp, pat), krs in sorted(by_level(runs).items()):
+        rs = [r for _, r in krs]
         masks = [r for r in rs if arm(r["config"])[0] != "sparsegpt"]
         sg = [r for r in rs if arm(r["config"])[0] == "sparsegpt"]
         b = min(masks, key=lambda r: r["ppl"]) if masks else None
@@ -219,23 +214,17 @@ def report_tables(data: dict) -> str:
               "|---|---|---|---|---|"]
     for s in SPARSITIES:
         pairs, gains = [], []
-        for r in runs.values():
-            c = r["config"]
-            m, t = arm(c)
-            if c["sparsity"] != s or "pattern" in c or not t:
+        for (s_, a, m, t), r in cell_of.items():
+            if s_ != s or not t:
                 continue
-            base = next((b for b in runs.values() if b["config"]["sparsity"] == s and "pattern" not in b["config"]
-                         and b["config"].get("allocation", "uniform") == c.get("allocation", "uniform")
-                         and arm(b["config"]) == (m, False)), None)
+            base = cell_of.get((s, a, m, False))
             if base and math.isfinite(r["ppl"]) and math.isfinite(base["ppl"]):
                 pairs.append(math.log(r["ppl"] / base["ppl"]))
             if r.get("rowwise"):
                 gains.append(r["rowwise"]["mean_cos_gain"])
         if pairs:
-            med = sorted(pairs)[len(pairs) // 2] if len(pairs) % 2 else sum(sorted(pairs)[len(pairs) // 2 - 1:
-                                                                                      len(pairs) // 2 + 1]) / 2
             g = f"{sum(gains) / len(gains):.2e}" if gains else "-"
-            lines.append(f"| {s:.2f} | {len(pairs)} | {sum(x < 0 for x in pairs)} | {med:+.3f} | {g} |")
+            lines.append(f"| {s:.2f} | {len(pairs)} | {sum(x < 0 for x in pairs)} | {statistics.median(pairs):+.3f} | {g} |")
     # SparseGPT x allocator: measured under protocol S (the proxy misleads reconstruction)
     S = load_results(RESULTS / "quality_S.json").get("runs", {})
     if S:

@@ -70,12 +70,9 @@ def suites() -> dict[str, list[dict]]:
 def grid_confirm(top: int = 2) -> list[dict]:
     """The ``top`` best pipelines per sparsity of bench/grid.py's screening grid (grid_G.json), to check
     under this protocol (sequential calibration, 64 windows) that the proxy's ranking holds."""
-    g = load_results(RESULTS / "grid_G.json")
-    groups: dict = {}
-    for r in g.get("runs", {}).values():
-        if not r["config"].get("rowwise_params"):
-            groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern")), []).append(r)
-    return [r["config"] for rs in groups.values() for r in sorted(rs, key=lambda r: r["ppl"])[:top]]
+    runs = {k: r for k, r in load_results(RESULTS / "grid_G.json").get("runs", {}).items()
+            if not r["config"].get("rowwise_params")}
+    return [r["config"] for krs in by_level(runs).values() for _, r in sorted(krs, key=lambda kr: kr[1]["ppl"])[:top]]
 
 
 def key_of(run: dict) -> str:
@@ -147,12 +144,17 @@ def rowwise_summary(layers: list[dict]) -> dict | None:
             "min_cos_gain": min(gains), "negative_lr": sum(r["lr"] < 0 for r in rw)}
 
 
+def by_level(runs: dict) -> dict:
+    """(sparsity, pattern) -> [(key, run), ...] of a results file's runs."""
+    groups: dict = {}
+    for k, r in runs.items():
+        groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern", "unstructured")), []).append((k, r))
+    return groups
+
+
 def best_per_sparsity(data: dict) -> dict:
     """(sparsity, pattern) -> (key, run, number of runs compared) of the lowest-perplexity run."""
-    groups: dict = {}
-    for k, r in data["runs"].items():
-        groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern", "unstructured")), []).append((k, r))
-    return {g: (*min(runs, key=lambda kr: kr[1]["ppl"]), len(runs)) for g, runs in groups.items()}
+    return {g: (*min(runs, key=lambda kr: kr[1]["ppl"]), len(runs)) for g, runs in by_level(data["runs"]).items()}
 
 
 def write_reports(pname: str, data: dict) -> None:
