@@ -103,6 +103,9 @@ class PruneConfig(BaseModel):
             if metric.solver is not None:
                 raise ValueError(f"{self.metric} chooses its own masks; for TRIM with reconstruction use a score "
                                  "metric with reconstruct: sparsegpt")
+            k = self.rowwise_params.get("tokens_per_sample", 1)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"rowwise_params tokens_per_sample must be an integer >= 1, got {k!r}")
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")

@@ -51,6 +51,10 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
 @pytest.mark.parametrize("bad,msg", [({"rowwise": "trim", "pattern": "2:4"}, "cannot be combined with an N:M"),
                                      ({"rowwise": "trim", "metric": "sparsegpt"}, "chooses its own masks"),
                                      ({"rowwise": "nope"}, "unknown rowwise method"),
+                                     ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": 0}},
+                                      "tokens_per_sample must be an integer >= 1"),
+                                     ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": "4"}},
+                                      "tokens_per_sample must be an integer >= 1"),
                                      ({"reconstruct": "obs"}, "unknown reconstruct"),
                                      ({"pattern": "2:4", "allocation": "owl"}, "has nothing to move")])
 def test_rowwise_config_errors(bad, msg):
