@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
-from quality import by_level, describe, key_of, rowwise_summary  # noqa: E402
+from quality import by_level, describe, grid_confirm, key_of, rowwise_summary  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.allocate import allocate, get_allocator  # noqa: E402
@@ -234,12 +234,34 @@ def report_tables(data: dict) -> str:
                   f"here vs {fmt(S.get(key_of({'metric': 'sparsegpt', 'sparsity': 0.7}), {}).get('ppl'))} under "
                   "protocol S), so SparseGPT's allocator arms are measured with `bench/quality.py --suite "
                   "sparsegpt-alloc` (protocol S: not comparable with the tables above; Wanda for reference).", "",
-                  "| sparsity | " + " | ".join(f"{m} {a}" for m in ("sparsegpt", "wanda") for a in ALLOCATORS) + " |",
-                  "|---|" + "---|" * 6]
+                  "SparseGPT + TRIM = TRIM's rows on Wanda scores, SparseGPT reconstruction on that mask "
+                  "(`--suite sparsegpt-trim`).", "",
+                  "| sparsity | " + " | ".join(f"{m} {a}" for m in ("sparsegpt", "sparsegpt + TRIM", "wanda")
+                                                for a in ALLOCATORS) + " |",
+                  "|---|" + "---|" * 9]
+        sg_trim = {"metric": "wanda", "rowwise": "trim", "reconstruct": "sparsegpt"}
         for s in SPARSITIES:
-            cells = [fmt(S.get(key_of({"metric": m, "sparsity": s, "allocation": a}), {}).get("ppl"))
-                     for m in ("sparsegpt", "wanda") for a in ALLOCATORS]
+            cells = [fmt(S.get(key_of({**c, "sparsity": s, "allocation": a}), {}).get("ppl"))
+                     for c in ({"metric": "sparsegpt"}, sg_trim, {"metric": "wanda"}) for a in ALLOCATORS]
             lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
+        # does the proxy's ranking hold? its top pipelines per level, re-run under protocol S
+        confirm = sorted((c for c in grid_confirm() if key_of(c) in S),
+                         key=lambda c: (c.get("pattern", "unstructured"), c["sparsity"]))
+        if confirm:
+            lines += ["", "## Proxy vs protocol S: the proxy's top-2 per level re-run (`--suite grid-confirm`)", "",
+                      f"Protocol S has {len(S)} runs in all (bench/results/quality_S.md); the last columns name the "
+                      "best of them at the same level, mask-only and overall.", "",
+                      "| sparsity | pattern | pipeline | PPL here (G) | PPL protocol S | best mask-only S run | PPL "
+                      "| best S run | PPL |", "|---|---|---|---|---|---|---|---|---|"]
+            s_levels = by_level(S)
+            for c in confirm:
+                level = (c["sparsity"], c.get("pattern", "unstructured"))
+                rs = [r for _, r in s_levels[level]]
+                best = min(rs, key=lambda r: r["ppl"])
+                mask = min((r for r in rs if arm(r["config"])[0] != "sparsegpt"), key=lambda r: r["ppl"])
+                lines.append(f"| {c['sparsity']:.2f} | {level[1]} | {describe(c)} | {fmt(runs[key_of(c)]['ppl'])} | "
+                             f"{fmt(S[key_of(c)]['ppl'])} | {describe(mask['config'])} | {fmt(mask['ppl'])} | "
+                             f"{describe(best['config'])} | {fmt(best['ppl'])} |")
     # TRIM with more inputs (outside the grid)
     extra = [r for r in data["runs"].values() if r["config"].get("rowwise_params")]
     if extra:

@@ -63,8 +63,12 @@ def suites() -> dict[str, list[dict]]:
     sg_alloc = [{"metric": "sparsegpt", "sparsity": s, "allocation": a}
                 for s, a in ((0.6, "alphapruning"), (0.8, "alphapruning"), (0.8, "uniform"), (0.6, "uniform"),
                              (0.5, "alphapruning"), (0.7, "owl"), (0.6, "owl"), (0.5, "owl"), (0.8, "owl"))]
+    # SparseGPT's TRIM arm: Wanda scores, TRIM row-wise ratios, SparseGPT reconstructs the weights on that mask
+    sg_trim = [{"metric": "wanda", "sparsity": s, "allocation": a, "rowwise": "trim", "reconstruct": "sparsegpt"}
+               for a in ("alphapruning", "uniform", "owl") for s in (0.6, 0.8, 0.5, 0.7)]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
-            "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc}
+            "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
+            "sparsegpt-trim": sg_trim}
 
 
 def grid_confirm(top: int = 2) -> list[dict]:

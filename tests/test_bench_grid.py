@@ -43,3 +43,17 @@ def test_grid_cache_matches_the_engine_and_restores(calib_ids):
     assert any(m.bias is not None for m in cache.layers.values())
     cache.restore()
     assert all(torch.equal(weight_view(m), dense[n]) and m.bias is None for n, m in cache.layers.items())
+
+
+def test_grid_report_renders_the_committed_results():
+    from common import RESULTS, load_results
+
+    data = load_results(RESULTS / "grid_G.json")
+    md = grid.report_tables(data)
+    S = load_results(RESULTS / "quality_S.json").get("runs", {})
+    # every proxy top pipeline that was re-run under protocol S has a row in the confirm table, with its S number
+    confirmed = [c for c in grid.grid_confirm() if grid.key_of(c) in S]
+    assert confirmed and "## Proxy vs protocol S" in md
+    for c in confirmed:
+        row = f"| {grid.describe(c)} | {data['runs'][grid.key_of(c)]['ppl']:.1f} | {S[grid.key_of(c)]['ppl']:.1f} |"
+        assert row in md, row
