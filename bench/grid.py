@@ -244,6 +244,12 @@ def report_tables(data: dict) -> str:
             cells = [fmt(S.get(key_of({**c, "sparsity": s, "allocation": a}), {}).get("ppl"))
                      for c in ({"metric": "sparsegpt"}, sg_trim, {"metric": "wanda"}) for a in ALLOCATORS]
             lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
+        twins = [(s, a, S[key_of(c)]["ppl"], S.get(key_of({**c, "rowwise": "trim"}), {}).get("ppl"))
+                 for s in SPARSITIES for a in ALLOCATORS
+                 if key_of(c := {"metric": "wanda", "sparsity": s, "allocation": a, "reconstruct": "sparsegpt"}) in S]
+        if twins:
+            lines += ["", "TRIM's effect under reconstruction (Wanda mask + SparseGPT weights, without / with TRIM): "
+                      + "; ".join(f"{s:.0%} {a} {fmt(p0)} / {fmt(p1)}" for s, a, p0, p1 in twins) + "."]
         # does the proxy's ranking hold? its top pipelines per level, re-run under protocol S
         confirm = sorted((c for c in grid_confirm() if key_of(c) in S),
                          key=lambda c: (c.get("pattern", "unstructured"), c["sparsity"]))

@@ -66,6 +66,9 @@ def suites() -> dict[str, list[dict]]:
     # SparseGPT's TRIM arm: Wanda scores, TRIM row-wise ratios, SparseGPT reconstructs the weights on that mask
     sg_trim = [{"metric": "wanda", "sparsity": s, "allocation": a, "rowwise": "trim", "reconstruct": "sparsegpt"}
                for a in ("alphapruning", "uniform", "owl") for s in (0.6, 0.8, 0.5, 0.7)]
+    # ... and its twin without TRIM (Wanda's per-row mask, SparseGPT reconstruction): isolates TRIM's effect
+    sg_trim += [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "reconstruct": "sparsegpt"}
+                for a in ("alphapruning", "uniform")]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim}

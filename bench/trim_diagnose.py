@@ -173,38 +173,52 @@ def markdown(data: dict) -> str:
         kinds = ", ".join(f"{k} {v['err_wiki_trim_better']}/{v['layers']}" for k, v in summ["by_kind"].items())
         lines.append(f"- {s}: {kinds}; median corr(row kept fraction, row output norm) = "
                      f"{summ['median_corr_keep_rownorm']:+.3f}")
-    for s, ab in data.get("ablation", {}).items():
+    for ab in data.get("ablation", {}).values():
         base = ab["ppl"]["none"]
-        lines += ["", f"## End to end: TRIM on one layer kind at a time (Wanda {float(s):.0%} uniform)", "",
-                  "Protocol G (bench/grid.py): pruned from the same dense statistics, WikiText-2 perplexity on the "
-                  f"first {ab['eval_windows']} windows; TRIM with the paper's X on the named kind only, plain per-row "
-                  "Wanda elsewhere.", "", "| TRIM on | PPL | vs none |", "|---|---|---|"]
+        off = ab.get("eval_offset", 0)
+        lines += ["", f"## End to end: TRIM on some layer kinds only (Wanda {ab['sparsity']:.0%} uniform, "
+                  f"WikiText-2 windows {off}-{off + ab['eval_windows'] - 1})", "",
+                  "Protocol G (bench/grid.py): pruned from the same dense statistics; TRIM with the paper's X on the "
+                  "named kinds ('all-a-b' = all but a and b), plain per-row Wanda elsewhere.", "",
+                  "| TRIM on | PPL | vs none |", "|---|---|---|"]
         lines += [f"| {k} | {v:.1f} | {v / base - 1:+.1%} |" for k, v in ab["ppl"].items()]
     lines += ["", "## Reading", "", data.get("reading", "(see NOTES.md)"), "",
               f"Environment: {data['environment']}", f"Seconds: {data['seconds']}"]
     return "\n".join(lines) + "\n"
 
 
-def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device) -> dict:
+def arm_kinds(arm: str, kinds: list[str]) -> set[str]:
+    """Layer kinds an ablation arm puts TRIM on: 'none', 'all', 'all-a-b' (all but a and b), 'a+b', or one kind."""
+    if arm == "none":
+        return set()
+    if arm == "all" or arm.startswith("all-"):
+        return set(kinds) - set(arm.split("-")[1:])
+    return set(arm.split("+"))
+
+
+def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device, arms=None, offset: int = 0) -> dict:
     """End to end, protocol G (bench/grid.py's dense-statistics proxy): Wanda at ``sparsity`` (uniform) with
-    TRIM (the paper's X) on one layer kind at a time, the other kinds plain per-row Wanda."""
+    TRIM (the paper's X) on some layer kinds (default: one kind at a time), plain per-row Wanda elsewhere."""
     from grid import DenseStats
     from prunekit.masks import parse_pattern
     from prunekit.metrics import get_metric
     from prunekit.pruner import LayerPruner
 
     seqlen = proto["seqlen"]
-    eval_ids = eval_token_ids(tok, "wikitext2", seqlen)
+    eval_ids = eval_token_ids(tok, "wikitext2", seqlen)[offset * seqlen:]  # windows offset, offset + 1, ...
     cache = DenseStats(model, calib, device)
     ratios = cache.ratios("uniform", sparsity)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in cache.layers})
-    out = {"sparsity": sparsity, "eval_windows": eval_windows, "ppl": {}}
-    for arm in ["none", *kinds, "all"]:
+    out = {"sparsity": sparsity, "eval_windows": eval_windows, "eval_offset": offset, "ppl": {}}
+    for arm in arms or ["none", *kinds, "all"]:
+        on = arm_kinds(arm, kinds)
+        if not on <= set(kinds):
+            raise SystemExit(f"unknown layer kinds in {arm!r}: {sorted(on - set(kinds))}; known: {kinds}")
         cache.restore()
         plain = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"))
         trim = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim")
         for n, m in cache.layers.items():
-            use = arm == "all" or n.rsplit(".", 1)[-1] == arm
+            use = n.rsplit(".", 1)[-1] in on
             (trim if use else plain)(n, m, cache.with_tokens(cache.stats[n], 1))
         ppl = perplexity(model, tok, "wikitext2", seqlen, eval_windows, device, batch_size=4, ids=eval_ids)["ppl"]
         out["ppl"][arm] = ppl
@@ -222,6 +236,11 @@ def main(argv=None):
     ap.add_argument("--ablate", type=float, default=None, metavar="SPARSITY",
                     help="instead: end-to-end PPL (protocol G) with TRIM on one layer kind at a time")
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--arms", nargs="*", default=None,
+                    help="with --ablate: 'none', 'all', 'all-up_proj' (all but), 'down_proj+q_proj', a kind")
+    ap.add_argument("--eval-offset", type=int, default=0,
+                    help="with --ablate: evaluate on WikiText-2 windows from this index on (a check on windows "
+                         "that did not pick the arms)")
     a = ap.parse_args(argv)
     proto = dict(PROTOCOLS["S"], heldout=a.heldout, heldout_seed=1)
     t0 = time.time()
@@ -234,9 +253,12 @@ def main(argv=None):
         data = load_results(out)
         for k, v in (("protocol", proto), ("summary", {}), ("environment", environment()), ("seconds", None)):
             data.setdefault(k, v)
-        data.setdefault("ablation", {})[f"{a.ablate:.2f}"] = dict(
-            ablate(model, tok, calib, proto, a.ablate, a.eval_windows, a.device), environment=environment(),
-            seconds=round(time.time() - t0, 1))
+        res = ablate(model, tok, calib, proto, a.ablate, a.eval_windows, a.device, a.arms, a.eval_offset)
+        key = f"{a.ablate:.2f}" + (f" windows {a.eval_offset}-{a.eval_offset + a.eval_windows - 1}" if a.eval_offset else "")
+        prev = data.setdefault("ablation", {}).get(key, {})
+        if prev.get("eval_windows") == a.eval_windows:  # same setting: add the new arms to the earlier ones
+            res["ppl"] = {**prev["ppl"], **res["ppl"]}
+        data["ablation"][key] = dict(res, environment=environment(), seconds=round(time.time() - t0, 1))
         save_json(out, data)
         (RESULTS / "trim_diagnose.md").write_text(markdown(data))
         return

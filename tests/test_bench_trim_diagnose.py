@@ -36,3 +36,12 @@ def test_diagnose_arms_prune_the_same_count_and_trim_wins_its_objective(calib_id
         assert abs(r["uniform/err_calib"] - r["uniform/err_wiki"]) < 1e-9  # same H -> same numbers
     summ = td.summarise(rows, "trim")
     assert summ["cos_last"]["trim_better"] == summ["cos_last"]["layers"] > 0
+
+
+def test_ablation_arms_name_the_layer_kinds():
+    kinds = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert td.arm_kinds("none", kinds) == set()
+    assert td.arm_kinds("all", kinds) == set(kinds)
+    assert td.arm_kinds("all-up_proj-gate_proj", kinds) == set(kinds) - {"up_proj", "gate_proj"}
+    assert td.arm_kinds("down_proj+q_proj", kinds) == {"down_proj", "q_proj"}
+    assert td.arm_kinds("v_proj", kinds) == {"v_proj"}
