@@ -6,8 +6,9 @@ For every prunable layer of the dense model, prune its weights from dense calibr
 same 64 x 512 C4 windows as protocol S) twice: Wanda with the uniform per-row ratio, and Wanda with TRIM's
 row-wise ratios (the grid proxy's setting: layers see dense inputs). Then compare the two masks on:
 
-  - ``cos_last``: TRIM's own objective, cosine of the flattened outputs on the last-token inputs it
-    was fitted on (must be >= uniform by construction);
+  - ``cos_last``: cosine of the flattened outputs on the last-token inputs (the paper's X): TRIM's own
+    objective for the 'trim' arm (>= uniform by construction); for 'trim_k8', whose objective uses 8
+    positions per sequence, only a subset of its rows;
   - ``err_*``: relative output error ``||(W - W_p) X^T||^2 / ||W X^T||^2`` over *all* tokens of three
     input sets: the calibration windows (``calib``), 32 unseen C4 windows (``c4_new``, another seed) and
     the first 32 WikiText-2 evaluation windows (``wiki``, the text perplexity is measured on);
