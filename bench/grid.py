@@ -90,8 +90,13 @@ def trim_input_runs() -> list[dict]:
 def arm(run: dict) -> tuple[str, bool]:
     """(metric family, with TRIM): the TRIM-mask + SparseGPT-reconstruction run is SparseGPT's TRIM arm."""
     if run.get("reconstruct") == "sparsegpt":
-        return "sparsegpt", True
+        return "sparsegpt", bool(run.get("rowwise"))
     return run["metric"], bool(run.get("rowwise"))
+
+
+def mask_only(run: dict) -> bool:
+    """No weight reconstruction (neither SparseGPT's own solve nor a SparseGPT arm on another mask)."""
+    return arm(run)[0] != "sparsegpt"
 
 
 class DenseStats:
@@ -201,8 +206,8 @@ def report_tables(data: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for (sp, pat), krs in sorted(by_level(runs).items()):
         rs = [r for _, r in krs]
-        masks = [r for r in rs if arm(r["config"])[0] != "sparsegpt"]
-        sg = [r for r in rs if arm(r["config"])[0] == "sparsegpt"]
+        masks = [r for r in rs if mask_only(r["config"])]
+        sg = [r for r in rs if not mask_only(r["config"])]
         b = min(masks, key=lambda r: r["ppl"]) if masks else None
         s_ = min(sg, key=lambda r: r["ppl"]) if sg else None
         lines.append(f"| {sp:.2f} | {pat} | {describe(b['config']) if b else '-'} | {fmt(b and b['ppl'])} | {len(masks)} | "
@@ -251,7 +256,7 @@ def report_tables(data: dict) -> str:
             lines += ["", "TRIM's effect under reconstruction (Wanda mask + SparseGPT weights, without / with TRIM): "
                       + "; ".join(f"{s:.0%} {a} {fmt(p0)} / {fmt(p1)}" for s, a, p0, p1 in twins) + "."]
         # does the proxy's ranking hold? its top pipelines per level, re-run under protocol S
-        confirm = sorted((c for c in grid_confirm() if key_of(c) in S),
+        confirm = sorted((c for c in grid_confirm(runs=runs) if key_of(c) in S),
                          key=lambda c: (c.get("pattern", "unstructured"), c["sparsity"]))
         if confirm:
             lines += ["", "## Proxy vs protocol S: the proxy's top-2 per level re-run (`--suite grid-confirm`)", "",
@@ -264,7 +269,7 @@ def report_tables(data: dict) -> str:
                 level = (c["sparsity"], c.get("pattern", "unstructured"))
                 rs = [r for _, r in s_levels[level]]
                 best = min(rs, key=lambda r: r["ppl"])
-                mask = min((r for r in rs if arm(r["config"])[0] != "sparsegpt"), key=lambda r: r["ppl"])
+                mask = min((r for r in rs if mask_only(r["config"])), key=lambda r: r["ppl"])
                 lines.append(f"| {c['sparsity']:.2f} | {level[1]} | {describe(c)} | {fmt(runs[key_of(c)]['ppl'])} | "
                              f"{fmt(S[key_of(c)]['ppl'])} | {describe(mask['config'])} | {fmt(mask['ppl'])} | "
                              f"{describe(best['config'])} | {fmt(best['ppl'])} |")

@@ -74,11 +74,12 @@ def suites() -> dict[str, list[dict]]:
             "sparsegpt-trim": sg_trim}
 
 
-def grid_confirm(top: int = 2) -> list[dict]:
-    """The ``top`` best pipelines per sparsity of bench/grid.py's screening grid (grid_G.json), to check
-    under this protocol (sequential calibration, 64 windows) that the proxy's ranking holds."""
-    runs = {k: r for k, r in load_results(RESULTS / "grid_G.json").get("runs", {}).items()
-            if not r["config"].get("rowwise_params")}
+def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:
+    """The ``top`` best pipelines per sparsity of bench/grid.py's screening grid (``runs``, default: those in
+    grid_G.json), to check under this protocol (sequential calibration, 64 windows) that the proxy's ranking holds."""
+    if runs is None:
+        runs = load_results(RESULTS / "grid_G.json").get("runs", {})
+    runs = {k: r for k, r in runs.items() if not r["config"].get("rowwise_params")}
     return [r["config"] for krs in by_level(runs).values() for _, r in sorted(krs, key=lambda kr: kr[1]["ppl"])[:top]]
 
 
