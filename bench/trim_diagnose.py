@@ -142,8 +142,7 @@ def summarise(rows: dict, arm: str) -> dict:
         if moved else None
     by_kind: dict = {}
     for n, r in moved.items():
-        kind = n.rsplit(".", 1)[-1]
-        d = by_kind.setdefault(kind, {"layers": 0, "err_wiki_trim_better": 0})
+        d = by_kind.setdefault(kind_of(n), {"layers": 0, "err_wiki_trim_better": 0})
         d["layers"] += 1
         d["err_wiki_trim_better"] += r[f"{arm}/err_wiki"] < r["uniform/err_wiki"]
     out["by_kind"] = by_kind
@@ -188,13 +187,21 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kind_of(name: str) -> str:
+    """A linear layer's kind: the last part of its module name (q_proj, up_proj, ...)."""
+    return name.rsplit(".", 1)[-1]
+
+
 def arm_kinds(arm: str, kinds: list[str]) -> set[str]:
-    """Layer kinds an ablation arm puts TRIM on: 'none', 'all', 'all-a-b' (all but a and b), 'a+b', or one kind."""
+    """Layer kinds an ablation arm puts TRIM on: 'none', 'all', 'all-a-b' (all but a and b), 'a+b', or one kind.
+    Every kind it names must be one of ``kinds`` (a misspelt exclusion would otherwise silently mean 'all')."""
     if arm == "none":
         return set()
-    if arm == "all" or arm.startswith("all-"):
-        return set(kinds) - set(arm.split("-")[1:])
-    return set(arm.split("+"))
+    excluded = arm == "all" or arm.startswith("all-")
+    named = set(arm.split("-")[1:]) if excluded else set(arm.split("+"))
+    if not named <= set(kinds):
+        raise SystemExit(f"unknown layer kinds in {arm!r}: {sorted(named - set(kinds))}; known: {sorted(kinds)}")
+    return set(kinds) - named if excluded else named
 
 
 def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device, arms=None, offset: int = 0) -> dict:
@@ -207,20 +214,18 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
 
     seqlen = proto["seqlen"]
     eval_ids = eval_token_ids(tok, "wikitext2", seqlen)[offset * seqlen:]  # windows offset, offset + 1, ...
+    kinds = sorted({kind_of(n) for d in block_linears(model) for n in d})
+    arms = arms or ["none", *kinds, "all"]
+    on_of = {arm: arm_kinds(arm, kinds) for arm in arms}  # bad names fail here, before the statistics pass
     cache = DenseStats(model, calib, device)
     ratios = cache.ratios("uniform", sparsity)
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in cache.layers})
     out = {"sparsity": sparsity, "eval_windows": eval_windows, "eval_offset": offset, "ppl": {}}
-    for arm in arms or ["none", *kinds, "all"]:
-        on = arm_kinds(arm, kinds)
-        if not on <= set(kinds):
-            raise SystemExit(f"unknown layer kinds in {arm!r}: {sorted(on - set(kinds))}; known: {kinds}")
+    for arm in arms:
         cache.restore()
         plain = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"))
         trim = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim")
         for n, m in cache.layers.items():
-            use = n.rsplit(".", 1)[-1] in on
-            (trim if use else plain)(n, m, cache.with_tokens(cache.stats[n], 1))
+            (trim if kind_of(n) in on_of[arm] else plain)(n, m, cache.with_tokens(cache.stats[n], 1))
         ppl = perplexity(model, tok, "wikitext2", seqlen, eval_windows, device, batch_size=4, ids=eval_ids)["ppl"]
         out["ppl"][arm] = ppl
         print(f"TRIM on {arm}: ppl {ppl:.1f}", flush=True)

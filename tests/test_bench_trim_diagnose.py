@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -45,3 +46,6 @@ def test_ablation_arms_name_the_layer_kinds():
     assert td.arm_kinds("all-up_proj-gate_proj", kinds) == set(kinds) - {"up_proj", "gate_proj"}
     assert td.arm_kinds("down_proj+q_proj", kinds) == {"down_proj", "q_proj"}
     assert td.arm_kinds("v_proj", kinds) == {"v_proj"}
+    for bad in ("all-up_prj", "down_proj+q_prj", "mlp"):  # a typo is an error, never a silent 'all'
+        with pytest.raises(SystemExit, match="unknown layer kinds"):
+            td.arm_kinds(bad, kinds)
