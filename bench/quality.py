@@ -69,9 +69,17 @@ def suites() -> dict[str, list[dict]]:
     # ... and its twin without TRIM (Wanda's per-row mask, SparseGPT reconstruction): isolates TRIM's effect
     sg_trim += [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "reconstruct": "sparsegpt"}
                 for a in ("alphapruning", "uniform")]
+    # TRIM kept off the MLP up/gate and attention o projections (bench/trim_diagnose.py's proxy ablation found
+    # most of TRIM's end-to-end loss there), next to the full-TRIM twins
+    skip = ["*.mlp.up_proj", "*.mlp.gate_proj", "*.self_attn.o_proj"]
+    trim_skip = [{"metric": "wanda", "sparsity": s, "allocation": a, "rowwise": "trim", "rowwise_skip": skip}
+                 for s, a in ((0.7, "uniform"), (0.7, "alphapruning"), (0.5, "uniform"))]
+    trim_skip += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "rowwise_skip": ["*.mlp.up_proj"]}]
+    trim_skip += [{"metric": "wanda", "sparsity": 0.6, "allocation": a, "rowwise": "trim", **extra}
+                  for a in ("uniform", "alphapruning") for extra in ({"rowwise_skip": skip}, {})]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
-            "sparsegpt-trim": sg_trim}
+            "sparsegpt-trim": sg_trim, "trim-skip": trim_skip}
 
 
 def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:
@@ -89,7 +97,8 @@ def key_of(run: dict) -> str:
     if run.get("sequential") is False:
         parts.append("dense-block-stats")
     if run.get("rowwise"):
-        parts.append(run["rowwise"] + "".join(f",{k}={v}" for k, v in sorted(run.get("rowwise_params", {}).items())))
+        parts.append(run["rowwise"] + "".join(f",{k}={v}" for k, v in sorted(run.get("rowwise_params", {}).items()))
+                     + skip_label(run))
     if run.get("reconstruct"):
         parts.append("reconstruct-" + run["reconstruct"])
     return "/".join(parts)
@@ -115,7 +124,7 @@ def markdown(data: dict) -> str:
                                                                kv[1]["config"]["sparsity"], kv[0])):
         c = r["config"]
         notes = ", ".join(x for x in ("dense-block stats (Wanda paper)" if c.get("sequential") is False else "",
-                                       f"rowwise {c['rowwise']}" if c.get("rowwise") else "",
+                                       f"rowwise {c['rowwise']}{skip_label(c, ' ')}" if c.get("rowwise") else "",
                                        f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "") if x)
         lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
                      f"{c.get('allocation', 'uniform')}{' (' + r['granularity'] + ')' if r.get('granularity') else ''} | "
@@ -133,12 +142,19 @@ def markdown(data: dict) -> str:
 def describe(c: dict) -> str:
     parts = [c["metric"], c.get("allocation", "uniform")]
     if c.get("rowwise"):
-        parts.append(c["rowwise"] + "".join(f" {k}={v}" for k, v in sorted(c.get("rowwise_params", {}).items())))
+        parts.append(c["rowwise"] + "".join(f" {k}={v}" for k, v in sorted(c.get("rowwise_params", {}).items()))
+                     + skip_label(c, " "))
     if c.get("reconstruct"):
         parts.append("reconstruct " + c["reconstruct"])
     if c.get("sequential") is False:
         parts.append("dense-block stats")
     return " + ".join(parts)
+
+
+def skip_label(c: dict, sep: str = ",") -> str:
+    """``,skip=up_proj+o_proj`` for a run whose row-wise method leaves some layers out ('' otherwise)."""
+    skip = c.get("rowwise_skip") or []
+    return f"{sep}skip=" + "+".join(p.split(".")[-1] for p in skip) if skip else ""
 
 
 def rowwise_summary(layers: list[dict]) -> dict | None:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rowwise", help="row-wise allocation inside each layer: trim")
     p.add_argument("--rowwise-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. tokens_per_sample=4 (TRIM inputs per calibration sequence), iters=10")
+    p.add_argument("--rowwise-skip", action="append", metavar="PATTERN",
+                   help="fnmatch pattern of layers that keep the plain mask under --rowwise (repeatable), e.g. "
+                        "'*.mlp.up_proj'")
     p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
     p.add_argument("--remove-blocks", type=int, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
@@ -134,7 +137,7 @@ def cmd_prune(a) -> int:
     from .config import load_recipe, make_config
     from .pipeline import run
 
-    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "reconstruct",
+    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip", "reconstruct",
               "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib", "nsamples", "seqlen",
               "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval", "eval_max_windows",
               "eval_seqlen", "out", "overwrite"]

@@ -24,6 +24,8 @@ class PruneConfig(BaseModel):
     max_ratio: float = 0.99
     rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
+    rowwise_skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layers that keep the "
+                                    "metric's plain mask (no row-wise allocation), e.g. '*.mlp.up_proj'")
     reconstruct: Optional[str] = Field(None, description="'sparsegpt': OBS weight update on the metric's mask")
     remove_blocks: int = Field(0, description="decoder blocks to remove before pruning")
     removal: str = Field("prune-comp", description="prune-comp (iterative, compensated) or bi (ShortGPT one-shot)")
@@ -106,6 +108,8 @@ class PruneConfig(BaseModel):
             k = self.rowwise_params.get("tokens_per_sample", 1)
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"rowwise_params tokens_per_sample must be an integer >= 1, got {k!r}")
+        elif self.rowwise_skip:
+            raise ValueError("rowwise_skip names layers to leave out of a row-wise allocation; set rowwise too")
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")

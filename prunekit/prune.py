@@ -12,7 +12,8 @@ from .data import calibration_windows
 from .errors import PrunekitError
 from .masks import check_nm_shape
 from .metrics import get_metric
-from .models.families import block_linears, family_of, get_blocks, model_context_length, weight_view
+from .models.families import (block_linears, family_of, get_blocks, model_context_length, unmatched_patterns,
+                              weight_view)
 from .profiles import auto_params, engine_callable, outlier_profile, score_profile
 from .pruner import LayerPruner, prune_all, stats_needs
 from .report.env import machine, versions
@@ -94,6 +95,7 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     fam = family_of(model)
     metric = get_metric(cfg.metric)
     nm = cfg.nm
+    check_layer_patterns(model, cfg)
     if nm is not None:
         for d in block_linears(model, cfg.ignore):
             for name, m in d.items():
@@ -132,6 +134,19 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, {
         "data_s": round(t_data - t0, 2), "allocation_s": round(t_alloc - t_data, 2),
         "prune_s": round(t_prune - t_alloc, 2), "total_s": round(t_prune - t0, 2)}, device)
+
+
+def check_layer_patterns(model, cfg) -> None:
+    """An ``ignore`` or ``rowwise_skip`` pattern that matches no prunable layer is most likely misspelt (and a
+    misspelt ``ignore`` would prune a layer the user wanted dense): say so before any work."""
+    names = [n for d in block_linears(model) for n in d]
+    kept = [n for d in block_linears(model, cfg.ignore) for n in d]
+    for field, pats, pool in (("ignore", cfg.ignore, names), ("rowwise_skip", cfg.rowwise_skip, kept)):
+        bad = unmatched_patterns(pool, pats)
+        if bad:
+            raise PrunekitError(f"{field} pattern(s) {', '.join(map(repr, bad))} match no prunable layer"
+                                f"{' left by ignore' if pool is kept else ''} (names look like "
+                                f"{pool[0] if pool else '(none)'!r})")
 
 
 def remove_blocks_step(cfg, model, calib_ids, device) -> dict:
@@ -185,7 +200,7 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
         "method": {"metric": cfg.metric, "pattern": cfg.pattern, "allocation": cfg.allocation,
                    "allocation_params": cfg.allocation_params,
                    "granularity": cfg.granularity or get_allocator(cfg.allocation).granularity,
-                   "sequential": cfg.sequential, "rowwise": cfg.rowwise,
+                   "sequential": cfg.sequential, "rowwise": cfg.rowwise, "rowwise_skip": cfg.rowwise_skip,
                    "reconstruct": cfg.reconstruct},
         "target_sparsity": cfg.target(),
         "protocol": {"calib": cfg.calib if calib_ids is not None else None,

@@ -5,7 +5,7 @@ import torch
 
 from .calibrate import iterate_blocks
 from .masks import make_mask, pack_mask
-from .models.families import weight_view
+from .models.families import name_matches, weight_view
 
 
 def stats_needs(metric, cfg) -> frozenset[str]:
@@ -33,15 +33,16 @@ class LayerPruner:
     reconstruction, bias update, zero, record."""
 
     def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
-                 reconstruct: str | None = None):
+                 reconstruct: str | None = None, rowwise_skip=()):
         self.metric, self.ratios, self.nm = metric, ratios, nm
         self.rowwise, self.rowwise_params, self.reconstruct = rowwise, rowwise_params or {}, reconstruct
+        self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
 
     @classmethod
     def from_config(cls, cfg, metric, ratios):
-        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct)
+        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
@@ -57,7 +58,7 @@ class LayerPruner:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None)
             else:
                 scores = self.metric.score(Wf, stats)
-                if self.rowwise:
+                if self.rowwise and not name_matches(name, self.rowwise_skip):
                     from .rowwise import apply_rowwise
 
                     rows = apply_rowwise(self.rowwise, Wf, scores, stats, r, info=info, **self.rowwise_params)

@@ -9,7 +9,8 @@ TRIM (see the "Row-wise" section of the reference notes)
 --------------------------------------------------------
 X holds the inputs of the last token of each calibration sample, shape (n, d_in) (the paper's
 choice; ``rowwise_params={"tokens_per_sample": k}`` takes k evenly spaced positions ending at the last
-token instead, k x more rows from the same calibration data). Start from the uniform allocation
+token instead, k x more rows from the same calibration data; the config's ``rowwise_skip`` patterns
+name layers that keep the metric's plain mask instead). Start from the uniform allocation
 ``x_r = s``. Each iteration:
 
 1. prune with the current allocation, giving ``W_p``;

@@ -55,6 +55,7 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
                                       "tokens_per_sample must be an integer >= 1"),
                                      ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": "4"}},
                                       "tokens_per_sample must be an integer >= 1"),
+                                     ({"rowwise_skip": ["*.mlp.up_proj"]}, "set rowwise too"),
                                      ({"reconstruct": "obs"}, "unknown reconstruct"),
                                      ({"pattern": "2:4", "allocation": "owl"}, "has nothing to move")])
 def test_rowwise_config_errors(bad, msg):
@@ -73,3 +74,51 @@ def test_trim_tokens_per_sample_reaches_the_statistics(calib_ids, monkeypatch):
     prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.5, "rowwise": "trim",
                                  "rowwise_params": {"tokens_per_sample": 3}}, calib_ids=calib_ids)
     assert seen and all(n == 3 * calib_ids.shape[0] for n in seen)
+
+
+SKIP = ["*.mlp.up_proj", "mlp.gate_proj", "o_proj"]
+
+
+def test_rowwise_skip_keeps_the_plain_mask_on_matched_layers(calib_ids):
+    """Layers matched by rowwise_skip get exactly the metric's own mask (with statistics from the dense block,
+    block 0's layers see identical inputs in both runs, so their masks must be bit-identical to a run without
+    TRIM); every other layer still gets TRIM."""
+    plain, skip = tiny_model("llama", hidden=64), tiny_model("llama", hidden=64)
+    cfg = {"metric": "wanda", "sparsity": 0.6, "sequential": False}
+    rp = prunekit.prune(plain, None, cfg, calib_ids=calib_ids)
+    rs = prunekit.prune(skip, None, {**cfg, "rowwise": "trim", "rowwise_skip": SKIP}, calib_ids=calib_ids)
+    kinds = ("mlp.up_proj", "mlp.gate_proj", "self_attn.o_proj")
+    skipped = [l for l in rs["layers"] if l["name"].endswith(kinds)]
+    assert len(skipped) == 3 * len(rs["blocks"])
+    assert all("rowwise" not in l for l in skipped)
+    assert all("rowwise" in l for l in rs["layers"] if not l["name"].endswith(kinds))
+    moved = False
+    for l in rs["layers"]:
+        W = weight_view(dict(skip.named_modules())[l["name"]])
+        o, i = l["shape"]
+        assert int((W == 0).sum()) == o * int(i * l["target"]), l["name"]  # exact total either way
+        rows = W.eq(0).sum(1)
+        if l["name"].endswith(kinds):
+            assert int(rows.min()) == int(rows.max()) == int(i * l["target"]), l["name"]
+            if ".0." in l["name"]:
+                assert torch.equal(rs.masks[l["name"]], rp.masks[l["name"]])
+        elif ".0." in l["name"] and not torch.equal(rs.masks[l["name"]], rp.masks[l["name"]]):
+            moved = True
+    assert moved  # TRIM still changed some non-skipped block-0 layer
+
+
+def test_misspelt_rowwise_skip_fails_before_any_work():
+    from prunekit.models.families import name_matches
+
+    assert name_matches("model.layers.0.mlp.down_proj", ["down_proj"])
+    assert name_matches("model.layers.0.mlp.down_proj", ["layers.0.*"])
+    assert not name_matches("model.layers.0.mlp.down_proj", ["layers.1.*", "up_proj", "mlp"])
+    model = tiny_model("llama", hidden=64)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    # no calibration data given: the misspelling must be reported, not the missing data
+    with pytest.raises(prunekit.PrunekitError, match="'\\*.mlp.upproj' match no prunable layer"):
+        prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.5, "rowwise": "trim",
+                                     "rowwise_skip": ["o_proj", "*.mlp.upproj"]})
+    with pytest.raises(prunekit.PrunekitError, match="ignore pattern\\(s\\) 'down-proj' match no prunable layer"):
+        prunekit.prune(model, None, {"metric": "magnitude", "sparsity": 0.5, "ignore": ["down-proj"]})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

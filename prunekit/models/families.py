@@ -97,17 +97,32 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def name_matches(full: str, patterns) -> bool:
+    """Whether layer name ``full`` matches one of the fnmatch ``patterns``, tried against the full name
+    and against every dotted tail of it: ``*.mlp.down_proj``, ``mlp.down_proj``, ``down_proj`` and
+    ``layers.0.*`` all match ``model.layers.0.mlp.down_proj``."""
+    parts = full.split(".")
+    tails = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(t, p) for p in patterns for t in tails)
+
+
+def unmatched_patterns(names, patterns) -> list[str]:
+    """The patterns that match none of ``names`` (most likely misspelt)."""
+    names = list(names)
+    return [p for p in patterns if not any(name_matches(n, [p]) for n in names)]
+
+
 def find_linears(block: nn.Module, prefix: str = "", ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Prunable layers inside ``block`` keyed by their full name (``prefix.name``), in definition order.
 
-    ``ignore`` holds fnmatch patterns matched against the full name and against the short name.
+    ``ignore`` holds fnmatch patterns (see :func:`name_matches`) of layers to leave out.
     """
     out: dict[str, nn.Module] = {}
     for name, mod in block.named_modules():
         if not name or not is_prunable(mod):
             continue
         full = f"{prefix}.{name}" if prefix else name
-        if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) for p in ignore):
+        if name_matches(full, ignore):
             continue
         out[full] = mod
     return out

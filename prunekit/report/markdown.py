@@ -13,7 +13,8 @@ def report_markdown(r: dict) -> str:
     p = r["protocol"]
     lines = [f"# prunekit report: {r['model']}", "",
              f"- method: metric **{m['metric']}**, pattern {m['pattern']}, allocation {m['allocation']} "
-             f"({m['granularity']}), sequential={m['sequential']}" + (f", rowwise {m['rowwise']}" if m.get("rowwise") else ""),
+             f"({m['granularity']}), sequential={m['sequential']}" + (f", rowwise {m['rowwise']}" if m.get("rowwise") else "")
+             + (f" except {', '.join(m['rowwise_skip'])}" if m.get("rowwise_skip") else ""),
              f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
     if "saved" in r:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
