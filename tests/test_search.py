@@ -155,6 +155,22 @@ def test_fitness_cached_mode_matches_full_mode_for_weight_only_metric():
     assert len(set(vals["cached"])) == 4
 
 
+def test_fitness_rejects_a_misspelt_ignore_pattern():
+    """The search honours ``ignore`` like prune does, so a pattern that matches no layer (which would silently
+    prune a layer meant to stay dense) fails before the statistics pass, with the model left as it was."""
+    import prunekit
+
+    model = tiny_model("opt", layers=3)
+    calib, held = _data()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunekit.PrunekitError, match="ignore pattern\\(s\\) 'fc3' match no prunable layer"):
+        Fitness(model, calib, held, metric="wanda", device="cpu", prune_kwargs={"ignore": ["fc3"]})
+    f = Fitness(model, calib, held, metric="wanda", device="cpu", prune_kwargs={"ignore": ["fc2"]})
+    assert f.layers and not any(n.endswith(".fc2") for n in f.layers)
+    f.close()
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
 # ----------------------------------------------------------------------------- searches
 def _run(method, out_dir, budget, seed=0, resume=True, family="llama", **kw):
     model = tiny_model(family, layers=4)

@@ -38,7 +38,7 @@ class Fitness:
                  prune_kwargs: dict | None = None, seed: int = 0, extra_needs=()):
         from ..config import make_config
         from ..metrics import get_metric
-        from ..prune import resolve_device
+        from ..prune import check_layer_patterns, resolve_device
         from ..pruner import stats_needs, stats_options
 
         if mode not in ("cached", "full"):
@@ -53,6 +53,7 @@ class Fitness:
         self.metric = get_metric(metric)
         self.calib_ids, self.heldout_ids = calib_ids, heldout_ids
         self.eval_batch_size = eval_batch_size
+        check_layer_patterns(model, self.cfg)
         self.blocks = get_blocks(model)
         self.block_layers = block_linears(model, self.cfg.ignore)
         self.layers = {n: m for d in self.block_layers for n, m in d.items()}
