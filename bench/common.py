@@ -16,6 +16,9 @@ PROTOCOLS = {
     "S": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0},
     # GPU: the papers' protocol, full WikiText-2 test split
     "P": {"seqlen": 2048, "nsamples": 128, "eval_windows": None, "calib": "c4", "seed": 0},
+    # S, evaluated on C4 instead: 64 windows of the first 1,100 C4 validation documents (calibration draws from
+    # the documents after them), a held-out check on a second text source
+    "S-c4": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0, "eval": "c4"},
 }
 
 
@@ -34,8 +37,13 @@ def environment() -> dict:
     try:
         import subprocess
 
+        here = Path(__file__).parent
         env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip()
+                                    cwd=here).stdout.strip()
+        # code changed since that commit (results files excluded: a running bench rewrites them)
+        if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "../prunekit", ".", ":!results"],
+                          cwd=here).returncode == 1:
+            env["git"] += "+dirty"
     except Exception:
         pass
     return env

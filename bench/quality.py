@@ -77,9 +77,20 @@ def suites() -> dict[str, list[dict]]:
     trim_skip += [{"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "rowwise_skip": ["*.mlp.up_proj"]}]
     trim_skip += [{"metric": "wanda", "sparsity": 0.6, "allocation": a, "rowwise": "trim", **extra}
                   for a in ("uniform", "alphapruning") for extra in ({"rowwise_skip": skip}, {})]
+    # ... the same exclusion under SparseGPT reconstruction (its TRIM arm's best cells) and at 80%
+    trim_skip += [{"metric": "wanda", "sparsity": s, "allocation": a, "rowwise": "trim", "rowwise_skip": skip,
+                   "reconstruct": "sparsegpt"} for s, a in ((0.5, "owl"), (0.7, "alphapruning"))]
+    trim_skip += [{"metric": "wanda", "sparsity": 0.8, "allocation": "alphapruning", "rowwise": "trim",
+                   "rowwise_skip": skip}]
+    # held-out check of the exclusion on C4 (protocol S-c4): no TRIM / TRIM kept off up, gate, o / full TRIM
+    trim_skip_c4 = [{"metric": "wanda", "sparsity": s, "allocation": a, **extra}
+                    for s, a in ((0.7, "alphapruning"), (0.7, "uniform"), (0.5, "uniform"))
+                    for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
+    trim_skip_c4.insert(4, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning", "rowwise": "trim"})
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
-            "sparsegpt-trim": sg_trim, "trim-skip": trim_skip}
+            "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
+            "trim-skip-c4": trim_skip_c4}
 
 
 def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:
@@ -107,10 +118,11 @@ def key_of(run: dict) -> str:
 def markdown(data: dict) -> str:
     p = data["protocol"]
     env = data["environment"]
+    ev_name, evaluation = EVAL_SETS[p.get("eval", "wikitext2")]
     lines = [f"# Quality benchmark: SmolLM2-135M-Instruct, protocol {data['protocol_name']}", "",
              f"Calibration: {p['calib']} (offline mirror: C4 validation documents after the first 1,100), "
-             f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: WikiText-2 test "
-             f"(rows joined with \\n\\n), {data['dense']['windows']} windows x {p['seqlen']} tokens "
+             f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: {evaluation}, "
+             f"{data['dense']['windows']} windows x {p['seqlen']} tokens "
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
              f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
              f"{env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
@@ -118,7 +130,7 @@ def markdown(data: dict) -> str:
              "that other work shared during this benchmark; isolated timings are in speed.md. Unless noted, the "
              "engine is sequential (each layer's statistics from inputs after the earlier layers of its block "
              "were pruned).", "",
-             "| metric | sparsity | pattern | allocation | notes | WikiText-2 PPL | prune time (s) |",
+             f"| metric | sparsity | pattern | allocation | notes | {ev_name} PPL | prune time (s) |",
              "|---|---|---|---|---|---|---|"]
     for k, r in sorted(data["runs"].items(), key=lambda kv: (kv[1]["config"]["metric"], kv[1]["config"].get("pattern", "u"),
                                                                kv[1]["config"]["sparsity"], kv[0])):
@@ -137,6 +149,11 @@ def markdown(data: dict) -> str:
         lines.append(f"| {sp:.2f} | {pat} | {describe(r['config'])} | {r['ppl']:.3f} | {n} |")
     lines.append("")
     return "\n".join(lines)
+
+
+EVAL_SETS = {"wikitext2": ("WikiText-2", "WikiText-2 test (rows joined with \\n\\n)"),
+             "c4": ("C4", "C4 (the first 1,100 validation documents joined with ' ', disjoint from the calibration "
+                    "documents)")}
 
 
 def describe(c: dict) -> str:
@@ -232,11 +249,12 @@ def main(argv=None):
     model.to(device)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seqlen = proto["seqlen"]
-    eval_ids = eval_token_ids(tok, "wikitext2", seqlen)
+    eval_set = proto.get("eval", "wikitext2")
+    eval_ids = eval_token_ids(tok, eval_set, seqlen)
     calib = calibration_windows(tok, proto["calib"], proto["nsamples"], seqlen, proto["seed"])
 
     def evaluate():
-        return perplexity(model, tok, "wikitext2", seqlen, proto["eval_windows"], device, batch_size=4, ids=eval_ids)
+        return perplexity(model, tok, eval_set, seqlen, proto["eval_windows"], device, batch_size=4, ids=eval_ids)
 
     if "dense" not in data:
         data["dense"] = evaluate()
