@@ -137,10 +137,10 @@ def cmd_prune(a) -> int:
     from .config import load_recipe, make_config
     from .pipeline import run
 
-    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip", "reconstruct",
-              "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib", "nsamples", "seqlen",
-              "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval", "eval_max_windows",
-              "eval_seqlen", "out", "overwrite"]
+    fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
+              "reconstruct", "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib",
+              "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
+              "eval_max_windows", "eval_seqlen", "out", "overwrite"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
     if a.allocation_param:
         given["allocation_params"] = dict(a.allocation_param)
