@@ -87,10 +87,13 @@ def suites() -> dict[str, list[dict]]:
                     for s, a in ((0.7, "alphapruning"), (0.7, "uniform"), (0.5, "uniform"))
                     for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
     trim_skip_c4.insert(4, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning", "rowwise": "trim"})
+    # calibration-seed check of the 70% result (run with --seed 1, 2)
+    trim_skip_seeds = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, **extra}
+                       for a in ("alphapruning", "uniform") for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
-            "trim-skip-c4": trim_skip_c4}
+            "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds}
 
 
 def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:
@@ -233,11 +236,15 @@ def main(argv=None):
     ap.add_argument("--only", help="substring filter on run keys")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--seed", type=int, help="calibration seed other than the protocol's (results in "
+                    "quality_<protocol>-seed<N>.json)")
     ap.add_argument("--model", default="smollm2")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and a.device != "cpu"
     pname = a.protocol or ("P" if cuda else "S")
     proto = PROTOCOLS[pname]
+    if a.seed is not None and a.seed != proto["seed"]:  # another calibration draw: its own results file
+        proto, pname = {**proto, "seed": a.seed}, f"{pname}-seed{a.seed}"
     device = "cuda" if cuda else "cpu"
     out = RESULTS / f"quality_{pname}.json"
     data = load_results(out)
