@@ -1,0 +1,29 @@
+"""bench/quality.py's TRIM-skip table pairs each run with its own file's twins (same seed, same evaluation set)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality  # noqa: E402
+
+
+def _file(path, name, seed, ev, runs):
+    proto = {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": seed, **({"eval": ev} if ev else {})}
+    path.write_text(json.dumps({"protocol_name": name, "protocol": proto,
+                                "runs": {quality.key_of(c): {"config": c, "ppl": p} for c, p in runs}}))
+
+
+def test_trim_skip_report_pairs_twins_within_one_protocol_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    base = {"metric": "wanda", "sparsity": 0.7, "allocation": "uniform"}
+    skip = {**base, "rowwise": "trim", "rowwise_skip": ["*.mlp.up_proj", "o_proj"]}
+    _file(tmp_path / "quality_S.json", "S", 0, None, [(base, 1000.0), ({**base, "rowwise": "trim"}, 1200.0),
+                                                      (skip, 900.0)])
+    # another seed's file: its own no-TRIM twin, no full-TRIM twin; a twin in S must not be borrowed
+    _file(tmp_path / "quality_S-seed1.json", "S-seed1", 1, None, [(base, 800.0), (skip, 880.0)])
+    _file(tmp_path / "quality_S-c4.json", "S-c4", 0, "c4", [(skip, 50.0)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in quality.trim_skip_report().splitlines()
+            if line.startswith("| S")}
+    assert rows["S"][6:] == ["up_proj+o_proj", "1000.00", "1200.00", "900.00", "-10.0% |"]
+    assert rows["S-seed1"][1:3] == ["wikitext2", "1"] and rows["S-seed1"][7:] == ["800.00", "-", "880.00", "+10.0% |"]
+    assert rows["S-c4"][1] == "c4" and rows["S-c4"][7:] == ["-", "-", "50.00", "- |"]
