@@ -24,6 +24,12 @@ def test_trim_skip_report_pairs_twins_within_one_protocol_file(tmp_path, monkeyp
     _file(tmp_path / "quality_S-c4.json", "S-c4", 0, "c4", [(skip, 50.0)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in quality.trim_skip_report().splitlines()
             if line.startswith("| S")}
-    assert rows["S"][6:] == ["up_proj+o_proj", "1000.00", "1200.00", "900.00", "-10.0% |"]
-    assert rows["S-seed1"][1:3] == ["wikitext2", "1"] and rows["S-seed1"][7:] == ["800.00", "-", "880.00", "+10.0% |"]
-    assert rows["S-c4"][1] == "c4" and rows["S-c4"][7:] == ["-", "-", "50.00", "- |"]
+    assert rows["S"][7:] == ["up_proj+o_proj", "1000.00", "1200.00", "900.00", "-10.0% |"]
+    assert rows["S-seed1"][1:3] == ["wikitext2", "1"] and rows["S-seed1"][8:] == ["800.00", "-", "880.00", "+10.0% |"]
+    assert rows["S-c4"][1] == "c4" and rows["S-c4"][8:] == ["-", "-", "50.00", "- |"]
+
+
+def test_skip_patterns_with_the_same_last_part_get_different_keys():
+    a = {"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "rowwise_skip": ["*.mlp.up_proj"]}
+    b = {**a, "rowwise_skip": ["layers.0.mlp.up_proj"]}
+    assert quality.key_of(a) != quality.key_of(b) and quality.describe(a) == quality.describe(b)
