@@ -82,9 +82,10 @@ def suites() -> dict[str, list[dict]]:
                    "reconstruct": "sparsegpt"} for s, a in ((0.5, "owl"), (0.7, "alphapruning"))]
     trim_skip += [{"metric": "wanda", "sparsity": 0.8, "allocation": "alphapruning", "rowwise": "trim",
                    "rowwise_skip": skip}]
-    # ... with other score metrics (their no-TRIM twins ran in the 'grid' suite)
+    # ... with other score metrics, and their no-TRIM twins
     trim_skip += [{"metric": m, "sparsity": 0.7, "allocation": "uniform", "rowwise": "trim", "rowwise_skip": skip}
                   for m in ("ace", "ria")]
+    trim_skip += [{"metric": m, "sparsity": 0.7, "allocation": "uniform"} for m in ("ace", "ria")]
     # held-out check of the exclusion on C4 (protocol S-c4): no TRIM / TRIM kept off up, gate, o / full TRIM
     trim_skip_c4 = [{"metric": "wanda", "sparsity": s, "allocation": a, **extra}
                     for s, a in ((0.7, "alphapruning"), (0.7, "uniform"), (0.5, "uniform"))
