@@ -222,10 +222,11 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
     out = {"sparsity": sparsity, "eval_windows": eval_windows, "eval_offset": offset, "ppl": {}}
     for arm in arms:
         cache.restore()
-        plain = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"))
-        trim = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim")
+        # the engine's own switch: TRIM everywhere except the kinds this arm leaves off (plain per-row Wanda there)
+        pruner = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim",
+                             rowwise_skip=sorted(set(kinds) - on_of[arm]))
         for n, m in cache.layers.items():
-            (trim if kind_of(n) in on_of[arm] else plain)(n, m, cache.with_tokens(cache.stats[n], 1))
+            pruner(n, m, cache.with_tokens(cache.stats[n], 1))
         ppl = perplexity(model, tok, "wikitext2", seqlen, eval_windows, device, batch_size=4, ids=eval_ids)["ppl"]
         out["ppl"][arm] = ppl
         print(f"TRIM on {arm}: ppl {ppl:.1f}", flush=True)

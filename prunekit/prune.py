@@ -12,8 +12,8 @@ from .data import calibration_windows
 from .errors import PrunekitError
 from .masks import check_nm_shape
 from .metrics import get_metric
-from .models.families import (block_linears, family_of, get_blocks, model_context_length, unmatched_patterns,
-                              weight_view)
+from .models.families import (block_linears, family_of, get_blocks, model_context_length, name_matches,
+                              unmatched_patterns, weight_view)
 from .profiles import auto_params, engine_callable, outlier_profile, score_profile
 from .pruner import LayerPruner, prune_all, stats_needs
 from .report.env import machine, versions
@@ -140,7 +140,7 @@ def check_layer_patterns(model, cfg) -> None:
     """An ``ignore`` or ``rowwise_skip`` pattern that matches no prunable layer is most likely misspelt (and a
     misspelt ``ignore`` would prune a layer the user wanted dense): say so before any work."""
     names = [n for d in block_linears(model) for n in d]
-    kept = [n for d in block_linears(model, cfg.ignore) for n in d]
+    kept = [n for n in names if not name_matches(n, cfg.ignore)]  # what block_linears(model, cfg.ignore) keeps
     for field, pats, pool in (("ignore", cfg.ignore, names), ("rowwise_skip", cfg.rowwise_skip, kept)):
         bad = unmatched_patterns(pool, pats)
         if bad:
