@@ -94,10 +94,17 @@ def suites() -> dict[str, list[dict]]:
     # calibration-seed check of the 70% result (run with --seed 1, 2)
     trim_skip_seeds = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, **extra}
                        for a in ("alphapruning", "uniform") for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
+    # TRIM scored on every calibration token (rowwise_params inputs=all, from X^T X) instead of the last token
+    # of each sequence: does an objective that represents the tokens the layer serves remove TRIM's loss?
+    all_tokens = {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}
+    trim_all = [{"metric": "wanda", "sparsity": s, "allocation": a, **all_tokens, **extra}
+                for s, a, extra in ((0.7, "uniform", {}), (0.7, "alphapruning", {}), (0.5, "uniform", {}),
+                                    (0.7, "uniform", {"rowwise_skip": skip}), (0.6, "uniform", {}),
+                                    (0.7, "alphapruning", {"rowwise_skip": skip}))]
     return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
-            "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds}
+            "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}
 
 
 def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:

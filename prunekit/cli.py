@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["block", "layer"])
     p.add_argument("--rowwise", help="row-wise allocation inside each layer: trim")
     p.add_argument("--rowwise-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="e.g. tokens_per_sample=4 (TRIM inputs per calibration sequence), iters=10")
+                   help="e.g. tokens_per_sample=4 (TRIM inputs per calibration sequence), inputs=all (TRIM scored on "
+                        "every calibration token), iters=10")
     p.add_argument("--rowwise-skip", action="append", metavar="PATTERN",
                    help="fnmatch pattern of layers that keep the plain mask under --rowwise (repeatable), e.g. "
                         "'*.mlp.up_proj'")

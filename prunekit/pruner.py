@@ -12,9 +12,9 @@ def stats_needs(metric, cfg) -> frozenset[str]:
     """Every statistic the chosen metric, row-wise method and reconstruction read, gathered in one pass."""
     needs = set(metric.needs)
     if cfg.rowwise:
-        from .rowwise import ROWWISE_NEEDS
+        from .rowwise import rowwise_needs
 
-        needs |= ROWWISE_NEEDS[cfg.rowwise]
+        needs |= rowwise_needs(cfg.rowwise, cfg.rowwise_params)
     if cfg.reconstruct == "sparsegpt":
         needs.add("hessian")
     return frozenset(needs)

@@ -10,7 +10,8 @@ TRIM (see the "Row-wise" section of the reference notes)
 X holds the inputs of the last token of each calibration sample, shape (n, d_in) (the paper's
 choice; ``rowwise_params={"tokens_per_sample": k}`` takes k evenly spaced positions ending at the last
 token instead, k x more rows from the same calibration data; the config's ``rowwise_skip`` patterns
-name layers that keep the metric's plain mask instead). Start from the uniform allocation
+name layers that keep the metric's plain mask instead; ``{"inputs": "all"}`` scores on every calibration
+token instead, through a square-root factor of X^T X, see :func:`gram_factor`). Start from the uniform allocation
 ``x_r = s``. Each iteration:
 
 1. prune with the current allocation, giving ``W_p``;
@@ -227,19 +228,52 @@ def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, ta
     return ratios_from_counts(best["counts"], d_in).to(dev), info
 
 
+def gram_factor(G: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
+    """A matrix ``F`` (r, d) with ``F^T F == G`` for a symmetric PSD ``G`` (d, d): ``sqrt(L) V^T`` from
+    ``G = V diag(L) V^T`` (float64 eigendecomposition), keeping only eigenvalues above ``rel_tol * max``.
+    Every quantity TRIM computes from its inputs X is a function of ``X^T X`` (row outputs' dot products
+    and norms: ``<W_r X^T, V_r X^T> = W_r X^T X V_r^T``), so ``F`` stands in for all calibration tokens
+    exactly, with at most d rows whatever the number of tokens."""
+    G = G.double()
+    G = 0.5 * (G + G.t())
+    L, V = torch.linalg.eigh(G)
+    keep = L > rel_tol * max(float(L.max()), 0.0)
+    if not bool(keep.any()):
+        return torch.zeros(0, G.shape[0], dtype=torch.float32, device=G.device)
+    return (L[keep].sqrt()[:, None] * V[:, keep].t()).float()
+
+
 # ---- registry --------------------------------------------------------------------------------
-def _trim(W, scores, stats, target, tokens_per_sample: int = 1, **kw):
+TRIM_INPUTS = ("last", "all")
+
+
+def _trim(W, scores, stats, target, tokens_per_sample: int = 1, inputs: str = "last", **kw):
     # tokens_per_sample is a statistics option (how many rows of X each calibration sequence gives),
-    # consumed by the engine when it gathers 'last_tokens' (pruner.stats_options)
-    if stats is None or "last_tokens" not in stats.needs:
-        raise PrunekitError("row-wise 'trim' needs the 'last_tokens' calibration statistic "
-                            "(add ROWWISE_NEEDS['trim'] to the statistics the engine gathers)")
-    return trim_row_sparsity(W, scores, stats.last_token_inputs(), target, **kw)
+    # consumed by the engine when it gathers 'last_tokens' (pruner.stats_options).
+    # inputs="all": X stands for every calibration token, through a square-root factor of X^T X (the
+    # 'hessian' statistic, d_in x d_in fp32 per layer while the layer is pruned, as for SparseGPT); the
+    # per-row and layer cosines are then those over all tokens (each evaluation costs out x d_in x d_in).
+    need = rowwise_needs("trim", {"inputs": inputs})
+    if stats is None or not need <= set(stats.needs):
+        raise PrunekitError(f"row-wise 'trim' with inputs={inputs!r} needs the {sorted(need)} calibration "
+                            "statistic (the engine adds rowwise_needs('trim', params) to what it gathers)")
+    X = gram_factor(stats.hessian) if inputs == "all" else stats.last_token_inputs()
+    return trim_row_sparsity(W, scores, X, target, **kw)
+
+
+def rowwise_needs(name: str, params: dict | None = None) -> set[str]:
+    """The statistics row-wise method ``name`` reads with these params (added to the metric's needs)."""
+    if name == "trim":
+        inputs = (params or {}).get("inputs", "last")
+        if inputs not in TRIM_INPUTS:
+            raise PrunekitError(f"TRIM inputs must be one of {', '.join(TRIM_INPUTS)}, got {inputs!r}")
+        return {"hessian"} if inputs == "all" else {"last_tokens"}
+    return set(ROWWISE_NEEDS[name])
 
 
 # name -> fn(W, scores, stats, target, **params) -> (row_sparsity, info)
 ROWWISE: dict[str, Callable] = {"trim": _trim}
-# statistics each row-wise method reads (added to the metric's needs by the engine)
+# statistics each row-wise method reads with its default params (rowwise_needs() for given params)
 ROWWISE_NEEDS: dict[str, set[str]] = {"trim": {"last_tokens"}}
 
 

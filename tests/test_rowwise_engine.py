@@ -122,3 +122,38 @@ def test_misspelt_rowwise_skip_fails_before_any_work():
     with pytest.raises(prunekit.PrunekitError, match="ignore pattern\\(s\\) 'down-proj' match no prunable layer"):
         prunekit.prune(model, None, {"metric": "magnitude", "sparsity": 0.5, "ignore": ["down-proj"]})
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_trim_inputs_all_gathers_the_gram_matrix_not_last_tokens(calib_ids, monkeypatch):
+    """rowwise_params inputs=all: the engine gathers 'hessian' (not 'last_tokens') and TRIM gets a factor F
+    with F^T F = the layer's X^T X over every calibration token; layer totals stay exact."""
+    import prunekit.rowwise as rw
+    from prunekit.metrics.stats import LayerStats
+
+    seen = []
+    orig_upd = LayerStats.update
+    monkeypatch.setattr(LayerStats, "update", lambda self, x: (seen.append(frozenset(self.needs)), orig_upd(self, x))[1])
+    grams = []
+    orig = rw.gram_factor
+    monkeypatch.setattr(rw, "gram_factor", lambda G: (grams.append(G.clone()), orig(G))[1])
+    model = tiny_model("llama", hidden=64)
+    rep = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim",
+                                       "rowwise_params": {"inputs": "all"}}, calib_ids=calib_ids)
+    assert seen and all("hessian" in n and "last_tokens" not in n for n in seen)
+    assert len(grams) == len(rep["layers"])
+    for l in rep["layers"]:
+        W = weight_view(dict(model.named_modules())[l["name"]])
+        o, i = l["shape"]
+        assert int((W == 0).sum()) == o * int(i * l["target"]), l["name"]
+        assert l["rowwise"]["score"] >= l["rowwise"]["score_uniform"]
+    # block 0's first layer (q_proj) sees the embeddings' RMS-normed tokens: its Gram matrix is X^T X of them
+    emb = model.get_input_embeddings()(calib_ids)
+    X = model.model.layers[0].input_layernorm(emb).reshape(-1, emb.shape[-1]).double()
+    assert torch.allclose(grams[0].double(), X.t() @ X, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("params,msg", [({"inputs": "first"}, "inputs must be one of last, all"),
+                                        ({"inputs": "all", "tokens_per_sample": 4}, "set one of them")])
+def test_trim_inputs_config_errors(params, msg):
+    with pytest.raises(prunekit.PrunekitError, match=msg):
+        prunekit.make_config(rowwise="trim", rowwise_params=params)

@@ -245,3 +245,46 @@ def test_tokens_per_sample_takes_evenly_spaced_positions_ending_at_the_last():
     assert LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=40).token_positions(5) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="tokens_per_sample"):
         LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=0)
+
+
+def test_gram_factor_reproduces_the_gram_matrix():
+    _, X = layer(7, n=40)  # fewer tokens than features: X^T X is singular (rank 40)
+    G = X.double().t() @ X.double()
+    from prunekit.rowwise import gram_factor
+
+    F = gram_factor(G)
+    assert F.shape == (40, D_IN)  # only the non-zero eigenvalues
+    assert torch.allclose(F.double().t() @ F.double(), G, rtol=0, atol=1e-4 * float(G.abs().max()))
+    assert gram_factor(torch.zeros(D_IN, D_IN)).shape == (0, D_IN)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_inputs_all_scores_on_every_calibration_token(seed):
+    """inputs=all: TRIM's objective is the cosine over ALL calibration tokens (from the 'hessian' statistic),
+    checked against a naive float64 computation on the stacked tokens; the result is the same search as
+    trim_row_sparsity on the stacked tokens and never below uniform on that objective."""
+    from prunekit.rowwise import rowwise_needs
+
+    W, X = layer(seed)
+    seqs = X.reshape(16, 16, D_IN)  # 16 sequences of 16 tokens: the last token alone is 16 rows
+    st = LayerStats(frozenset({"sq_sum", "hessian"}), D_IN)
+    st.update(seqs)
+    S = get_metric("wanda").score(W, st)
+    info = {}
+    rows = apply_rowwise("trim", W, S, st, 0.6, info=info, inputs="all")
+    mask = rowwise_mask(S, rows)
+    assert int(mask.sum()) == OUT * int(D_IN * 0.6)
+    assert info["score"] == pytest.approx(layer_cos(W, X, mask), abs=1e-6)
+    uni = layer_cos(W, X, unstructured_mask(S, 0.6, "row"))
+    assert info["score_uniform"] == pytest.approx(uni, abs=1e-6)
+    assert info["score"] > uni and info["lr"] != 0
+    (score, counts, lr), _ = reference_trim(W, S, X, 0.6)
+    assert info["lr"] == lr and info["score"] == pytest.approx(score, abs=1e-6)
+    assert int((info["counts"] - counts).abs().sum()) <= 2  # same search; float sums may flip a tie
+    last = LayerStats(frozenset({"last_tokens"}), D_IN)
+    last.update(seqs)
+    assert rowwise_needs("trim", {"inputs": "all"}) == {"hessian"} and rowwise_needs("trim") == {"last_tokens"}
+    with pytest.raises(PrunekitError, match="hessian"):
+        apply_rowwise("trim", W, S, last, 0.6, inputs="all")
+    with pytest.raises(PrunekitError, match="inputs"):
+        rowwise_needs("trim", {"inputs": "first"})
