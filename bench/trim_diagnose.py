@@ -8,7 +8,8 @@ row-wise ratios (the grid proxy's setting: layers see dense inputs). Then compar
 
   - ``cos_last``: cosine of the flattened outputs on the last-token inputs (the paper's X): TRIM's own
     objective for the 'trim' arm (>= uniform by construction); for 'trim_k8', whose objective uses 8
-    positions per sequence, only a subset of its rows;
+    positions per sequence, only a subset of its rows; 'trim_all' (prunekit's ``inputs=all``) optimises
+    ``cos_calib``, the cosine over every calibration token;
   - ``err_*``: relative output error ``||(W - W_p) X^T||^2 / ||W X^T||^2`` over *all* tokens of three
     input sets: the calibration windows (``calib``), 32 unseen C4 windows (``c4_new``, another seed) and
     the first 32 WikiText-2 evaluation windows (``wiki``, the text perplexity is measured on);
@@ -40,11 +41,11 @@ from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.masks import rowwise_mask, unstructured_mask  # noqa: E402
 from prunekit.metrics import wanda  # noqa: E402
 from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
-from prunekit.rowwise import trim_row_sparsity  # noqa: E402
+from prunekit.rowwise import gram_factor, trim_row_sparsity  # noqa: E402
 
 SETS = ("calib", "c4_new", "wiki")
 TOKENS = 8  # TRIM rows per calibration sequence for the second TRIM arm
-TRIM_ARMS = ("trim", f"trim_k{TOKENS}")
+TRIM_ARMS = ("trim", f"trim_k{TOKENS}", "trim_all")  # the last arm: every calibration token (inputs=all)
 
 
 def round_sig(v, digits: int = 6):
@@ -97,7 +98,7 @@ def diagnose(model, stats: dict, hess: dict, sparsity: float) -> dict:
         X = X8.view(-1, TOKENS, X8.shape[1])[:, -1]  # the paper's X: the last token of each sequence
         masks = {"uniform": unstructured_mask(scores, sparsity, group="row")}
         rec = {}
-        for arm, x in ((TRIM_ARMS[0], X), (TRIM_ARMS[1], X8)):
+        for arm, x in zip(TRIM_ARMS, (X, X8, gram_factor(hess["calib"][n]))):
             row_ratios, info = trim_row_sparsity(W, scores, x, sparsity)
             masks[arm] = rowwise_mask(scores, row_ratios)
             rec[f"{arm}/lr"] = info["lr"]
@@ -159,7 +160,9 @@ def markdown(data: dict) -> str:
              "'change' = median relative change of the error, or of (1 - cosine), TRIM vs uniform "
              "(negative = TRIM better).", "",
              f"Arms: 'trim' = the paper's X (last token of each sequence, {p['nsamples']} rows); 'trim_k{TOKENS}' = "
-             f"{TOKENS} evenly spaced positions per sequence ({TOKENS * p['nsamples']} rows).", "",
+             f"{TOKENS} evenly spaced positions per sequence ({TOKENS * p['nsamples']} rows); 'trim_all' = every "
+             f"calibration token ({p['nsamples']} x {p['seqlen']}, through a square-root factor of X^T X; "
+             "`--rowwise-param inputs=all`): its own objective is cos_calib.", "",
              "| sparsity, arm | measure | TRIM better | median change | sum uniform | sum TRIM |",
              "|---|---|---|---|---|---|"]
     for s, summ in data["summary"].items():
