@@ -270,8 +270,12 @@ def cmd_methods(a) -> int:
     from .allocate import ALLOCATORS
     from .metrics import METRICS
 
+    from .rowwise import ROWWISE, TRIM_INPUTS
+
     print("metrics:     " + ", ".join(sorted(METRICS)))
     print("allocations: " + ", ".join(sorted(ALLOCATORS)))
+    print("rowwise:     " + ", ".join(sorted(ROWWISE)) + f" (trim inputs: {' | '.join(TRIM_INPUTS)})")
+    print("reconstruct: sparsegpt")
     return 0
 
 

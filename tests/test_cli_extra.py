@@ -64,3 +64,16 @@ def test_rowwise_skip_from_the_cli(tmp_path):
     assert skipped and all(n.endswith((".mlp.up_proj", ".self_attn.o_proj")) for n in skipped)
     assert len(skipped) == 2 * len(rep["blocks"])
     assert "except *.mlp.up_proj, o_proj" in (out / "report.md").read_text()
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from prunekit.allocate import ALLOCATORS
+    from prunekit.metrics import METRICS
+    from prunekit.rowwise import ROWWISE
+
+    assert main(["methods"]) == 0
+    out = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in capsys.readouterr().out.splitlines()}
+    assert set(out["metrics"].replace(",", " ").split()) == set(METRICS)
+    assert set(out["allocations"].replace(",", " ").split()) == set(ALLOCATORS)
+    assert set(ROWWISE) <= set(out["rowwise"].split(" (")[0].replace(",", " ").split())
+    assert "all" in out["rowwise"] and "sparsegpt" in out["reconstruct"]
