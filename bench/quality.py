@@ -94,6 +94,10 @@ def suites() -> dict[str, list[dict]]:
     # calibration-seed check of the 70% result (run with --seed 1, 2)
     trim_skip_seeds = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, **extra}
                        for a in ("alphapruning", "uniform") for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
+    # ... and of TRIM on all tokens (uniform 70%, then 60% with its no-TRIM twin)
+    trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": "uniform", **extra}
+                        for s, extra in ((0.7, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}), (0.6, {}),
+                                         (0.6, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}))]
     # TRIM scored on every calibration token (rowwise_params inputs=all, from X^T X) instead of the last token
     # of each sequence: does an objective that represents the tokens the layer serves remove TRIM's loss?
     all_tokens = {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}
