@@ -153,8 +153,13 @@ def cmd_prune(a) -> int:
 
     if rank() != 0:
         return 0
-    print(f"pruned {report['model']} with {report['method']['metric']} / {report['method']['allocation']} / "
-          f"{report['method']['pattern']}: sparsity {report['overall_sparsity']:.4f} of prunable weights "
+    from .report.markdown import describe_rowwise
+
+    m = report["method"]
+    print(f"pruned {report['model']} with {m['metric']} / {m['allocation']} / {m['pattern']}"
+          + (f" / rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
+          + (f" / reconstruct {m['reconstruct']}" if m.get("reconstruct") else "")
+          + f": sparsity {report['overall_sparsity']:.4f} of prunable weights "
           f"(target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
     pr = report["protocol"]
     if pr["calib"]:

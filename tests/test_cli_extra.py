@@ -51,9 +51,11 @@ def test_rowwise_params_from_the_cli(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["rowwise_params"] == {"tokens_per_sample": 2, "iters": 3}
     assert rep["method"]["rowwise"] == "trim" and all("rowwise" in l for l in rep["layers"])
+    assert rep["method"]["rowwise_params"] == {"tokens_per_sample": 2, "iters": 3}
+    assert "rowwise trim (iters=3, tokens_per_sample=2)" in (out / "report.md").read_text()
 
 
-def test_rowwise_skip_from_the_cli(tmp_path):
+def test_rowwise_skip_from_the_cli(tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["prune", "--model", str(STORIES_HF), "--metric", "wanda", "--sparsity", "0.5", "--rowwise", "trim",
                  "--rowwise-skip", "*.mlp.up_proj", "--rowwise-skip", "o_proj", "--calib", str(TINY_TEXT),
@@ -63,7 +65,8 @@ def test_rowwise_skip_from_the_cli(tmp_path):
     skipped = {l["name"] for l in rep["layers"] if "rowwise" not in l}
     assert skipped and all(n.endswith((".mlp.up_proj", ".self_attn.o_proj")) for n in skipped)
     assert len(skipped) == 2 * len(rep["blocks"])
-    assert "except *.mlp.up_proj, o_proj" in (out / "report.md").read_text()
+    assert "rowwise trim except *.mlp.up_proj, o_proj" in (out / "report.md").read_text()
+    assert "/ rowwise trim except *.mlp.up_proj, o_proj:" in capsys.readouterr().out  # the summary line says it too
 
 
 def test_methods_lists_every_registered_method(capsys):

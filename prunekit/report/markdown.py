@@ -8,13 +8,24 @@ def _fmt(x, nd=4):
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def describe_rowwise(m: dict) -> str:
+    """'trim (inputs=all) except up_proj' for a report's method section ('' without a row-wise method);
+    reports written before rowwise_params was recorded give just the name."""
+    if not m.get("rowwise"):
+        return ""
+    params = ", ".join(f"{k}={v}" for k, v in sorted((m.get("rowwise_params") or {}).items()))
+    return (m["rowwise"] + (f" ({params})" if params else "")
+            + (f" except {', '.join(m['rowwise_skip'])}" if m.get("rowwise_skip") else ""))
+
+
 def report_markdown(r: dict) -> str:
     m = r["method"]
     p = r["protocol"]
     lines = [f"# prunekit report: {r['model']}", "",
              f"- method: metric **{m['metric']}**, pattern {m['pattern']}, allocation {m['allocation']} "
-             f"({m['granularity']}), sequential={m['sequential']}" + (f", rowwise {m['rowwise']}" if m.get("rowwise") else "")
-             + (f" except {', '.join(m['rowwise_skip'])}" if m.get("rowwise_skip") else ""),
+             f"({m['granularity']}), sequential={m['sequential']}"
+             + (f", rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
+             + (f", weights reconstructed by {m['reconstruct']}" if m.get("reconstruct") else ""),
              f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
     if "saved" in r:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
