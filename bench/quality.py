@@ -98,6 +98,10 @@ def suites() -> dict[str, list[dict]]:
     trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": "uniform", **extra}
                         for s, extra in ((0.7, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}), (0.6, {}),
                                          (0.6, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}))]
+    trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": a, **extra}
+                        for s, a, extra in ((0.7, "alphapruning", {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}),
+                                            (0.5, "uniform", {}),
+                                            (0.5, "uniform", {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}))]
     # TRIM scored on every calibration token (rowwise_params inputs=all, from X^T X) instead of the last token
     # of each sequence: does an objective that represents the tokens the layer serves remove TRIM's loss?
     all_tokens = {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}
