@@ -274,7 +274,6 @@ def cmd_search(a) -> int:
 def cmd_methods(a) -> int:
     from .allocate import ALLOCATORS
     from .metrics import METRICS
-
     from .rowwise import ROWWISE, TRIM_INPUTS
 
     print("metrics:     " + ", ".join(sorted(METRICS)))

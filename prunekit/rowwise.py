@@ -257,7 +257,10 @@ def _trim(W, scores, stats, target, tokens_per_sample: int = 1, inputs: str = "l
     if stats is None or not need <= set(stats.needs):
         raise PrunekitError(f"row-wise 'trim' with inputs={inputs!r} needs the {sorted(need)} calibration "
                             "statistic (the engine adds rowwise_needs('trim', params) to what it gathers)")
-    X = gram_factor(stats.hessian) if inputs == "all" else stats.last_token_inputs()
+    if inputs == "all":  # a layer the forward never called has no statistics: X is empty and TRIM keeps uniform
+        X = gram_factor(stats.hessian) if stats.hessian is not None else torch.zeros(0, W.shape[1])
+    else:
+        X = stats.last_token_inputs()
     return trim_row_sparsity(W, scores, X, target, **kw)
 
 

@@ -286,5 +286,9 @@ def test_inputs_all_scores_on_every_calibration_token(seed):
     assert rowwise_needs("trim", {"inputs": "all"}) == {"hessian"} and rowwise_needs("trim") == {"last_tokens"}
     with pytest.raises(PrunekitError, match="hessian"):
         apply_rowwise("trim", W, S, last, 0.6, inputs="all")
+    # a layer that saw no tokens (never called by the forward) keeps the uniform allocation
+    empty = LayerStats(frozenset({"sq_sum", "hessian"}), D_IN)
+    rows0 = apply_rowwise("trim", W, S, empty, 0.6, inputs="all")
+    assert torch.equal(rowwise_mask(S, rows0), unstructured_mask(S, 0.6, "row"))
     with pytest.raises(PrunekitError, match="inputs"):
         rowwise_needs("trim", {"inputs": "first"})
