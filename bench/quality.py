@@ -91,20 +91,17 @@ def suites() -> dict[str, list[dict]]:
                     for s, a in ((0.7, "alphapruning"), (0.7, "uniform"), (0.5, "uniform"))
                     for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
     trim_skip_c4.insert(4, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning", "rowwise": "trim"})
-    # calibration-seed check of the 70% result (run with --seed 1, 2)
-    trim_skip_seeds = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, **extra}
-                       for a in ("alphapruning", "uniform") for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
-    # ... and of TRIM on all tokens (uniform 70%, then 60% with its no-TRIM twin)
-    trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": "uniform", **extra}
-                        for s, extra in ((0.7, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}), (0.6, {}),
-                                         (0.6, {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}))]
-    trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": a, **extra}
-                        for s, a, extra in ((0.7, "alphapruning", {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}),
-                                            (0.5, "uniform", {}),
-                                            (0.5, "uniform", {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}))]
     # TRIM scored on every calibration token (rowwise_params inputs=all, from X^T X) instead of the last token
     # of each sequence: does an objective that represents the tokens the layer serves remove TRIM's loss?
     all_tokens = {"rowwise": "trim", "rowwise_params": {"inputs": "all"}}
+    # calibration-seed check of the 70% result (run with --seed 1, 2)
+    trim_skip_seeds = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, **extra}
+                       for a in ("alphapruning", "uniform") for extra in ({}, {"rowwise": "trim", "rowwise_skip": skip})]
+    # ... and of TRIM on all tokens (uniform 70%, 60% and AlphaPruning 70%, 50%; 60/50% with their no-TRIM twins)
+    trim_skip_seeds += [{"metric": "wanda", "sparsity": s, "allocation": a, **extra}
+                        for s, a, extra in ((0.7, "uniform", all_tokens), (0.6, "uniform", {}), (0.6, "uniform", all_tokens),
+                                            (0.7, "alphapruning", all_tokens), (0.5, "uniform", {}),
+                                            (0.5, "uniform", all_tokens))]
     trim_all = [{"metric": "wanda", "sparsity": s, "allocation": a, **all_tokens, **extra}
                 for s, a, extra in ((0.7, "uniform", {}), (0.7, "alphapruning", {}), (0.5, "uniform", {}),
                                     (0.7, "uniform", {"rowwise_skip": skip}), (0.6, "uniform", {}),

@@ -96,7 +96,7 @@ class PruneConfig(BaseModel):
         metric = get_metric(self.metric)
         get_allocator(self.allocation)
         if self.rowwise is not None:
-            from .rowwise import ROWWISE, TRIM_INPUTS
+            from .rowwise import ROWWISE, rowwise_needs
 
             if self.rowwise not in ROWWISE:
                 raise ValueError(f"unknown rowwise method {self.rowwise!r}; valid: {', '.join(sorted(ROWWISE))}")
@@ -108,10 +108,8 @@ class PruneConfig(BaseModel):
             k = self.rowwise_params.get("tokens_per_sample", 1)
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"rowwise_params tokens_per_sample must be an integer >= 1, got {k!r}")
-            inputs = self.rowwise_params.get("inputs", "last")
-            if inputs not in TRIM_INPUTS:
-                raise ValueError(f"rowwise_params inputs must be one of {', '.join(TRIM_INPUTS)}, got {inputs!r}")
-            if inputs == "all" and "tokens_per_sample" in self.rowwise_params:
+            rowwise_needs(self.rowwise, self.rowwise_params)  # rejects an unknown TRIM 'inputs'
+            if self.rowwise_params.get("inputs") == "all" and "tokens_per_sample" in self.rowwise_params:
                 raise ValueError("rowwise_params tokens_per_sample picks TRIM's token rows; inputs=all already uses "
                                  "every token: set one of them")
         elif self.rowwise_skip:

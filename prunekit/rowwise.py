@@ -269,7 +269,7 @@ def rowwise_needs(name: str, params: dict | None = None) -> set[str]:
     if name == "trim":
         inputs = (params or {}).get("inputs", "last")
         if inputs not in TRIM_INPUTS:
-            raise PrunekitError(f"TRIM inputs must be one of {', '.join(TRIM_INPUTS)}, got {inputs!r}")
+            raise PrunekitError(f"rowwise_params inputs must be one of {', '.join(TRIM_INPUTS)}, got {inputs!r}")
         return {"hessian"} if inputs == "all" else {"last_tokens"}
     return set(ROWWISE_NEEDS[name])
 
