@@ -81,11 +81,28 @@ def make_mask(scores: torch.Tensor, sparsity, pattern: tuple[int, int] | None = 
     return unstructured_mask(scores, float(sparsity), group)
 
 
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
 def pack_mask(mask: torch.Tensor):
-    """Bit-pack a bool mask (8 weights per byte, row-major) for storage."""
+    """Bit-pack a bool mask (8 weights per byte, row-major, first weight in the high bit: numpy's
+    ``packbits`` layout) for storage; returns a CPU uint8 tensor. A mask on a GPU is packed there
+    (8x less to copy, and no single-threaded numpy pass over the 200 M weights of a 7B block)."""
     import numpy as np
 
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy().astype(bool)))
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy().astype(bool)))
+    return pack_bits(flat).cpu()
+
+
+def pack_bits(flat: torch.Tensor) -> torch.Tensor:
+    """``np.packbits`` in torch, on the tensor's own device (a 1-D bool tensor -> uint8, zero-padded)."""
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:

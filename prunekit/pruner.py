@@ -73,7 +73,7 @@ class LayerPruner:
                 add_bias(module, self.metric.bias_update(Wf, mask, stats))
             if Wn is not None:
                 W.copy_(Wn.to(W.dtype))
-            W[mask] = 0
+            W.masked_fill_(mask, 0)
         self.masks[name] = pack_mask(mask)
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
         if self.rowwise and info:

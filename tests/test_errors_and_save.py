@@ -173,6 +173,17 @@ def test_packed_masks_roundtrip():
     assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
 
 
+@pytest.mark.parametrize("n", [1, 8, 91, 4096])
+def test_torch_bit_packing_equals_numpy_packbits(n):
+    """pack_bits packs GPU masks on the GPU; here it runs on CPU tensors against numpy's packbits."""
+    import numpy as np
+
+    from prunekit.masks import pack_bits
+
+    m = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+    assert torch.equal(pack_bits(m), torch.from_numpy(np.packbits(m.numpy())))
+
+
 def test_recipe_yaml_and_overrides(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("metric: magnitude\nsparsity: 0.6\npattern: '2:4'\n")
