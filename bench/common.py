@@ -46,6 +46,8 @@ def environment() -> dict:
             env["git"] += "+dirty"
     except Exception:
         pass
+    if not env.get("git") and os.environ.get("BENCH_GIT"):  # a copy of the tree without .git (GPU machine)
+        env["git"] = os.environ["BENCH_GIT"]
     return env
 
 

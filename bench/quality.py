@@ -106,7 +106,17 @@ def suites() -> dict[str, list[dict]]:
                 for s, a, extra in ((0.7, "uniform", {}), (0.7, "alphapruning", {}), (0.5, "uniform", {}),
                                     (0.7, "uniform", {"rowwise_skip": skip}), (0.6, "uniform", {}),
                                     (0.7, "alphapruning", {"rowwise_skip": skip}))]
-    return {"core": core, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
+    # protocol P on a lent GPU (one short call): the brief's independent check (dense 21.98, uniform Wanda 50%
+    # 53.9) and the best CPU pipelines per sparsity, in priority order
+    gpu_p = [{"metric": "wanda", "sparsity": 0.5, "sequential": False}, {"metric": "wanda", "sparsity": 0.5},
+             {"metric": "sparsegpt", "sparsity": 0.5}, {"metric": "wanda", "sparsity": 0.5, "pattern": "2:4"},
+             {"metric": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
+             {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "alphapruning"},
+             {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"},
+             {"metric": "wanda", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7},
+             {"metric": "sparsegpt", "sparsity": 0.6, "allocation": "alphapruning"},
+             {"metric": "sparsegpt", "sparsity": 0.8, "allocation": "alphapruning"}]
+    return {"core": core, "gpu-p": gpu_p, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
             "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}

@@ -11,6 +11,7 @@ FLOPs at the GPU's dense bf16 peak. Writes bench/results/speed.json (merged by k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -38,13 +39,15 @@ def random_llama(blocks: int, dtype, hidden=4096, mlp=11008, heads=32, vocab=320
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = model.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
+    # drawn on the GPU when there is one (7B normals on one CPU thread take minutes), then copied to the CPU
+    gen_dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=gen_dev).manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.fill_(1.0)
             else:
-                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.02).to(dtype))
+                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32, device=gen_dev) * 0.02).to(dtype))
     model.model.rotary_emb.__init__(cfg)  # buffers were left empty by to_empty
     model.eval()
     return model
@@ -82,7 +85,7 @@ def projection(hidden, inter, kv, blocks, vocab, tokens, gpu_gib=80.0, dtype_byt
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama7b-random | any model spec")
-    ap.add_argument("--metric", default="wanda")
+    ap.add_argument("--metric", default="wanda", help="one metric or a comma-separated list (one process)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nsamples", type=int)
@@ -90,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=32, help="for llama7b-random")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--phases", default="", help="comma-separated metrics that get one more, instrumented run "
+                    "(time per phase), right after their plain run")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and a.device != "cpu"
     device = "cuda" if cuda else "cpu"
@@ -110,24 +115,99 @@ def main(argv=None):
     params = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in prunekit.models.families.get_blocks(model).parameters())
     rss_before = rss_gib()
-    times = []
-    for _ in range(a.repeat):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-        t = time.time()
-        report = prunekit.prune(model, tok, {"metric": a.metric, "sparsity": a.sparsity, "device": device,
-                                             "nsamples": nsamples, "seqlen": seqlen}, calib_ids=calib)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.time() - t)
-    res = {"model": a.model + (f" ({a.blocks} blocks)" if big else ""), "metric": a.metric,
+    metrics = a.metric.split(",")
+    phased = [m for m in a.phases.split(",") if m]
+    runs = [(m, instr) for m in metrics for instr in ((False, True) if m in phased else (False,))]
+    dense = {k: v.clone() for k, v in model.state_dict().items()} if len(runs) > 1 else None
+    for metric, instrumented in runs:
+        if dense is not None:
+            model.load_state_dict(dense)  # every run starts from the dense weights
+        times, phases = [], {}
+        for _ in range(1 if instrumented else a.repeat):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+            with timed_phases(phases, cuda, instrumented):
+                t = time.time()
+                report = prunekit.prune(model, tok, {"metric": metric, "sparsity": a.sparsity, "device": device,
+                                                     "nsamples": nsamples, "seqlen": seqlen}, calib_ids=calib)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.time() - t)
+        if instrumented:
+            record_phases(a, big, metric, device, nsamples, seqlen, times[0], phases)
+        else:
+            record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times,
+                   rss_before, report)
+
+
+PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
+          ("prunekit.metrics.sparsegpt", "sparsegpt_solve", "SparseGPT solve (Cholesky + sweep)"),
+          ("prunekit.metrics.sparsegpt", "inverse_cholesky_upper", "  of which Cholesky / inverse"),
+          ("prunekit.pruner", "pack_mask", "mask packing"))
+
+
+@contextlib.contextmanager
+def timed_phases(acc: dict, cuda: bool, on: bool):
+    """Time the engine's phases by wrapping their functions (a GPU sync before and after each call, so
+    an instrumented run is a little slower than a plain one; the remainder is the forward passes,
+    block transfers and the rest)."""
+    if not on:
+        yield
+        return
+    import importlib
+
+    saved = []
+    for mod_name, fn_name, label in PHASES:
+        mod = importlib.import_module(mod_name)
+        fn = getattr(mod, fn_name)
+
+        def wrapped(*args, _fn=fn, _label=label, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.time()
+            out = _fn(*args, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            acc[_label] = acc.get(_label, 0.0) + time.time() - t
+            return out
+        saved.append((mod, fn_name, fn))
+        setattr(mod, fn_name, wrapped)
+    try:
+        yield
+    finally:
+        for mod, fn_name, fn in saved:
+            setattr(mod, fn_name, fn)
+
+
+def record_phases(a, big, metric, device, nsamples, seqlen, total, phases) -> None:
+    out = RESULTS / "speed.json"
+    data = load_results(out)
+    key = f"{a.model + (f' ({a.blocks} blocks)' if big else '')}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+    if key in data:
+        data[key]["phases_s"] = {"instrumented_total": round(total, 2), **{k: round(v, 2) for k, v in phases.items()},
+                                 "rest (forward passes, block transfers, masks, bookkeeping)":
+                                     round(total - sum(v for k, v in phases.items() if not k.startswith(" ")), 2)}
+        save_json(out, data)
+        write_markdown(data)
+    print(key, "phases", phases, "total", round(total, 2))
+
+
+def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times, rss_before,
+           report) -> None:
+    res = {"model": a.model + (f" ({a.blocks} blocks)" if big else ""), "metric": metric,
            "sparsity": a.sparsity, "device": device, "dtype": str(next(model.parameters()).dtype),
            "nsamples": nsamples, "seqlen": seqlen, "calibration_tokens": nsamples * seqlen,
            "params": params, "block_params": block_params, "load_s": round(load_s, 2),
            "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
            "peak_rss_gib": round(rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
-           "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block"}
+           "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
+           "dense_copy_in_rss": len(a.metric.split(",")) > 1 or bool(a.phases)}  # kept to restore weights between runs
+    if cuda and "sparsegpt" in metric:
+        from prunekit.metrics import stats as stats_mod
+
+        low = res["dtype"] in ("torch.bfloat16", "torch.float16") and not stats_mod._FP32_OUT_MM
+        res["hessian_gemm"] = "bf16 x bf16 -> fp32 (out_dtype)" if low else "fp32 x fp32"
     if cuda:
         name = torch.cuda.get_device_name(0)
         res["gpu"] = name
@@ -146,11 +226,16 @@ def main(argv=None):
         for key, (_, shape) in LLAMA_SHAPES.items():
             res[f"projection_{key}"] = projection(*shape, tokens)
     res["environment"] = environment()
-    key = f"{res['model']}|{a.metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+    key = f"{res['model']}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
     out = RESULTS / "speed.json"
     data = load_results(out)
     data[key] = res
     save_json(out, data)
+    write_markdown(data)
+    print(res)
+
+
+def write_markdown(data: dict) -> None:
     lines = ["# Speed benchmark", "", "Wall time of `prunekit.prune` with the model already loaded (min over repeats); "
              "peak RSS is the process high-water mark (model included).", "",
              "| model | metric | device | calibration | prune s | peak RSS GiB | peak GPU GiB | x FLOPs floor | machine |",
@@ -159,9 +244,13 @@ def main(argv=None):
         lines.append(f"| {r['model']} | {r['metric']} {r['sparsity']} | {r['device']} | {r['nsamples']} x {r['seqlen']} | "
                      f"{r['prune_s']} | {r['peak_rss_gib']} | {r.get('peak_gpu_gib', '-')} | {r.get('x_floor', '-')} | "
                      f"{r['environment']['processor']}, {r['environment']['cpu_count']} CPUs, torch {r['environment']['torch']} |")
+    for k, r in data.items():
+        if "phases_s" in r:
+            lines += ["", f"Phases of `{k}` (a second, instrumented run: GPU synchronised around each phase):", ""]
+            lines += [f"- {name.strip()}{' (inside the solve)' if name.startswith(' ') else ''}: {v} s"
+                      for name, v in r["phases_s"].items()]
     (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
     write_scale(data)
-    print(res)
 
 
 def write_scale(data: dict) -> None:
