@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Device call 1 (carry .device/part-aa and .device/wheels; see prepare.sh): keep GGUF part 1 and the wheels
+# on the machine for call 2, then the 7B-shaped SparseGPT / Wanda timing and the Hessian GEMM check.
+#   BENCH_GIT=$(git rev-parse --short HEAD) bash bench/device/gpu_7b.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+cp .device/part-aa /tmp/part-aa
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+timeout "${THESS:-90}" python3 bench/hessian_gemm.py 2>&1 | tee "$OUT/hessian_gemm.log"
+timeout "${T7B:-420}" python3 bench/speed.py --model llama7b-random --device cuda --metric sparsegpt,wanda \
+  --phases sparsegpt 2>&1 | tr '\r' '\n' | tee "$OUT/speed7b.log" | grep -v 'block/s'
+cp bench/results/speed.json bench/results/speed.md bench/results/scale.md bench/results/hessian_gemm.json "$OUT/"
