@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .metrics.stats import LayerStats
 from .models.families import in_features
+from .offload import on_device
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +130,11 @@ def non_block_modules(model: nn.Module, blocks: nn.ModuleList):
 @contextlib.contextmanager
 def non_blocks_on(model: nn.Module, blocks: nn.ModuleList, device):
     """Temporarily move the modules outside the blocks (embeddings, rotary tables, final norm, head) to
-    ``device``; each goes back where it was."""
-    moved = []
-    try:
-        for m in non_block_modules(model, blocks):
-            moved.append((m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device))
-            m.to(device)
+    ``device``; each goes back into its own memory (prunekit.offload)."""
+    with contextlib.ExitStack() as stack:
+        for m in list(non_block_modules(model, blocks)):  # only their own tensors: a parent keeps its children
+            stack.enter_context(on_device(m, device, recurse=False))
         yield
-    finally:
-        for m, dev in moved:
-            m.to(dev)
 
 
 @torch.no_grad()
@@ -187,12 +183,8 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
     """
     if len(blocks) < 2:
         return
-    orig = next(blocks[0].parameters()).device
-    blocks[0].to(device)
-    try:
+    with on_device(blocks[0], device):
         template = inputs.call(blocks[0], 0, device, raw=True)
-    finally:
-        blocks[0].to(orig)
     sizes = {}
     start = 0
     for h in inputs.hidden:  # first batch of every size
@@ -395,14 +387,10 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
     if offload and store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
     for b, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
-        orig = next(block.parameters()).device
-        block.to(device)
         inputs.block_index = b
-        try:
+        with on_device(block, device):  # back into the block's own CPU memory afterwards (prunekit.offload)
             run_block(block, block_layers[b], inputs, needs, handle, device, sequential,
                       max_last_tokens=max_last_tokens, tokens_per_sample=tokens_per_sample)
-        finally:
-            block.to(orig)
         if on_block_done:
             on_block_done(b)
         release_memory()

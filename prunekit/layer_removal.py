@@ -53,6 +53,7 @@ from torch import nn
 from .calibrate import BlockInputs, capture_inputs, probe_block_kwargs
 from .errors import PrunekitError
 from .models.families import block_linears, blocks_path, family_of, find_linears, get_blocks, weight_view
+from .offload import on_device
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,8 @@ def _on_device(model: nn.Module, device):
     if orig == device or (device.type == orig.type and device.index is None):
         yield
         return
-    model.to(device)
-    try:
+    with on_device(model, device):
         yield
-    finally:
-        model.to(orig)
 
 
 def _store_device(model, input_ids: torch.Tensor, device: torch.device) -> torch.device:
@@ -123,20 +121,18 @@ def _walk(model: nn.Module, input_ids: torch.Tensor, visit=None, device="cpu", b
     probe_block_kwargs(model, blocks, inputs, input_ids, device, store)
     for b in range(stop):
         block = blocks[b]
-        orig = next(block.parameters()).device
-        block.to(device)
         inputs.block_index = b
-        hooks = block_hooks(b, block) if block_hooks else []
-        try:
-            for i in range(inputs.n_batches):
-                out = inputs.call(block, i, device)
-                if visit is not None:
-                    visit(b, inputs.hidden[i].to(device), out)
-                inputs.hidden[i] = out.to(inputs.hidden[i].device)
-        finally:
-            for h in hooks:
-                h.remove()
-            block.to(orig)
+        with on_device(block, device):
+            hooks = block_hooks(b, block) if block_hooks else []
+            try:
+                for i in range(inputs.n_batches):
+                    out = inputs.call(block, i, device)
+                    if visit is not None:
+                        visit(b, inputs.hidden[i].to(device), out)
+                    inputs.hidden[i] = out.to(inputs.hidden[i].device)
+            finally:
+                for h in hooks:
+                    h.remove()
     return inputs
 
 

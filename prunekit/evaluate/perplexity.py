@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..data import eval_token_ids
 from ..errors import PrunekitError
+from ..offload import on_device
 
 
 @torch.no_grad()
@@ -40,18 +41,14 @@ def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: i
     probe_block_kwargs(model, blocks, inputs, windows, device, torch.device("cpu"))
     template = None
     for b, block in enumerate(tqdm(blocks, desc=f"{desc} (block by block)", unit="block", leave=False)):
-        orig = next(block.parameters()).device
-        block.to(device)
         inputs.block_index = b
-        try:
+        with on_device(block, device):
             for i in range(inputs.n_batches):
                 out = inputs.call(block, i, device, raw=True)
                 if template is None:
                     template = out
                 h = out[0] if isinstance(out, (tuple, list)) else out
                 inputs.hidden[i] = h.to("cpu")
-        finally:
-            block.to(orig)
     state = {"i": 0}
 
     def passthrough(last):
@@ -108,12 +105,8 @@ def perplexity(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, 
     if offload:
         nll = nll_of_windows_blockwise(model, windows, device, batch_size, desc=f"ppl {source}")
     else:
-        orig = next(model.parameters()).device
-        model.to(device)
-        try:
+        with on_device(model, device):
             nll = nll_of_windows(model, windows, device, batch_size, desc=f"ppl {source}")
-        finally:
-            model.to(orig)
     return {
         "dataset": source,
         "ppl": float(math.exp(nll.mean().item())),
