@@ -363,3 +363,15 @@ def test_ace_cosine_term_tracks_measured_cosine_loss():
     rc, rl = rank(C), rank(loss)
     spearman = float(((rc - rc.mean()) * (rl - rl.mean())).sum() / ((rc - rc.mean()).norm() * (rl - rl.mean()).norm()))
     assert spearman > 0.9, spearman
+
+
+def test_feature_sums_in_row_chunks_equal_the_direct_sums(monkeypatch):
+    from prunekit.metrics import stats as stats_mod
+
+    X = correlated_inputs(n=300, d=16, mean=0.5)
+    monkeypatch.setattr(stats_mod, "SUM_CHUNK_ELEMENTS", 16 * 7)  # 7 rows per chunk, 43 chunks
+    st = stats_of(X, chunks=2)
+    # float32 squares summed in float64, as the statistics define them; only the summation order differs
+    assert torch.allclose(st.sq_sum, (X * X).double().sum(0), rtol=1e-12)
+    assert torch.allclose(st.sum, X.double().sum(0), rtol=1e-12, atol=1e-9)
+    assert st.count == 300
