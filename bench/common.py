@@ -46,8 +46,8 @@ def environment() -> dict:
             env["git"] += "+dirty"
     except Exception:
         pass
-    if not env.get("git") and os.environ.get("BENCH_GIT"):  # a copy of the tree without .git (GPU machine)
-        env["git"] = os.environ["BENCH_GIT"]
+    if os.environ.get("BENCH_GIT"):  # the commit a copied tree was made from (the GPU machine's copy may carry
+        env["git"] = os.environ["BENCH_GIT"]  # a stale .git: it read the session's first commit +dirty)
     return env
 
 

@@ -153,10 +153,12 @@ def markdown(data: dict) -> str:
              f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: {evaluation}, "
              f"{data['dense']['windows']} windows x {p['seqlen']} tokens "
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
+             f"Machine: {env.get('gpu', env['processor'])}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
              f"{env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
-             f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times on a 2-core machine "
-             "that other work shared during this benchmark; isolated timings are in speed.md. Unless noted, the "
+             f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times "
+             + ("on the GPU (one process, nothing else running)" if env.get("gpu") else
+                "on a 2-core machine that other work shared during this benchmark")
+             + "; isolated timings are in speed.md. Unless noted, the "
              "engine is sequential (each layer's statistics from inputs after the earlier layers of its block "
              "were pruned).", "",
              f"| metric | sparsity | pattern | allocation | notes | {ev_name} PPL | prune time (s) |",

@@ -243,7 +243,8 @@ def write_markdown(data: dict) -> None:
     for k, r in data.items():
         lines.append(f"| {r['model']} | {r['metric']} {r['sparsity']} | {r['device']} | {r['nsamples']} x {r['seqlen']} | "
                      f"{r['prune_s']} | {r['peak_rss_gib']} | {r.get('peak_gpu_gib', '-')} | {r.get('x_floor', '-')} | "
-                     f"{r['environment']['processor']}, {r['environment']['cpu_count']} CPUs, torch {r['environment']['torch']} |")
+                     f"{r['environment'].get('gpu', r['environment']['processor'])}, {r['environment']['cpu_count']} CPUs, "
+                     f"torch {r['environment']['torch']} |")
     for k, r in data.items():
         if "phases_s" in r:
             lines += ["", f"Phases of `{k}` (a second, instrumented run: GPU synchronised around each phase):", ""]
@@ -251,6 +252,20 @@ def write_markdown(data: dict) -> None:
                       for name, v in r["phases_s"].items()]
     (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
     write_scale(data)
+
+
+def gpu_check(data: dict) -> str:
+    """The projection next to what a GPU run of the 7B shape measured (if one was)."""
+    got = [r for r in data.values() if r["device"] == "cuda" and r["model"] == "llama7b-random (32 blocks)"]
+    if not got:
+        return "Not yet checked against a GPU measurement."
+    p = projection(*LLAMA_SHAPES["7b"][1], 128 * 2048)
+    meas = "; ".join(f"{r['metric']} {r['peak_gpu_gib']} GiB (projected {p['peak_' + r['metric'] + '_gib']})"
+                     for r in got if f"peak_{r['metric']}_gib" in p)
+    return (f"Measured on {got[0].get('gpu', 'a GPU')} (LLaMA-7B shape, 128 x 2048, bf16): {meas}. The projection's "
+            "activation term is the 40% batch budget, an upper bound; Wanda measured above it because its feature "
+            "norms take float32 copies of each layer's input (the down_proj input of 262k tokens: 2 x 11.5 GB), "
+            "which the projection leaves out.")
 
 
 def write_scale(data: dict) -> None:
@@ -265,7 +280,7 @@ def write_scale(data: dict) -> None:
     for r in data.values():
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['metric']} {r['sparsity']} | {r['device']} | "
                      f"{r['nsamples']} x {r['seqlen']} | {r['prune_s']} | {r['peak_rss_gib']} | "
-                     f"{r.get('peak_gpu_gib', '-')} | {r['environment']['processor']}, "
+                     f"{r.get('peak_gpu_gib', '-')} | {r['environment'].get('gpu', r['environment']['processor'])}, "
                      f"{r['environment']['cpu_count']} CPUs, {r['environment']['date']} |")
     tokens = 128 * 2048
     lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)", "",
@@ -273,8 +288,7 @@ def write_scale(data: dict) -> None:
               "the GPU: the automatic batch size), the embeddings / lm_head while block 0's inputs are captured, and "
               "one layer's fp32 statistics (SparseGPT: while solving the largest layer, four fp32 Hessian-sized "
               "matrices and two fp32 weight copies, as measured on CPU in sparsegpt_memory.md). Formula: "
-              "`projection()` in bench/speed.py. Not yet checked against a GPU "
-              "measurement (no GPU was lent when this was written).", "",
+              "`projection()` in bench/speed.py. " + gpu_check(data), "",
               "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | SparseGPT solve GiB | "
               "peak Wanda GiB | peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
