@@ -3,9 +3,12 @@
     python bench/hessian_gemm.py                 # GPU: 128 x 2048 tokens, d = 4096 and 11008 (LLaMA-7B widths)
     python bench/hessian_gemm.py --tokens 8192   # CPU: float32 path only (no out_dtype kernel on CPU)
 
-``prunekit.metrics.stats.gram`` uses ``torch.mm(x.T, x, out_dtype=torch.float32)`` for bf16/fp16 inputs on
-CUDA. Both paths see the same bf16 activations; this measures each against a float64 product of those
-inputs (relative Frobenius error, and the worst relative error on the diagonal) and times it. Writes
+Three paths on the same bf16 activations: the float32 GEMM, a bf16 x bf16 GEMM with float32 output
+(``torch.mm(x.T, x, out_dtype=torch.float32)``) and ``prunekit.metrics.stats.gram`` (TF32 GEMMs on
+float32 row chunks, result checked on its diagonal). Each is measured against a float64 product of those
+inputs (relative Frobenius error, and the worst relative error on the diagonal) and timed. (The first GPU
+run, 2026-11-29, had only the first two: gram() then used the out_dtype GEMM, whose 1.4e-3 error made
+it switch to TF32.) Writes
 bench/results/hessian_gemm.json (merged by key) and prints the rows.
 """
 from __future__ import annotations
@@ -53,7 +56,8 @@ def main(argv=None):
         ref = x.double().t() @ x.double()
         paths = {"fp32 x fp32": lambda: x.float().t() @ x.float()}
         if cuda:
-            paths["bf16 -> fp32 (gram)"] = lambda: gram(x)
+            paths["bf16 x bf16 -> fp32 (torch.mm out_dtype)"] = lambda: torch.mm(x.t(), x, out_dtype=torch.float32)
+            paths["gram(): TF32 row chunks + diagonal check"] = lambda: gram(x)
         for name, fn in paths.items():
             h, s = timed(fn, cuda)
             err = float((h.double() - ref).norm() / ref.norm())

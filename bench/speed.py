@@ -206,8 +206,10 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
     if cuda and "sparsegpt" in metric:
         from prunekit.metrics import stats as stats_mod
 
-        low = res["dtype"] in ("torch.bfloat16", "torch.float16") and not stats_mod._FP32_OUT_MM
-        res["hessian_gemm"] = "bf16 x bf16 -> fp32 (out_dtype)" if low else "fp32 x fp32"
+        low = res["dtype"] in ("torch.bfloat16", "torch.float16")
+        res["hessian_gemm"] = ("fp32 x fp32" if not low else "TF32 row chunks, diagonal-checked"
+                               if not stats_mod.FAST_GRAM_FAILED else
+                               f"fp32 x fp32 (TF32 failed its check: {stats_mod.FAST_GRAM_FAILED[0]:.2e})")
     if cuda:
         name = torch.cuda.get_device_name(0)
         res["gpu"] = name

@@ -375,3 +375,25 @@ def test_feature_sums_in_row_chunks_equal_the_direct_sums(monkeypatch):
     assert torch.allclose(st.sq_sum, (X * X).double().sum(0), rtol=1e-12)
     assert torch.allclose(st.sum, X.double().sum(0), rtol=1e-12, atol=1e-9)
     assert st.count == 300
+
+
+def test_fast_hessian_path_is_exact_on_bf16_inputs_and_its_check_rejects_a_rounded_result(caplog):
+    """gram()'s GPU path (TF32 chunks + diagonal check), run here on CPU tensors: the chunked product of
+    bf16 inputs matches float64; a result rounded to bf16 (what torch.mm(out_dtype=float32) gave on an
+    H200) fails the check, which then switches the fast path off."""
+    from prunekit.metrics import stats as stats_mod
+
+    x = (correlated_inputs(n=3000, d=64) * 3).to(torch.bfloat16)
+    ref = x.double().t() @ x.double()
+    h = stats_mod._gram_tf32(x)
+    assert float((h.double() - ref).norm() / ref.norm()) < 1e-6
+    assert torch.allclose(stats_mod.sq_sums64(x), ref.diagonal(), rtol=1e-12)
+    assert stats_mod.checked(x, h) is h and not stats_mod.FAST_GRAM_FAILED
+    rounded = h.to(torch.bfloat16).float()
+    try:
+        with caplog.at_level(logging.WARNING, logger="prunekit.metrics.stats"):
+            assert stats_mod.checked(x, rounded) is None
+        assert stats_mod.FAST_GRAM_FAILED and stats_mod.FAST_GRAM_FAILED[0] > stats_mod.DIAG_TOL
+        assert "float32 GEMMs from now on" in caplog.text
+    finally:
+        stats_mod.FAST_GRAM_FAILED.clear()
