@@ -185,15 +185,17 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
                 k = int(sparsity * (rows * i2)) - int(sparsity * (rows * i1))
                 M1 = _lowest_k_mask(score.reshape(1, -1), k).reshape(rows, count)
         S1t = M1.t().to(W1t.dtype) / d[:, None] if nm is None else torch.empty_like(W1t)
+        # views made once per block (per-column indexing is a visible part of the cost on a GPU)
+        w, s, e, u = W1t.unbind(0), S1t.unbind(0), Err1t.unbind(0), U1.unbind(0)
         for i in range(count):
             if nm is not None and i % nm[1] == 0:
                 j = slice(i, i + nm[1])
                 tmp = W1t[j].t().pow(2) / d[j].pow(2)[None, :]
                 M1[:, j] = _lowest_k_mask(tmp, nm[0])
                 S1t[j] = M1[:, j].t().to(W1t.dtype) / d[j, None]
-            err = torch.mul(W1t[i], S1t[i], out=Err1t[i])
+            torch.mul(w[i], s[i], out=e[i])
             if i + 1 < count:
-                W1t[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+                W1t[i + 1:].addr_(u[i][i + 1:], e[i], alpha=-1.0)
         W[:, i1:i2] = W1t.t().masked_fill_(M1, 0.0)  # exact zeros where pruned
         out_mask[:, i1:i2] = M1
         if i2 < cols:
