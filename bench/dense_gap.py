@@ -31,7 +31,7 @@ def main(argv=None):
     model, tok = prunekit.load_model("smollm2")
     rows = eval_token_ids(tok, "wikitext2", a.seqlen)
     raw_path = Path(os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data")) / "wikitext2" / "wiki.test.raw"
-    raw = torch.tensor(tok(raw_path.read_text(encoding="utf-8", newline=""), add_special_tokens=False).input_ids)
+    raw = torch.tensor(tok(open(raw_path, encoding="utf-8", newline="").read(), add_special_tokens=False).input_ids)
     res = {"windows": a.windows, "seqlen": a.seqlen, "tokens_rows": int(rows.numel()), "tokens_raw": int(raw.numel())}
     for name, ids, dtype in (("rows-fp32", rows, torch.float32), ("raw-fp32", raw, torch.float32),
                              ("rows-bf16", rows, torch.bfloat16)):
