@@ -368,7 +368,9 @@ def main(argv=None):
         data["runs"][key] = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
                              "overall_sparsity": report["overall_sparsity"],
                              "granularity": report["method"]["granularity"],
-                             "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]]}
+                             "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
+                             # per run: the file's "environment" is the last invocation's
+                             "git": data["environment"].get("git"), "date": data["environment"].get("date")}
         rw = rowwise_summary(report["layers"])
         if rw:
             data["runs"][key]["rowwise"] = rw
