@@ -17,6 +17,11 @@ from torch import nn
 _KINDS = ("_parameters", "_buffers")
 
 
+def on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` ("cuda" without an index means any CUDA device)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
 def home_of(module: nn.Module, device: torch.device | None = None, recurse: bool = True) -> dict:
     """The tensors of ``module`` (parameters and buffers, by owning module and name) not already on ``device``
     (``recurse=False``: the module's own tensors only, not its children's)."""
@@ -24,7 +29,7 @@ def home_of(module: nn.Module, device: torch.device | None = None, recurse: bool
     for mod in (module.modules() if recurse else [module]):
         for kind in _KINDS:
             for name, t in getattr(mod, kind).items():
-                if t is not None and (device is None or t.device != device):
+                if t is not None and (device is None or not on(t, device)):
                     home[(mod, kind, name)] = t.data
     return home
 

@@ -52,3 +52,10 @@ def test_on_device_is_a_no_op_on_the_same_device_and_recurse_false_keeps_childre
         assert same is m and [p.data_ptr() for p in m.parameters()] == ptrs
     assert home_of(m, torch.device("cpu")) == {}
     assert [k[2] for k in home_of(m, recurse=False)] == ["table"]  # own buffer only, not the children's
+
+
+def test_device_match_ignores_a_missing_index():
+    from prunekit.offload import on
+
+    t = torch.zeros(1)
+    assert on(t, torch.device("cpu")) and not on(t, torch.device("cuda")) and not on(t, torch.device("meta"))
