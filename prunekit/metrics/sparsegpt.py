@@ -151,8 +151,9 @@ def _check_inputs(W, H, sparsity, pattern, mask):
 def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize: int):
     """The column sweep on W (modified in place). Returns the prune mask.
 
-    Inside a block the work is kept to two kernels per column (on a GPU the sweep is bound by kernel
-    launches, 35k columns per LLaMA-7B block): the block is held transposed (``W1t``: one row per
+    Inside a block the work is kept to two kernels per column (on a GPU the sweep is bound by the
+    per-column launch and Python overhead: about 30 us per column measured on an H200, 35 s for the
+    1.14 M columns of LLaMA-7B, before the views below were made once per block): the block is held transposed (``W1t``: one row per
     column, contiguous), ``S1 = mask / U_jj`` is formed once per block (per M columns for N:M), so a
     column's error is one multiply (``err = w * S1[:, i]``: the pruned entries' w / U_jj, exactly 0
     elsewhere) and its update of the later columns one rank-1 ``addr_``. The column itself is not
