@@ -344,7 +344,7 @@ def main(argv=None):
         data["dense"] = evaluate()
         save_json(out, data)
     print(f"dense: {data['dense']['ppl']:.3f}", flush=True)
-    runs = [r for s in a.suite for r in suites()[s]]
+    runs = list({key_of(r): r for s in a.suite for r in suites()[s]}.values())  # a run in two suites runs once
     for run in runs:
         key = key_of(run)
         if a.only and a.only not in key:
