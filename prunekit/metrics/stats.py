@@ -27,6 +27,13 @@ DIAG_TOL = 4e-4  # the fast Hessian's worst relative error on its diagonal befor
 FAST_GRAM_FAILED: list[float] = []  # the error seen, once the fast path failed its check (then: float32)
 
 
+def row_chunks(x: torch.Tensor, elements: int | None = None):
+    """x (tokens, d) split into row chunks of at most ``elements`` values (default SUM_CHUNK_ELEMENTS, read
+    at call time; at least one row each)."""
+    elements = SUM_CHUNK_ELEMENTS if elements is None else elements
+    return x.split(max(1, elements // max(x.shape[-1], 1)))
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x in float32 for x of shape (tokens, d).
 
@@ -52,11 +59,10 @@ def _gram_tf32(x: torch.Tensor) -> torch.Tensor:
     """sum over row chunks of chunk^T chunk with TF32 matmuls, accumulated in a float32 (d, d) result."""
     d = x.shape[-1]
     h = torch.zeros(d, d, dtype=torch.float32, device=x.device)
-    step = max(1, SUM_CHUNK_ELEMENTS // max(d, 1))
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls, restored below
     try:
-        for part in x.split(step):
+        for part in row_chunks(x):
             pf = part.float()
             h.addmm_(pf.t(), pf)
     finally:
@@ -66,9 +72,8 @@ def _gram_tf32(x: torch.Tensor) -> torch.Tensor:
 
 def sq_sums64(x: torch.Tensor) -> torch.Tensor:
     """Exact (float64) sum of squares of each column of x, in row chunks (the diagonal of x^T x)."""
-    step = max(1, SUM_CHUNK_ELEMENTS // 2 // max(x.shape[-1], 1))
     out = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-    for part in x.split(step):
+    for part in row_chunks(x, SUM_CHUNK_ELEMENTS // 2):  # float64: half as many values per chunk
         xd = part.double()
         out.add_((xd * xd).sum(0))
     return out
@@ -125,8 +130,7 @@ class LayerStats:
         if "sq_sum" in self.needs or "sum" in self.needs:
             # in row chunks: float32 temporaries of at most SUM_CHUNK_ELEMENTS (not two float32 copies of x:
             # 2 x 11.5 GB for the down_proj input of 128 x 2048 LLaMA-7B tokens)
-            step = max(1, SUM_CHUNK_ELEMENTS // max(self.d_in, 1))
-            for part in x.split(step):
+            for part in row_chunks(x):
                 xf = part.float()
                 if "sq_sum" in self.needs:
                     s = (xf * xf).sum(0, dtype=torch.float64)
