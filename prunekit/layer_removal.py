@@ -86,18 +86,6 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device):
-    """Move the whole model to ``device`` for the duration (full-model scores: taylor, ppl)."""
-    device = torch.device(device)
-    orig = next(model.parameters()).device
-    if orig == device or (device.type == orig.type and device.index is None):
-        yield
-        return
-    with on_device(model, device):
-        yield
-
-
 def _store_device(model, input_ids: torch.Tensor, device: torch.device) -> torch.device:
     if device.type != "cuda":
         return torch.device("cpu")
@@ -204,7 +192,7 @@ def taylor_score(model: nn.Module, input_ids: torch.Tensor, device="cpu", batch_
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
             p.grad = None
-        with _eval_mode(model), _on_device(model, device), torch.enable_grad():
+        with _eval_mode(model), on_device(model, device), torch.enable_grad():
             dev = next(model.parameters()).device
             for s in range(0, n, bs):
                 batch = input_ids[s:s + bs].to(dev)
@@ -245,7 +233,7 @@ def _calib_ppl(model, input_ids, batch_size) -> float:
 def ppl_score(model: nn.Module, input_ids: torch.Tensor, device="cpu", batch_size=None) -> list[float]:
     """Calibration perplexity with the block skipped minus the dense calibration perplexity."""
     blocks = get_blocks(model)
-    with _eval_mode(model), _on_device(model, device):
+    with _eval_mode(model), on_device(model, device):
         base = _calib_ppl(model, input_ids, batch_size)
         out = []
         for block in blocks:
