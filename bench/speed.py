@@ -138,7 +138,7 @@ def main(argv=None):
             record_phases(a, big, metric, device, nsamples, seqlen, times[0], phases)
         else:
             record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times,
-                   rss_before, report)
+                   rss_before, report, dense is not None)
 
 
 PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
@@ -180,10 +180,19 @@ def timed_phases(acc: dict, cuda: bool, on: bool):
             setattr(mod, fn_name, fn)
 
 
+def model_label(a, big: bool) -> str:
+    return a.model + (f" ({a.blocks} blocks)" if big else "")
+
+
+def run_key(a, big: bool, metric: str, device: str, nsamples: int, seqlen: int) -> str:
+    """One run's key in speed.json (the plain run's record; an instrumented run adds its phases to it)."""
+    return f"{model_label(a, big)}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+
+
 def record_phases(a, big, metric, device, nsamples, seqlen, total, phases) -> None:
     out = RESULTS / "speed.json"
     data = load_results(out)
-    key = f"{a.model + (f' ({a.blocks} blocks)' if big else '')}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+    key = run_key(a, big, metric, device, nsamples, seqlen)
     if key in data:
         data[key]["phases_s"] = {"instrumented_total": round(total, 2), **{k: round(v, 2) for k, v in phases.items()},
                                  "rest (forward passes, block transfers, masks, bookkeeping)":
@@ -194,15 +203,15 @@ def record_phases(a, big, metric, device, nsamples, seqlen, total, phases) -> No
 
 
 def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times, rss_before,
-           report) -> None:
-    res = {"model": a.model + (f" ({a.blocks} blocks)" if big else ""), "metric": metric,
+           report, dense_kept: bool) -> None:
+    res = {"model": model_label(a, big), "metric": metric,
            "sparsity": a.sparsity, "device": device, "dtype": str(next(model.parameters()).dtype),
            "nsamples": nsamples, "seqlen": seqlen, "calibration_tokens": nsamples * seqlen,
            "params": params, "block_params": block_params, "load_s": round(load_s, 2),
            "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
            "peak_rss_gib": round(rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
            "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
-           "dense_copy_in_rss": len(a.metric.split(",")) > 1 or bool(a.phases)}  # kept to restore weights between runs
+           "dense_copy_in_rss": dense_kept}  # a copy of the dense weights, kept to restore them between runs
     if cuda and "sparsegpt" in metric:
         from prunekit.metrics import stats as stats_mod
 
@@ -228,7 +237,7 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
         for key, (_, shape) in LLAMA_SHAPES.items():
             res[f"projection_{key}"] = projection(*shape, tokens)
     res["environment"] = environment()
-    key = f"{res['model']}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
+    key = run_key(a, big, metric, device, nsamples, seqlen)
     out = RESULTS / "speed.json"
     data = load_results(out)
     data[key] = res
