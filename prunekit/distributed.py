@@ -51,6 +51,11 @@ def _comm_device(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_stats(st: LayerStats) -> None:
+    """Sum the statistics over the ranks, in place, once: layers that read the same input share one
+    ``LayerStats`` (calibrate.run_block), and the second layer's handler must not reduce it again."""
+    if st.all_reduced:
+        return
+    st.all_reduced = True
     counts = torch.tensor([st.count, st.samples], dtype=torch.float64)
     dist.all_reduce(counts)
     st.count, st.samples = int(counts[0]), int(counts[1])

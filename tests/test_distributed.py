@@ -30,12 +30,27 @@ def _worker(rank, world, init_file, out_dir):
             rep = prunekit.prune(model, None, cfg, calib_ids=_ids())
             if rank == 0:
                 torch.save({"masks": rep.masks, "state": model.state_dict()}, os.path.join(out_dir, f"{i}.pt"))
+        # a LayerStats shared by several layers (q/k/v) reaches the reduction once per layer: summed once
+        from prunekit.distributed import all_reduce_stats
+        from prunekit.metrics.stats import LayerStats
+
+        st = LayerStats(frozenset({"sq_sum", "hessian"}), 3)
+        st.update(torch.full((rank + 1, 3), float(rank + 1), dtype=torch.float64))
+        for _ in range(3):
+            all_reduce_stats(st)
+        if rank == 0:
+            torch.save({"count": st.count, "sq_sum": st.sq_sum, "hessian": st.hessian},
+                       os.path.join(out_dir, "shared.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_equal_single_process(tmp_path):
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    shared = torch.load(tmp_path / "shared.pt")  # rank 0: one row of 1s, rank 1: two rows of 2s
+    assert shared["count"] == 3
+    assert torch.equal(shared["sq_sum"], torch.full((3,), 9.0, dtype=torch.float64))
+    assert torch.equal(shared["hessian"], torch.full((3, 3), 9.0))
     for i, cfg in enumerate(CASES):
         model = tiny_model("llama", hidden=64).double()
         rep = prunekit.prune(model, None, cfg, calib_ids=_ids())

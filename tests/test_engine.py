@@ -189,3 +189,84 @@ def test_mixed_attention_types_get_their_own_masks():
     a = prunekit.perplexity(model, None, "x", seqlen=24, ids=flat, batch_size=4, offload=False)
     b = prunekit.perplexity(model, None, "x", seqlen=24, ids=flat, batch_size=4, offload=True)
     assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", [{}, {"batch_size": 2}, {"batch_size": 2, "sequential": False}],
+                         ids=["single-pass", "stages", "dense-block"])
+def test_layers_reading_one_input_share_their_statistics(family, calib_ids, mode, monkeypatch):
+    """Layers fed the same input tensor (q/k/v, gate/up) get one LayerStats, accumulated once; every
+    layer's statistics still equal the sums over its own input captured from a full-model forward."""
+    from prunekit.calibrate import iterate_blocks
+    from prunekit.metrics.stats import LayerStats
+
+    model = tiny_model(family).double()
+    blocks, layers = get_blocks(model), block_linears(model)
+    updates = []
+    real_update = LayerStats.update
+
+    def counted(self, x):
+        updates.append(id(self))
+        real_update(self, x)
+
+    monkeypatch.setattr(LayerStats, "update", counted)
+    got = {}
+    iterate_blocks(model, blocks, layers, calib_ids, frozenset({"sq_sum", "hessian"}),
+                   lambda name, module, st: got.__setitem__(name, st), "cpu", **mode)  # no pruning: dense inputs
+    for b, d in enumerate(layers):
+        xs = {n: capture_layer_input(model, m, calib_ids).double() for n, m in d.items()}
+        for n, x in xs.items():
+            # float32 squares (LayerStats.update), float64 sums
+            assert torch.allclose(got[n].sq_sum, x.pow(2).sum(0), rtol=1e-6), (n, float((got[n].sq_sum / x.pow(2).sum(0) - 1).abs().max()))
+            h = x.T @ x
+            assert float((got[n].hessian.double() - h).abs().max() / h.abs().max()) < 1e-5, n
+        # independent grouping: consecutive layers (execution order) whose captured inputs are equal
+        order = execution_order(model, d, calib_ids)
+        groups = [[order[0]]]
+        for prev, n in zip(order, order[1:]):
+            (groups[-1].append(n) if torch.equal(xs[prev], xs[n]) else groups.append([n]))
+        for g in groups:
+            assert len({id(got[n]) for n in g}) == 1, (b, g)
+        assert len({id(got[g[0]]) for g in groups}) == len(groups), b
+    if family in ("llama", "mistral", "qwen2"):  # q/k/v and gate/up: 4 accumulations per block, not 7
+        assert len(set(id(got[n]) for n in got)) == 4 * len(layers)
+    batches = 1 if "batch_size" not in mode else -(-calib_ids.shape[0] // mode["batch_size"])
+    assert len(updates) == len(set(id(got[n]) for n in got)) * batches
+
+
+@pytest.mark.parametrize("mode", [{}, {"batch_size": 2}], ids=["single-pass", "stages"])
+def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch):
+    """q/k/v and gate/up share one factor of H^-1 (4 factorisations per LLaMA block, not 7); the
+    result is bit-identical to factoring every layer's Hessian itself (cache emptied before each)."""
+    from prunekit.metrics import sparsegpt as sg
+
+    cfg = dict({"metric": "sparsegpt", "sparsity": 0.5}, **mode)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    calls = []
+    real = sg.factor_hessian
+    monkeypatch.setattr(sg, "factor_hessian", lambda *args, **kw: (calls.append(1), real(*args, **kw))[1])
+    import dataclasses
+
+    from prunekit.metrics import METRICS
+
+    real_solver = sg.sparsegpt_solver
+    seen = []
+
+    def recorded(W, stats, *args, **kw):
+        seen.append(stats)
+        return real_solver(W, stats, *args, **kw)
+
+    def uncached(W, stats, *args, **kw):
+        stats.cache.clear()
+        return real_solver(W, stats, *args, **kw)
+
+    monkeypatch.setitem(METRICS, "sparsegpt", dataclasses.replace(METRICS["sparsegpt"], solver=recorded))
+    ra = prunekit.prune(a, None, cfg, calib_ids=calib_ids)
+    assert len(calls) == 4 * len(block_linears(a))
+    assert len(seen) == 7 * len(block_linears(a)) and not any(st.cache for st in seen)  # factors released
+    monkeypatch.setitem(METRICS, "sparsegpt", dataclasses.replace(METRICS["sparsegpt"], solver=uncached))
+    rb = prunekit.prune(b, None, cfg, calib_ids=calib_ids)
+    assert len(calls) == 4 * len(block_linears(a)) + 7 * len(block_linears(b))
+    for n in ra.masks:
+        assert torch.equal(ra.masks[n], rb.masks[n]), n
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k

@@ -2,8 +2,9 @@
 
 Only the statistics a chosen method declares it needs are accumulated, so memory stays bounded:
   - ``sq_sum``/``sum``/``count``: O(d_in) floats per layer (Wanda, RIA, STADE, OWL);
-  - ``hessian``: O(d_in^2) fp32 per layer, only for solvers (SparseGPT); one layer's Hessian
-    lives at a time per block stage, on the compute device (how it is computed on a GPU: ``gram``);
+  - ``hessian``: O(d_in^2) fp32 per input, only for solvers (SparseGPT), on the compute device (how it
+    is computed on a GPU: ``gram``); layers that read one input tensor (q/k/v, gate/up) share one
+    ``LayerStats`` (calibrate.run_block), so a LLaMA block accumulates and holds 4 Hessians, not 7;
   - ``last_tokens``: the inputs of the last token of each sequence (TRIM's X), or of ``tokens_per_sample``
     evenly spaced positions ending at the last one, for at most ``max_last_tokens`` sequences, so at most
     ``max_last_tokens * tokens_per_sample`` rows of d_in, kept on CPU.
@@ -105,6 +106,10 @@ class LayerStats:
     last_tokens: list[torch.Tensor] = field(default_factory=list)
     max_last_tokens: int = 256
     tokens_per_sample: int = 1
+    all_reduced: bool = False  # summed over data-parallel ranks already (prunekit.distributed)
+    # results derived from these statistics by a handler and reused by the next layer that shares them
+    # (SparseGPT's factor of H^-1); the engine empties it once the last of those layers is handled
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if int(self.tokens_per_sample) < 1:
