@@ -397,3 +397,20 @@ def test_fast_hessian_path_is_exact_on_bf16_inputs_and_its_check_rejects_a_round
         assert "float32 GEMMs from now on" in caplog.text
     finally:
         stats_mod.FAST_GRAM_FAILED.clear()
+
+
+@pytest.mark.parametrize("width", [1, 16, 23, 70, 1000])
+def test_block_upper_gram_equals_the_full_product(monkeypatch, width):
+    """gram() computes only the upper block triangle of X^T X and mirrors it: every entry equals the
+    float64 product, the result is exactly symmetric, for block widths from 1 column to all of them
+    (uneven blocks included); the chunked TF32 path (run on CPU) accumulates the same blocks."""
+    from prunekit.metrics import stats as stats_mod
+
+    monkeypatch.setitem(stats_mod.GRAM_BLOCK, "cpu", width)
+    monkeypatch.setattr(stats_mod, "SUM_CHUNK_ELEMENTS", 70 * 64)  # 64 rows per chunk
+    x = correlated_inputs(n=500, d=70, mean=0.3)
+    ref = x.double().t() @ x.double()
+    for h in (stats_mod.gram(x), stats_mod._gram_tf32(x.to(torch.bfloat16)).double()):
+        r = ref if h.dtype == torch.float32 else x.to(torch.bfloat16).double().t() @ x.to(torch.bfloat16).double()
+        assert torch.equal(h, h.t())
+        assert float((h.double() - r).abs().max() / r.abs().max()) < 1e-6
