@@ -270,3 +270,26 @@ def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch
         assert torch.equal(ra.masks[n], rb.masks[n]), n
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_lowest_k_selection_equals_a_stable_sort_with_ties():
+    """The selection path of _lowest_k_mask (k-th value, then ties in index order) picks exactly what
+    sorting each row with ties broken by index does, for every k, on scores full of ties; NaN scores
+    and per-row k take the sort path."""
+    from prunekit.masks import _lowest_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (7, 13), generator=g).float()  # four distinct values: ties everywhere
+    scores[2] = 1.0
+    scores[3, ::2] = -0.0
+    for k in range(0, 14):
+        ref = np.zeros(scores.shape, dtype=bool)
+        for r in range(scores.shape[0]):
+            for j in sorted(range(scores.shape[1]), key=lambda j: (float(scores[r, j]), j))[:k]:
+                ref[r, j] = True
+        assert torch.equal(_lowest_k_mask(scores, k), torch.from_numpy(ref)), k
+        assert torch.equal(_lowest_k_mask(scores.double(), torch.full((7,), k)), torch.from_numpy(ref)), k
+    with_nan = scores.clone()
+    with_nan[0, 0] = float("nan")
+    got = _lowest_k_mask(with_nan, 5)
+    assert not got[0, 0] and (got.sum(1) == 5).all()
