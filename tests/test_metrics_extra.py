@@ -174,7 +174,7 @@ def _naive_obs(W, U, mask=None, nm=None, s=None, blocksize=128):
 
 
 @pytest.mark.parametrize("mode", ["fixed", "nm", "unstructured"])
-@pytest.mark.parametrize("blocksize", [16, 128])
+@pytest.mark.parametrize("blocksize", [16, 40, 128])  # 40: sub-blocks of 16 that do not divide the block
 def test_sparsegpt_sweep_matches_naive_column_by_column_obs(layer, mode, blocksize):
     from prunekit.metrics.sparsegpt import _sweep, inverse_cholesky_upper
 

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_PERCDAMP = 0.01
 DEFAULT_MAX_DAMP_TRIES = 8
+SUB_BLOCK = 16  # columns per rank-1 sub-block inside a 128-column block (``_sweep``)
 
 
 def _diagonal_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -162,7 +163,10 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
     column's error is one multiply (``err = w * S1[:, i]``: the pruned entries' w / U_jj, exactly 0
     elsewhere) and its update of the later columns one rank-1 ``addr_``. The column itself is not
     updated (its kept entries would only subtract 0); its pruned entries are set to exact zeros once
-    at the block's end."""
+    at the block's end. The rank-1 updates reach only the rest of the column's sub-block of
+    ``SUB_BLOCK`` columns; each sub-block then updates the block's later columns with one GEMM
+    (CPU, SmolLM2 shapes: 576 x 1536 layer 106 -> 67 ms per sweep; the kernel count per column is
+    unchanged, so on a GPU it only shrinks each rank-1 update)."""
     rows, cols = W.shape
     dev = W.device
     out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
@@ -170,6 +174,10 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
     nm = (int(pattern[0]), int(pattern[1])) if (mask is None and pattern is not None) else None
     if nm is not None and blocksize % nm[1]:
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
+    # inside a block, rank-1 updates only within sub-blocks of ``SUB_BLOCK`` columns (a multiple of M for
+    # N:M, so that a group's columns are up to date when its mask is chosen); the rest of the block is
+    # updated by one GEMM per sub-block (the same lazy-batch idea one level down)
+    sub = SUB_BLOCK if nm is None else max(nm[1], SUB_BLOCK // nm[1] * nm[1])
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -192,15 +200,19 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
         S1t = M1.t().to(W1t.dtype) / d[:, None] if nm is None else torch.empty_like(W1t)
         # views made once per block (per-column indexing is a visible part of the cost on a GPU)
         w, s, e, u = W1t.unbind(0), S1t.unbind(0), Err1t.unbind(0), U1.unbind(0)
-        for i in range(count):
-            if nm is not None and i % nm[1] == 0:
-                j = slice(i, i + nm[1])
-                tmp = W1t[j].t().pow(2) / d[j].pow(2)[None, :]
-                M1[:, j] = _lowest_k_mask(tmp, nm[0])
-                S1t[j] = M1[:, j].t().to(W1t.dtype) / d[j, None]
-            torch.mul(w[i], s[i], out=e[i])
-            if i + 1 < count:
-                W1t[i + 1:].addr_(u[i][i + 1:], e[i], alpha=-1.0)
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                if nm is not None and i % nm[1] == 0:
+                    j = slice(i, i + nm[1])
+                    tmp = W1t[j].t().pow(2) / d[j].pow(2)[None, :]
+                    M1[:, j] = _lowest_k_mask(tmp, nm[0])
+                    S1t[j] = M1[:, j].t().to(W1t.dtype) / d[j, None]
+                torch.mul(w[i], s[i], out=e[i])
+                if i + 1 < j2:
+                    W1t[i + 1:j2].addr_(u[i][i + 1:j2], e[i], alpha=-1.0)
+            if j2 < count:  # the sub-block's updates of the block's later columns, as one GEMM
+                W1t[j2:].addmm_(U1[j1:j2, j2:].t(), Err1t[j1:j2], alpha=-1.0)
         W[:, i1:i2] = W1t.t().masked_fill_(M1, 0.0)  # exact zeros where pruned
         out_mask[:, i1:i2] = M1
         if i2 < cols:
