@@ -24,6 +24,7 @@ Choices (documented here because they change which windows are chosen):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Union
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
+from ..offload import on_device
 
 MODES = ("hard", "easy", "mixed")
 
@@ -62,13 +64,9 @@ def embed_windows(model: Union[nn.Module, Callable], windows: torch.Tensor, laye
     if not -(n_layers + 1) <= layer <= n_layers:
         raise PrunekitError(f"layer {layer} out of range for {n_layers} blocks (0..{n_layers}, or negative)")
     j = layer % (n_layers + 1)
-    device = torch.device(device)
-    orig = next(model.parameters()).device
-    moved = orig != device and not (orig.type == device.type and device.index is None)
     was_training = model.training
     model.eval()
-    if moved:
-        model.to(device)
+    placed = contextlib.ExitStack()  # the model on ``device``, back in its own CPU memory afterwards
     got: dict = {}
     hook = None
     if j == 0:
@@ -83,6 +81,7 @@ def embed_windows(model: Union[nn.Module, Callable], windows: torch.Tensor, laye
         hook = blocks[j - 1].register_forward_hook(post)
     feats = []
     try:
+        placed.enter_context(on_device(model, device))
         dev = next(model.parameters()).device
         for s in range(0, windows.shape[0], batch_size):
             batch = windows[s:s + batch_size].to(dev)
@@ -94,8 +93,7 @@ def embed_windows(model: Union[nn.Module, Callable], windows: torch.Tensor, laye
     finally:
         if hook is not None:
             hook.remove()
-        if moved:
-            model.to(orig)
+        placed.close()
         model.train(was_training)
     return torch.cat(feats)
 
