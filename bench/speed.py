@@ -141,9 +141,12 @@ def main(argv=None):
                    rss_before, report, dense is not None)
 
 
+# since edae39d the engine's SparseGPT adapter factors H^-1 (factor_hessian, once per shared Hessian) before
+# it calls sparsegpt_solve with the factor, so the two are separate phases; records made before that commit
+# carry "SparseGPT solve (Cholesky + sweep)" with the Cholesky nested inside it
 PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
-          ("prunekit.metrics.sparsegpt", "sparsegpt_solve", "SparseGPT solve (Cholesky + sweep)"),
-          ("prunekit.metrics.sparsegpt", "inverse_cholesky_upper", "  of which Cholesky / inverse"),
+          ("prunekit.metrics.sparsegpt", "factor_hessian", "SparseGPT factor of H^-1 (Cholesky, inverse, Cholesky)"),
+          ("prunekit.metrics.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
           ("prunekit.pruner", "pack_mask", "mask packing"))
 
 
