@@ -8,8 +8,7 @@ Only the statistics a chosen method declares it needs are accumulated, so memory
   - ``last_tokens``: the inputs of the last token of each sequence (TRIM's X), or of ``tokens_per_sample``
     evenly spaced positions ending at the last one, for at most ``max_last_tokens`` sequences, so at most
     ``max_last_tokens * tokens_per_sample`` rows of d_in, kept on CPU.
-All accumulation is in float32 (feature sums: float32 within a chunk of rows, float64 across chunks),
-whatever the model dtype.
+All accumulation is in float32 (float64 for sums over many tokens), whatever the model dtype.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ KNOWN_STATS = frozenset({"sq_sum", "sum", "hessian", "last_tokens"})
 
 
 SUM_CHUNK_ELEMENTS = 1 << 27  # 512 MB of float32 per temporary (feature sums, Hessian chunks)
-CPU_SUM_ROWS = 1024  # rows per float32 partial feature sum on a CPU (added up in float64)
+CPU_SUM_ROWS = 1024  # rows per chunk of the feature sums on a CPU
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 DIAG_TOL = 4e-4  # the fast Hessian's worst relative error on its diagonal before it is abandoned
 FAST_GRAM_FAILED: list[float] = []  # the error seen, once the fast path failed its check (then: float32)
@@ -165,17 +164,17 @@ class LayerStats:
         if "sq_sum" in self.needs or "sum" in self.needs:
             # in row chunks: float32 temporaries of at most SUM_CHUNK_ELEMENTS (not two float32 copies of x:
             # 2 x 11.5 GB for the down_proj input of 128 x 2048 LLaMA-7B tokens); on a CPU chunks of
-            # CPU_SUM_ROWS rows, which stay in cache. Summed in float32 within a chunk, in float64 across
-            # chunks: ``sum(0, dtype=float64)`` first copies the whole chunk to float64 (measured on the
-            # 2-core CPU, 32768 x 1536: 0.29 s per sum of squares, 0.010 s this way; relative error 4e-8)
+            # CPU_SUM_ROWS rows: ``sum(0, dtype=float64)`` first copies its input to float64, and a small
+            # chunk's copy stays in cache (measured on the 2-core CPU, 32768 x 1536: 0.29 s per sum of
+            # squares in one chunk, 0.028 s in 1024-row chunks, same values to 6e-16)
             parts = x.split(CPU_SUM_ROWS) if x.device.type == "cpu" else row_chunks(x)
             for part in parts:
                 xf = part.float()
                 if "sq_sum" in self.needs:
-                    s = (xf * xf).sum(0).double()
+                    s = (xf * xf).sum(0, dtype=torch.float64)
                     self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
                 if "sum" in self.needs:
-                    s = xf.sum(0).double()
+                    s = xf.sum(0, dtype=torch.float64)
                     self.sum = s if self.sum is None else self.sum.add_(s)
         if "hessian" in self.needs:
             h = gram(x)
