@@ -414,3 +414,23 @@ def test_block_upper_gram_equals_the_full_product(monkeypatch, width):
         r = ref if h.dtype == torch.float32 else x.to(torch.bfloat16).double().t() @ x.to(torch.bfloat16).double()
         assert torch.equal(h, h.t())
         assert float((h.double() - r).abs().max() / r.abs().max()) < 1e-6
+
+
+def test_sparsegpt_adapter_factors_only_when_something_is_pruned(monkeypatch):
+    """The engine's adapter computes H's factor lazily: not at all when the ratio prunes no weight, once
+    for several layers sharing the statistics; a factor of the wrong size is refused."""
+    from prunekit.metrics import sparsegpt as sg
+
+    X = correlated_inputs(n=512, d=32)
+    st = stats_of(X, needs={"hessian"})
+    W = torch.randn(8, 32, generator=_gen(1))
+    calls = []
+    real = sg.factor_hessian
+    monkeypatch.setattr(sg, "factor_hessian", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    Wn, mask = sg.sparsegpt_solver(W, st, 0.001)  # int(0.001 * 256) == 0 weights
+    assert not calls and not mask.any() and torch.equal(Wn, W)
+    sg.sparsegpt_solver(W, st, 0.5)
+    sg.sparsegpt_solver(W * 2, st, 0.5)
+    assert len(calls) == 1
+    with pytest.raises(PrunekitError, match="factor shape"):
+        sg.sparsegpt_solve(torch.randn(8, 16), None, 0.5, factor=st.cache[next(iter(st.cache))])

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -123,12 +124,12 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
     return _diagonal_factor(diag, percdamp * mean_diag)
 
 
-def _check_inputs(W, H, sparsity, pattern, mask):
+def _check_inputs(W, h_shape, sparsity, pattern, mask):
     if W.dim() != 2:
         raise PrunekitError(f"SparseGPT expects a 2-D weight, got shape {tuple(W.shape)}")
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise PrunekitError(f"SparseGPT: Hessian shape {tuple(H.shape)} does not match the weight's input dimension {cols}")
+    if tuple(h_shape) != (cols, cols):
+        raise PrunekitError(f"SparseGPT: Hessian shape {tuple(h_shape)} does not match the weight's input dimension {cols}")
     if mask is not None:
         if tuple(mask.shape) != (rows, cols):
             raise PrunekitError(f"SparseGPT: mask shape {tuple(mask.shape)} != weight shape {(rows, cols)}")
@@ -255,7 +256,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
                     mask: torch.Tensor | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
                     percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
                     name: str = "layer", overwrite_h: bool = False,
-                    factor: HessianFactor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    factor: HessianFactor | Callable[[], HessianFactor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with SparseGPT; returns (new fp32 weight, bool prune mask, True = pruned).
 
     ``H`` is (2/n) sum x x^T (``LayerStats.hessian_mean()``); ``sparsity`` a float in [0, 1) or a
@@ -263,14 +265,16 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     only the OBS updates are done). W and H are not modified; the caller writes the result back.
     ``overwrite_h=True`` lets the solver use H (fp32, on W's device) as its scratch copy: two (in, in)
     matrices less at the peak, H's contents undefined afterwards (the engine's adapter passes a fresh
-    ``hessian_mean()``). ``factor``: H's ``factor_hessian`` computed already (then H is not read and may
-    be None; percdamp and max_damp_tries are the factor's).
+    ``hessian_mean()``). ``factor``: H's ``factor_hessian``, or a function returning it (called only when
+    there is something to prune); then H is not read and may be None, and percdamp and max_damp_tries
+    are the factor's.
     Dead input columns (H_jj == 0) are zeroed in the result even where the mask keeps them (their
     input is 0 on every calibration token); the returned mask lists only the pruned positions.
     """
     if factor is None and H is None:
         raise PrunekitError("SparseGPT needs the Hessian H or its factor")
-    s = _check_inputs(W, H if factor is None else factor.U, sparsity, pattern, mask)
+    # with a factor (perhaps not computed yet) its shape is checked once it exists, below
+    s = _check_inputs(W, H.shape if factor is None else (W.shape[-1],) * 2, sparsity, pattern, mask)
     Wf = W.detach().to(torch.float32).clone()
     rows, cols = Wf.shape
     if mask is None and pattern is None and (
@@ -281,6 +285,11 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
         raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
     if factor is None:
         factor = factor_hessian(H, Wf.device, percdamp, max_damp_tries, name=name, overwrite_h=overwrite_h)
+    elif callable(factor):
+        factor = factor()
+    if tuple(factor.U.shape) != (cols, cols):
+        raise PrunekitError(f"SparseGPT: factor shape {tuple(factor.U.shape)} does not match the weight's input "
+                            f"dimension {cols}")
     if bool(factor.dead.any()):
         Wf[:, factor.dead] = 0.0
     if isinstance(s, torch.Tensor):
@@ -307,11 +316,13 @@ def sparsegpt_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None,
     if stats is None or stats.hessian is None:
         raise PrunekitError("SparseGPT needs the layer Hessian: gather statistics with needs=('hessian',)")
     key = ("sparsegpt_factor", str(W.device), float(percdamp), int(max_damp_tries))
-    factor = stats.cache.get(key)
-    if factor is None:
-        factor = factor_hessian(stats.hessian_mean().to(W.device), W.device, percdamp, max_damp_tries, name=name,
-                                overwrite_h=True)
-        stats.cache[key] = factor
+
+    def factor() -> HessianFactor:
+        if key not in stats.cache:
+            stats.cache[key] = factor_hessian(stats.hessian_mean().to(W.device), W.device, percdamp, max_damp_tries,
+                                              name=name, overwrite_h=True)
+        return stats.cache[key]
+
     return sparsegpt_solve(W, None, sparsity, pattern=pattern, mask=mask, name=name, factor=factor, **kw)
 
 
