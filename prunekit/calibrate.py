@@ -17,6 +17,8 @@ Two semantics, chosen by ``sequential``:
   each run stopping after its stage, then once more for the outputs.
 - ``sequential=False``: the Wanda paper's protocol: statistics of every layer from the dense block,
   then pruning, then a second pass for the outputs.
+In both, layers that read the same input tensor (q/k/v, gate/up) share one ``LayerStats``; with several
+batches the groups are found by one extra forward of the first batch (``_stages``).
 Both strategies of ``sequential=True`` compute the same thing; batching only changes rounding.
 """
 from __future__ import annotations
@@ -258,7 +260,7 @@ def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) ->
 class _SameInput:
     """Remembers the last input tensor a layer's statistics were gathered from, so that the next layer
     reading the very same tensor object, unmodified (q/k/v after the attention norm, gate/up after the
-    MLP norm), gets the same ``LayerStats`` instead of a second accumulation (``share_stats``). Holds a
+    MLP norm), gets the same ``LayerStats`` instead of a second accumulation (see ``run_block``). Holds a
     weak reference only: the input is never kept alive by it."""
 
     def __init__(self):
@@ -292,11 +294,11 @@ Handle = Callable[[str, nn.Module, LayerStats], None]
 @torch.no_grad()
 def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, needs: frozenset[str],
               handle: Handle, device, sequential: bool = True, update_inputs: bool = True,
-              max_last_tokens: int = 256, tokens_per_sample: int = 1, share_stats: bool = True) -> None:
+              max_last_tokens: int = 256, tokens_per_sample: int = 1) -> None:
     """Collect statistics, call ``handle`` for every layer, then replace ``inputs.hidden`` by the
     block's outputs after pruning (when ``update_inputs``).
 
-    ``share_stats``: layers that read the same input tensor are handed one shared ``LayerStats``,
+    Layers that read the same input tensor are handed one shared ``LayerStats``,
     accumulated once (the statistics are functions of the input alone; handlers only read them). For a
     LLaMA block this is 4 accumulations instead of 7: the Hessians of q/k/v and of gate/up are one each
     (SparseGPT's X^T X is the dominant cost of a CPU prune), and 4 Hessians are held instead of 7."""
@@ -318,7 +320,7 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
             def pre(m, args, _name=name):
                 if _name in done:
                     return
-                st = last.get(args[0]) if share_stats else None
+                st = last.get(args[0])
                 if st is None:
                     st = new_stats(_name)
                     st.update(args[0])
@@ -339,12 +341,10 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
 
     # several batches: share groups (layers reading one input tensor) found on batch 0; layers it never
     # called get their own statistics (they may run on later batches, e.g. experts)
-    if needs and (sequential or share_stats):
+    if needs:
         stages, uncalled = _stages(block, layers, inputs, device)
     else:
         stages, uncalled = [], list(layers)
-    if not share_stats:
-        stages = [[n] for st in stages for n in st]
     late = [[n] for n in uncalled]
     if sequential:  # one pass per stage, each stopped once its layers have run; the uncalled ones last
         passes = [[st] for st in stages] + ([late] if late else [])
