@@ -24,7 +24,6 @@ Choices (documented here because they change which windows are chosen):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Union
 
@@ -66,7 +65,6 @@ def embed_windows(model: Union[nn.Module, Callable], windows: torch.Tensor, laye
     j = layer % (n_layers + 1)
     was_training = model.training
     model.eval()
-    placed = contextlib.ExitStack()  # the model on ``device``, back in its own CPU memory afterwards
     got: dict = {}
     hook = None
     if j == 0:
@@ -81,19 +79,18 @@ def embed_windows(model: Union[nn.Module, Callable], windows: torch.Tensor, laye
         hook = blocks[j - 1].register_forward_hook(post)
     feats = []
     try:
-        placed.enter_context(on_device(model, device))
-        dev = next(model.parameters()).device
-        for s in range(0, windows.shape[0], batch_size):
-            batch = windows[s:s + batch_size].to(dev)
-            try:
-                h = base(input_ids=batch, use_cache=False).last_hidden_state
-            except _Stop:
-                h = got.pop("h")
-            feats.append(h.float().mean(dim=1).cpu())
+        with on_device(model, device):  # back in its own CPU memory afterwards
+            dev = next(model.parameters()).device
+            for s in range(0, windows.shape[0], batch_size):
+                batch = windows[s:s + batch_size].to(dev)
+                try:
+                    h = base(input_ids=batch, use_cache=False).last_hidden_state
+                except _Stop:
+                    h = got.pop("h")
+                feats.append(h.float().mean(dim=1).cpu())
     finally:
         if hook is not None:
             hook.remove()
-        placed.close()
         model.train(was_training)
     return torch.cat(feats)
 
