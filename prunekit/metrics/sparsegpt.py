@@ -125,10 +125,12 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
 
 
 def _check_inputs(W, h_shape, sparsity, pattern, mask):
+    """The validated sparsity (float or per-row tensor; None with a mask or a pattern). ``h_shape``: the
+    Hessian's shape, or None when only its factor is given (checked in ``sparsegpt_solve``)."""
     if W.dim() != 2:
         raise PrunekitError(f"SparseGPT expects a 2-D weight, got shape {tuple(W.shape)}")
     rows, cols = W.shape
-    if tuple(h_shape) != (cols, cols):
+    if h_shape is not None and tuple(h_shape) != (cols, cols):
         raise PrunekitError(f"SparseGPT: Hessian shape {tuple(h_shape)} does not match the weight's input dimension {cols}")
     if mask is not None:
         if tuple(mask.shape) != (rows, cols):
@@ -273,8 +275,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     """
     if factor is None and H is None:
         raise PrunekitError("SparseGPT needs the Hessian H or its factor")
-    # with a factor (perhaps not computed yet) its shape is checked once it exists, below
-    s = _check_inputs(W, H.shape if factor is None else (W.shape[-1],) * 2, sparsity, pattern, mask)
+    s = _check_inputs(W, H.shape if factor is None else None, sparsity, pattern, mask)
     Wf = W.detach().to(torch.float32).clone()
     rows, cols = Wf.shape
     if mask is None and pattern is None and (
@@ -319,8 +320,8 @@ def sparsegpt_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None,
 
     def factor() -> HessianFactor:
         if key not in stats.cache:
-            stats.cache[key] = factor_hessian(stats.hessian_mean().to(W.device), W.device, percdamp, max_damp_tries,
-                                              name=name, overwrite_h=True)
+            stats.cache[key] = factor_hessian(stats.hessian_mean(), W.device, percdamp, max_damp_tries, name=name,
+                                              overwrite_h=True)
         return stats.cache[key]
 
     return sparsegpt_solve(W, None, sparsity, pattern=pattern, mask=mask, name=name, factor=factor, **kw)
