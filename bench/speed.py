@@ -215,6 +215,10 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
            "peak_rss_gib": round(rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
            "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
            "dense_copy_in_rss": dense_kept}  # a copy of the dense weights, kept to restore them between runs
+    if "sparsegpt" in metric:
+        from prunekit.metrics.sparsegpt import sweep_method
+
+        res["sparsegpt_sweep"] = sweep_method(device)  # how each 128-column block is solved
     if cuda and "sparsegpt" in metric:
         from prunekit.metrics import stats as stats_mod
 

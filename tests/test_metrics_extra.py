@@ -160,6 +160,13 @@ def _naive_obs(W, U, mask=None, nm=None, s=None, blocksize=128):
         if mask is None and nm is not None and j % nm[1] == 0:
             sc = W[:, j:j + nm[1]] ** 2 / d[j:j + nm[1]] ** 2
             M[:, j:j + nm[1]].scatter_(1, sc.argsort(dim=1, stable=True)[:, :nm[0]], True)
+        elif mask is None and nm is None and j % blocksize == 0 and isinstance(s, torch.Tensor):  # per-row ratios
+            j2 = min(j + blocksize, cols)
+            sc = W[:, j:j2] ** 2 / d[j:j2] ** 2
+            for r in range(rows):
+                k = int(math.floor(float(s[r]) * j2)) - int(math.floor(float(s[r]) * j))
+                M[r, j:j2] = False
+                M[r, j + sc[r].argsort(stable=True)[:k]] = True
         elif mask is None and nm is None and j % blocksize == 0:
             j2 = min(j + blocksize, cols)
             sc = (W[:, j:j2] ** 2 / d[j:j2] ** 2).reshape(-1)
@@ -173,9 +180,12 @@ def _naive_obs(W, U, mask=None, nm=None, s=None, blocksize=128):
     return W, M
 
 
-@pytest.mark.parametrize("mode", ["fixed", "nm", "unstructured"])
-@pytest.mark.parametrize("blocksize", [16, 40, 128])  # 40: sub-blocks of 16 that do not divide the block
-def test_sparsegpt_sweep_matches_naive_column_by_column_obs(layer, mode, blocksize):
+@pytest.mark.parametrize("method", ["columns", "triangular"])
+@pytest.mark.parametrize("mode", ["fixed", "nm", "unstructured", "rows"])
+@pytest.mark.parametrize("blocksize", [16, 40, 128])  # 40: sub-blocks of 16 (32) that do not divide the block
+def test_sparsegpt_sweep_matches_naive_column_by_column_obs(layer, mode, blocksize, method):
+    """Both within-block methods (the column loop, and the per-row triangular solve that GPUs use)
+    reproduce the textbook sweep: same mask, same weights to float64 rounding."""
     from prunekit.metrics.sparsegpt import _sweep, inverse_cholesky_upper
 
     W, X, st = layer
@@ -183,9 +193,10 @@ def test_sparsegpt_sweep_matches_naive_column_by_column_obs(layer, mode, blocksi
     U = inverse_cholesky_upper(H.clone())
     fixed = make_mask(get_metric("wanda").score(W.float(), st), 0.5, None, "row") if mode == "fixed" else None
     nm = (2, 4) if mode == "nm" else None
-    ref_W, ref_M = _naive_obs(W, U, fixed, nm, 0.5, blocksize)
+    s = torch.linspace(0.1, 0.8, W.shape[0], dtype=torch.float64)[torch.randperm(W.shape[0], generator=_gen(5))] if mode == "rows" else 0.5
+    ref_W, ref_M = _naive_obs(W, U, fixed, nm, s, blocksize)
     got_W = W.clone()
-    got_M = _sweep(got_W, U, 0.5, nm, fixed, blocksize)
+    got_M = _sweep(got_W, U, s, nm, fixed, blocksize, method)
     assert torch.equal(got_M, ref_M)
     assert torch.equal(got_W == 0, ref_M)  # exact zeros where pruned, nowhere else
     assert torch.allclose(got_W, ref_W, atol=1e-10, rtol=1e-10)
@@ -252,6 +263,30 @@ def test_sparsegpt_rejects_bad_arguments(layer):
         sparsegpt_solve(W, H[:10, :10], 0.5)
     with pytest.raises(PrunekitError):
         sparsegpt_solve(W[:, :126], H[:126, :126], 0.5, pattern=(2, 4))
+    with pytest.raises(PrunekitError, match="sweep"):
+        sparsegpt_solve(W, H, 0.5, sweep="rows")
+
+
+def test_sparsegpt_sweep_method_per_device_and_override(layer, monkeypatch):
+    from prunekit.metrics import sparsegpt as sg
+    from prunekit.metrics.sparsegpt import sweep_method
+
+    calls = []
+    real = sg._block_triangular
+    monkeypatch.setattr(sg, "_block_triangular", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("PRUNEKIT_SPARSEGPT_SWEEP", raising=False)
+    assert sweep_method("cpu") == "columns" and sweep_method("cuda") == "triangular"
+    assert sweep_method(torch.device("cuda", 0)) == "triangular"
+    monkeypatch.setenv("PRUNEKIT_SPARSEGPT_SWEEP", "Triangular")
+    assert sweep_method("cpu") == "triangular"
+    W, X, st = layer  # the override reaches the solver (one triangular block per 128 columns)
+    sparsegpt_solve(W, st.hessian_mean(), 0.5)
+    assert len(calls) == 1
+    sparsegpt_solve(W, st.hessian_mean(), 0.5, sweep="columns")  # an explicit method wins
+    assert len(calls) == 1
+    monkeypatch.setenv("PRUNEKIT_SPARSEGPT_SWEEP", "fast")
+    with pytest.raises(PrunekitError, match="PRUNEKIT_SPARSEGPT_SWEEP"):
+        sweep_method("cpu")
 
 
 # ---------------------------------------------------------------- RIA

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device call 1 (carry .device/part-aa and .device/wheels; see prepare.sh): keep GGUF part 1 and the wheels
-# on the machine for call 2, then the 7B-shaped SparseGPT / Wanda timing and the Hessian GEMM check.
+# on the machine for call 2, then the Hessian GEMM check, the SparseGPT sweep methods on 7B layer shapes
+# (bench/sweep_speed.py) and the 7B-shaped SparseGPT / Wanda timing (PRUNEKIT_SPARSEGPT_SWEEP=columns|triangular
+# in the environment forces a sweep method).
 #   BENCH_GIT=$(git rev-parse --short HEAD) bash bench/device/gpu_7b.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,6 +13,8 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout "${THESS:-90}" python3 bench/hessian_gemm.py 2>&1 | tee "$OUT/hessian_gemm.log"
+timeout "${TSWEEP:-120}" python3 bench/sweep_speed.py 2>&1 | tee "$OUT/sweep_speed.log"
 timeout "${T7B:-420}" python3 bench/speed.py --model llama7b-random --device cuda --metric sparsegpt,wanda \
   --phases sparsegpt 2>&1 | tr '\r' '\n' | tee "$OUT/speed7b.log" | grep -v 'block/s'
-cp bench/results/speed.json bench/results/speed.md bench/results/scale.md bench/results/hessian_gemm.json "$OUT/"
+cp bench/results/speed.json bench/results/speed.md bench/results/scale.md bench/results/hessian_gemm.json \
+  bench/results/sweep_speed.json bench/results/sweep_speed.md "$OUT/"

@@ -24,6 +24,8 @@ Algorithm (see ``methods.md``), for W of shape (out, in) and H = (2/n) sum_t x_t
 5. for each column j of the block: q = w with the pruned entries set to 0, err = (w - q) / U_jj,
    W[:, j:block_end] -= err * U[j, j:block_end]; after the block the remaining columns get the
    accumulated update at once: W[:, block_end:] -= Err_block @ U[block, block_end:] (lazy batch update).
+   With the block's mask fixed this column recursion is, per row, a unit triangular system; on a GPU
+   it is solved as such, 32 columns per batched solve (``_sweep``'s "triangular" method).
 
 Robustness: ``torch.linalg.cholesky`` fails on Hessians that are not numerically positive-definite
 (users of the reference code hit "not positive-definite"). Here every failure (an error, a non-finite
@@ -37,7 +39,8 @@ Memory: one (in, in) fp32 Hessian per layer is gathered (``stats.hessian``); whi
 solver holds one damped working copy of H (through the engine's adapter this is the fresh
 ``hessian_mean()``, damped in place: ``overwrite_h``), its Cholesky factor L and the inverse, i.e. with
 ``stats.hessian`` four (in, in) fp32 matrices at the peak (L and the inverse are released before the
-column sweep, which keeps U only), plus two fp32 copies of W and a bool mask of its size. For a
+column sweep, which keeps U only), plus two fp32 copies of W and a bool mask of its size (the
+"triangular" sweep adds one (out, 32, 32) fp32 batch per sub-block: 45 MB for 11008 rows). For a
 4096 x 11008 MLP projection one such matrix is 11008^2 * 4 B = 485 MB. (Before ``overwrite_h``, the
 adapter path held six: a second copy of H and a damped copy per attempt.) Layers that read the same
 input (q/k/v, gate/up) share one ``LayerStats``, and the engine's adapter keeps the factor U (with the
@@ -47,6 +50,7 @@ LLaMA block factors 4 Hessians, not 7, at the cost of holding that U between tho
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,7 +66,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_PERCDAMP = 0.01
 DEFAULT_MAX_DAMP_TRIES = 8
-SUB_BLOCK = 16  # columns per rank-1 sub-block inside a 128-column block (``_sweep``)
+SUB_BLOCK = 16  # columns per rank-1 sub-block inside a 128-column block (``_sweep``, method "columns")
+TRIANGULAR_SUB = 32  # columns per batched triangular solve (``_sweep``, method "triangular")
+SWEEP_METHODS = ("columns", "triangular")
 
 
 def _diagonal_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -155,23 +161,93 @@ def _check_inputs(W, h_shape, sparsity, pattern, mask):
     return s
 
 
+def sweep_method(device) -> str:
+    """The within-block solve used on ``device`` when none is asked for: "triangular" on CUDA, "columns"
+    elsewhere. ``PRUNEKIT_SPARSEGPT_SWEEP=columns|triangular`` overrides it (for A/B benchmarks).
+
+    Both give the same masks and weights up to float rounding (tests compare both with a textbook float64
+    OBS sweep). On this 2-core CPU they take about the same time (576 x 1536: 0.09 vs 0.12 s, 4096 x 4096:
+    1.5 vs 1.4 s), so the CPU keeps the column loop. On a GPU the column loop is bound by kernel launches
+    and Python (two kernels per column, ~30 us per column measured on an H200 before session 9, 35 s for
+    LLaMA-7B's 1.14 M columns); the triangular solve needs about 4 kernels per ``TRIANGULAR_SUB`` columns.
+    Its GPU speed has not been measured yet (``bench/sweep_speed.py`` does)."""
+    forced = os.environ.get("PRUNEKIT_SPARSEGPT_SWEEP", "").strip().lower()
+    if forced:
+        if forced not in SWEEP_METHODS:
+            raise PrunekitError(f"PRUNEKIT_SPARSEGPT_SWEEP={forced!r}; valid: {', '.join(SWEEP_METHODS)}")
+        return forced
+    return "triangular" if torch.device(device).type == "cuda" else "columns"
+
+
+def _block_columns(W1t, U1, S1t, M1, nm, sub):
+    """The column loop on one block (``W1t``: the block transposed, one row per column; modified in
+    place). Returns the block's errors, transposed like W1t. For N:M, ``M1``/``S1t`` are filled here."""
+    count = W1t.shape[0]
+    d = U1.diagonal()
+    Err1t = torch.empty_like(W1t)
+    # views made once per block (per-column indexing is a visible part of the cost on a GPU)
+    w, s, e, u = W1t.unbind(0), S1t.unbind(0), Err1t.unbind(0), U1.unbind(0)
+    for j1 in range(0, count, sub):
+        j2 = min(j1 + sub, count)
+        for i in range(j1, j2):
+            if nm is not None and i % nm[1] == 0:
+                j = slice(i, i + nm[1])
+                tmp = W1t[j].t().pow(2) / d[j].pow(2)[None, :]
+                M1[:, j] = _lowest_k_mask(tmp, nm[0])
+                S1t[j] = M1[:, j].t().to(W1t.dtype) / d[j, None]
+            torch.mul(w[i], s[i], out=e[i])
+            if i + 1 < j2:
+                W1t[i + 1:j2].addr_(u[i][i + 1:j2], e[i], alpha=-1.0)
+        if j2 < count:  # the sub-block's updates of the block's later columns, as one GEMM
+            W1t[j2:].addmm_(U1[j1:j2, j2:].t(), Err1t[j1:j2], alpha=-1.0)
+    return Err1t
+
+
+def _block_triangular(W1, U1, S1, sub):
+    """One block with its mask fixed, solved ``sub`` columns at a time (``W1``: rows x count, modified in
+    place; ``S1 = mask / U_jj``). Returns the block's errors (rows x count).
+
+    The column loop sets, for each column j, e_j = s_j f_j with f_j = w_j - sum_{i<j} e_i U_ij (the
+    column as the earlier columns left it) and s_j = 1/U_jj where pruned, else 0. Within a sub-block
+    that is, for each row r, the unit upper-triangular system e_r (I + N S_r) = w_r S_r with N the
+    sub-block of U above its diagonal and S_r = diag(s_r): one batched triangular solve over the rows
+    (a (rows, sub, sub) fp32 batch: 45 MB for 11008 rows and sub = 32). One GEMM then applies the
+    sub-block's errors to the rest of the block; its diagonal part leaves the pruned entries at ~0
+    (exact zeros are written at the block's end)."""
+    count = W1.shape[1]
+    Err1 = torch.empty_like(W1)
+    for j1 in range(0, count, sub):
+        j2 = min(j1 + sub, count)
+        S = S1[:, j1:j2]
+        A = U1[j1:j2, j1:j2].triu(1) * S[:, None, :]  # row r: N S_r (its diagonal is not read)
+        e = torch.linalg.solve_triangular(A, (W1[:, j1:j2] * S).unsqueeze(1), upper=True, left=False,
+                                          unitriangular=True).squeeze(1)
+        Err1[:, j1:j2] = e
+        W1[:, j1:].addmm_(e, U1[j1:j2, j1:], alpha=-1.0)
+    return Err1
+
+
 @torch.no_grad()
-def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize: int):
+def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize: int, method: str | None = None):
     """The column sweep on W (modified in place). Returns the prune mask.
 
-    Inside a block the work is kept to two kernels per column (on a GPU the sweep is bound by the
-    per-column launch and Python overhead: about 30 us per column measured on an H200, 35 s for the
-    1.14 M columns of LLaMA-7B, before the views below were made once per block): the block is held transposed (``W1t``: one row per
-    column, contiguous), ``S1 = mask / U_jj`` is formed once per block (per M columns for N:M), so a
-    column's error is one multiply (``err = w * S1[:, i]``: the pruned entries' w / U_jj, exactly 0
-    elsewhere) and its update of the later columns one rank-1 ``addr_``. The column itself is not
-    updated (its kept entries would only subtract 0); its pruned entries are set to exact zeros once
-    at the block's end. The rank-1 updates reach only the rest of the column's sub-block of
-    ``SUB_BLOCK`` columns; each sub-block then updates the block's later columns with one GEMM
-    (CPU, SmolLM2 shapes: 576 x 1536 layer 106 -> 67 ms per sweep; the kernel count per column is
-    unchanged, so on a GPU it only shrinks each rank-1 update)."""
+    Per block of ``blocksize`` columns the mask is chosen first (except N:M, chosen per M columns on the
+    way), then the block is solved by one of two methods (``sweep_method``):
+
+    - "columns": one column at a time, two kernels per column: the block is held transposed (``W1t``:
+      one row per column, contiguous), ``S1 = mask / U_jj`` is formed once per block (per M columns for
+      N:M), so a column's error is one multiply (``err = w * S1[:, i]``: the pruned entries' w / U_jj,
+      exactly 0 elsewhere) and its update of the later columns one rank-1 ``addr_``. The rank-1 updates
+      reach only the rest of the column's sub-block of ``SUB_BLOCK`` columns; each sub-block then updates
+      the block's later columns with one GEMM (CPU, SmolLM2 shapes: 576 x 1536 layer 106 -> 67 ms per
+      sweep). N:M always uses this method (a group's mask depends on the updates of the group before).
+    - "triangular": ``TRIANGULAR_SUB`` columns at a time by a batched triangular solve
+      (``_block_triangular``), a few kernels per sub-block instead of two per column.
+
+    The pruned entries are set to exact zeros at the block's end."""
     rows, cols = W.shape
     dev = W.device
+    method = method or sweep_method(dev)
     out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
     row_ratios = sparsity if isinstance(sparsity, torch.Tensor) else None
     nm = (int(pattern[0]), int(pattern[1])) if (mask is None and pattern is not None) else None
@@ -181,45 +257,37 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity, pattern, mask, blocksize:
     # N:M, so that a group's columns are up to date when its mask is chosen); the rest of the block is
     # updated by one GEMM per sub-block (the same lazy-batch idea one level down)
     sub = SUB_BLOCK if nm is None else max(nm[1], SUB_BLOCK // nm[1] * nm[1])
+    triangular = nm is None and method == "triangular"
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1t = W[:, i1:i2].t().contiguous()  # (count, rows)
+        W1 = W[:, i1:i2]
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
-        Err1t = torch.empty_like(W1t)
         if mask is not None:
             M1 = mask[:, i1:i2].to(device=dev, dtype=torch.bool)
         elif nm is not None:
             M1 = torch.zeros(rows, count, dtype=torch.bool, device=dev)
         else:
-            score = W1t.t().pow(2) / d.pow(2)[None, :]
+            score = W1.pow(2) / d.pow(2)[None, :]
             if row_ratios is not None:
                 k = (torch.floor(row_ratios * i2) - torch.floor(row_ratios * i1)).long().to(dev)
                 M1 = _lowest_k_mask(score, k)
             else:
                 k = int(sparsity * (rows * i2)) - int(sparsity * (rows * i1))
                 M1 = _lowest_k_mask(score.reshape(1, -1), k).reshape(rows, count)
-        S1t = M1.t().to(W1t.dtype) / d[:, None] if nm is None else torch.empty_like(W1t)
-        # views made once per block (per-column indexing is a visible part of the cost on a GPU)
-        w, s, e, u = W1t.unbind(0), S1t.unbind(0), Err1t.unbind(0), U1.unbind(0)
-        for j1 in range(0, count, sub):
-            j2 = min(j1 + sub, count)
-            for i in range(j1, j2):
-                if nm is not None and i % nm[1] == 0:
-                    j = slice(i, i + nm[1])
-                    tmp = W1t[j].t().pow(2) / d[j].pow(2)[None, :]
-                    M1[:, j] = _lowest_k_mask(tmp, nm[0])
-                    S1t[j] = M1[:, j].t().to(W1t.dtype) / d[j, None]
-                torch.mul(w[i], s[i], out=e[i])
-                if i + 1 < j2:
-                    W1t[i + 1:j2].addr_(u[i][i + 1:j2], e[i], alpha=-1.0)
-            if j2 < count:  # the sub-block's updates of the block's later columns, as one GEMM
-                W1t[j2:].addmm_(U1[j1:j2, j2:].t(), Err1t[j1:j2], alpha=-1.0)
-        W[:, i1:i2] = W1t.t().masked_fill_(M1, 0.0)  # exact zeros where pruned
+        if triangular:
+            W1 = W1.clone()
+            Err1 = _block_triangular(W1, U1, M1.to(W1.dtype) / d[None, :], TRIANGULAR_SUB)
+        else:
+            W1t = W1.t().contiguous()  # (count, rows)
+            S1t = M1.t().to(W1t.dtype) / d[:, None] if nm is None else torch.empty_like(W1t)
+            Err1 = _block_columns(W1t, U1, S1t, M1, nm, sub).t()
+            W1 = W1t.t()
+        W[:, i1:i2] = W1.masked_fill_(M1, 0.0)  # exact zeros where pruned
         out_mask[:, i1:i2] = M1
         if i2 < cols:
-            W[:, i2:].addmm_(Err1t.t(), U[i1:i2, i2:], alpha=-1.0)
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return out_mask
 
 
@@ -258,8 +326,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
                     mask: torch.Tensor | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
                     percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
                     name: str = "layer", overwrite_h: bool = False,
-                    factor: HessianFactor | Callable[[], HessianFactor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    factor: HessianFactor | Callable[[], HessianFactor] | None = None,
+                    sweep: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with SparseGPT; returns (new fp32 weight, bool prune mask, True = pruned).
 
     ``H`` is (2/n) sum x x^T (``LayerStats.hessian_mean()``); ``sparsity`` a float in [0, 1) or a
@@ -269,7 +337,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     matrices less at the peak, H's contents undefined afterwards (the engine's adapter passes a fresh
     ``hessian_mean()``). ``factor``: H's ``factor_hessian``, or a function returning it (called only when
     there is something to prune); then H is not read and may be None, and percdamp and max_damp_tries
-    are the factor's.
+    are the factor's. ``sweep``: "columns" or "triangular" (how a block is solved, see ``_sweep``;
+    default ``sweep_method(W.device)``).
     Dead input columns (H_jj == 0) are zeroed in the result even where the mask keeps them (their
     input is 0 on every calibration token); the returned mask lists only the pruned positions.
     """
@@ -284,6 +353,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
     if blocksize < 1:
         raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
+    if sweep is not None and sweep not in SWEEP_METHODS:
+        raise PrunekitError(f"SparseGPT sweep {sweep!r}; valid: {', '.join(SWEEP_METHODS)}")
     if factor is None:
         factor = factor_hessian(H, Wf.device, percdamp, max_damp_tries, name=name, overwrite_h=overwrite_h)
     elif callable(factor):
@@ -296,12 +367,12 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     if isinstance(s, torch.Tensor):
         s = s.to(Wf.device)
     W0 = Wf.clone()
-    out_mask = _sweep(Wf, factor.U, s, pattern, mask, blocksize)
+    out_mask = _sweep(Wf, factor.U, s, pattern, mask, blocksize, sweep)
     if not bool(torch.isfinite(Wf).all()):
         log.warning("%s: SparseGPT updates produced NaN/inf; redoing the layer with the diagonal Hessian", name)
         U = _diagonal_factor(factor.diag, 0.0)
         Wf = W0
-        out_mask = _sweep(Wf, U, s, pattern, mask, blocksize)
+        out_mask = _sweep(Wf, U, s, pattern, mask, blocksize, sweep)
         Wf = torch.nan_to_num(Wf, nan=0.0, posinf=0.0, neginf=0.0)  # only if W itself held NaN/inf
     return Wf, out_mask
 
