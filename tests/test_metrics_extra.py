@@ -267,6 +267,30 @@ def test_sparsegpt_rejects_bad_arguments(layer):
         sparsegpt_solve(W, H, 0.5, sweep="rows")
 
 
+@pytest.mark.parametrize("n", [5, 16, 17, 100, 203])
+def test_upper_factor_of_inverse_matches_the_textbook_chain(n, monkeypatch):
+    """U = J L^-1 J (L: Cholesky factor of the reversed matrix, inverted by recursive halving) is the
+    upper Cholesky factor of H^-1: equal in float64 to Cholesky -> inverse -> upper Cholesky."""
+    from prunekit.metrics import sparsegpt as sg
+
+    monkeypatch.setattr(sg, "INVERSE_BASE", 4)  # deep recursion, odd halves and
+    monkeypatch.setattr(sg, "INVERSE_CHUNK", 3)  # several column chunks at these small sizes
+    X = torch.randn(3 * n, n, generator=_gen(7), dtype=torch.float64) @ torch.randn(n, n, generator=_gen(8),
+                                                                                       dtype=torch.float64)
+    H = X.t() @ X + 1e-3 * torch.eye(n, dtype=torch.float64)
+    H0 = H.clone()
+    prec = torch.get_float32_matmul_precision()
+    U = sg._upper_factor_of_inverse(H)
+    assert torch.equal(H, H0)  # not modified
+    assert torch.get_float32_matmul_precision() == prec  # restored
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    assert torch.allclose(U, ref, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))
+    assert torch.allclose(U.t() @ U @ H, torch.eye(n, dtype=torch.float64), atol=1e-6)
+    H[0, 0] = -1.0  # not positive definite: None, not an error
+    assert sg._upper_factor_of_inverse(H) is None
+
+
 def test_sparsegpt_sweep_method_per_device_and_override(layer, monkeypatch):
     from prunekit.metrics import sparsegpt as sg
     from prunekit.metrics.sparsegpt import sweep_method

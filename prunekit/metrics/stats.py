@@ -12,6 +12,7 @@ All accumulation is in float32 (float64 for sums over many tokens), whatever the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -90,14 +91,21 @@ def _gram_tf32(x: torch.Tensor) -> torch.Tensor:
     """sum over row chunks of chunk^T chunk with TF32 matmuls, accumulated in a float32 (d, d) result."""
     d = x.shape[-1]
     h = torch.zeros(d, d, dtype=torch.float32, device=x.device)
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls, restored below
-    try:
+    with float32_matmul_precision("high"):  # TF32 for float32 matmuls
         for part in row_chunks(x):
             _add_upper_(h, part.float())
+    return _mirror_upper(h)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, the caller's setting after it."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
     finally:
         torch.set_float32_matmul_precision(prev)
-    return _mirror_upper(h)
 
 
 def sq_sums64(x: torch.Tensor) -> torch.Tensor:
