@@ -143,9 +143,11 @@ def main(argv=None):
 
 # since edae39d the engine's SparseGPT adapter factors H^-1 (factor_hessian, once per shared Hessian) before
 # it calls sparsegpt_solve with the factor, so the two are separate phases; records made before that commit
-# carry "SparseGPT solve (Cholesky + sweep)" with the Cholesky nested inside it
+# carry "SparseGPT solve (Cholesky + sweep)" with the Cholesky nested inside it; records made before session 10
+# carry "SparseGPT factor of H^-1 (Cholesky, inverse, Cholesky)", the textbook chain then used
 PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
-          ("prunekit.metrics.sparsegpt", "factor_hessian", "SparseGPT factor of H^-1 (Cholesky, inverse, Cholesky)"),
+          ("prunekit.metrics.sparsegpt", "factor_hessian",
+           "SparseGPT factor of H^-1 (reversed Cholesky, triangular inverse)"),
           ("prunekit.metrics.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
           ("prunekit.pruner", "pack_mask", "mask packing"))
 

@@ -267,6 +267,17 @@ def test_sparsegpt_rejects_bad_arguments(layer):
         sparsegpt_solve(W, H, 0.5, sweep="rows")
 
 
+def test_all_finite_sees_nan_and_both_infinities():
+    from prunekit.metrics.sparsegpt import _all_finite
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(9, 7, generator=_gen(2))
+        t[4, 5] = bad
+        assert not _all_finite(t), bad
+    assert not _all_finite(torch.full((3, 3), float("nan")))
+    assert _all_finite(torch.randn(9, 7, generator=_gen(2))) and _all_finite(torch.empty(0, 4))
+
+
 @pytest.mark.parametrize("n", [5, 16, 17, 100, 203])
 def test_upper_factor_of_inverse_matches_the_textbook_chain(n, monkeypatch):
     """U = J L^-1 J (L: Cholesky factor of the reversed matrix, inverted by recursive halving) is the
