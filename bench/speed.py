@@ -156,13 +156,14 @@ PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
 def timed_phases(acc: dict, cuda: bool, on: bool):
     """Time the engine's phases by wrapping their functions (a GPU sync before and after each call, so
     an instrumented run is a little slower than a plain one; the remainder is the forward passes,
-    block transfers and the rest)."""
+    block transfers and the rest). Each phase's time is exclusive: a wrapped call made inside another
+    (the SparseGPT factor is computed lazily inside ``sparsegpt_solve``) counts for its own phase only."""
     if not on:
         yield
         return
     import importlib
 
-    saved = []
+    saved, inner = [], []  # inner: per open wrapped call, the time spent in wrapped calls nested in it
     for mod_name, fn_name, label in PHASES:
         mod = importlib.import_module(mod_name)
         fn = getattr(mod, fn_name)
@@ -170,11 +171,18 @@ def timed_phases(acc: dict, cuda: bool, on: bool):
         def wrapped(*args, _fn=fn, _label=label, **kw):
             if cuda:
                 torch.cuda.synchronize()
+            inner.append(0.0)
             t = time.time()
-            out = _fn(*args, **kw)
-            if cuda:
-                torch.cuda.synchronize()
-            acc[_label] = acc.get(_label, 0.0) + time.time() - t
+            try:
+                out = _fn(*args, **kw)
+                if cuda:
+                    torch.cuda.synchronize()
+            finally:
+                dt = time.time() - t
+                nested = inner.pop()
+                acc[_label] = acc.get(_label, 0.0) + dt - nested
+                if inner:
+                    inner[-1] += dt
             return out
         saved.append((mod, fn_name, fn))
         setattr(mod, fn_name, wrapped)
