@@ -62,3 +62,25 @@ def save_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def timed(fn, cuda: bool, reps: int = 3):
+    """(result, seconds per call) of fn: one warm-up call, then the mean of ``reps`` calls (GPU synchronised)."""
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.time()
+    for _ in range(reps):
+        out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, (time.time() - t) / reps
+
+
+def environment_lines(data: dict) -> list[str]:
+    """Markdown lines for the ``environment_cpu`` / ``environment_gpu`` records of a results file."""
+    lines = []
+    for key in ("environment_cpu", "environment_gpu"):
+        if key in data:
+            lines += ["", f"{key}: " + ", ".join(f"{k} {v}" for k, v in data[key].items())]
+    return lines

@@ -21,21 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, load_results, save_json  # noqa: E402
+from common import RESULTS, environment, load_results, save_json, timed  # noqa: E402
 
 from prunekit.metrics.stats import gram  # noqa: E402
-
-
-def timed(fn, cuda: bool, reps: int = 3) -> tuple[torch.Tensor, float]:
-    out = fn()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(reps):
-        out = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return out, (time.time() - t) / reps
 
 
 def main(argv=None):

@@ -22,25 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, load_results, save_json  # noqa: E402
+from common import RESULTS, environment, environment_lines, load_results, save_json, timed  # noqa: E402
 
 from prunekit.metrics.sparsegpt import inverse_cholesky_upper  # noqa: E402
 
 
 def textbook(Hd: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-
-
-def timed(fn, cuda: bool, reps: int):
-    out = fn()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(reps):
-        out = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return out, (time.time() - t) / reps
 
 
 def main(argv=None):
@@ -80,9 +68,7 @@ def main(argv=None):
     for key, r in data.items():
         if not key.startswith("environment"):
             lines.append(f"| {r['device']} | {r['d']} | {r['path']} | {r['seconds']} | {r['rel_err']:.2e} |")
-    for key in ("environment_cpu", "environment_gpu"):
-        if key in data:
-            lines += ["", f"{key}: " + ", ".join(f"{k} {v}" for k, v in data[key].items())]
+    lines += environment_lines(data)
     (RESULTS / "sparsegpt_factor.md").write_text("\n".join(lines) + "\n")
 
 

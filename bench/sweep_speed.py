@@ -21,24 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, load_results, save_json  # noqa: E402
+from common import RESULTS, environment, environment_lines, load_results, save_json, timed  # noqa: E402
 
 from prunekit.metrics import sparsegpt as sg  # noqa: E402
 
 GPU_SHAPES = "4096x4096,11008x4096,4096x11008"  # q/k/v/o, gate/up, down of LLaMA-7B (out x in)
 CPU_SHAPES = "576x576,1536x576,576x1536,4096x4096"  # SmolLM2's layers, one 7B attention projection
-
-
-def timed(fn, cuda: bool, reps: int):
-    out = fn()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(reps):
-        out = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return out, (time.time() - t) / reps
 
 
 def main(argv=None):
@@ -105,10 +93,7 @@ def write_markdown(data: dict) -> None:
         lines.append(f"| {r['device']} | {r['out']} x {r['in']} | {label} | {r['seconds']} | {r['us_per_column']} | "
                      f"{r['max_abs_diff_vs_columns']:.1e} | {r['mask_diff_share_vs_columns']:.1e} | "
                      f"{'yes' if r['default_on_device'] else ''} |")
-    for key in ("environment_cpu", "environment_gpu"):
-        if key in data:
-            e = data[key]
-            lines += ["", f"{key}: " + ", ".join(f"{k} {v}" for k, v in e.items())]
+    lines += environment_lines(data)
     (RESULTS / "sweep_speed.md").write_text("\n".join(lines) + "\n")
 
 
