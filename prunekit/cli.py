@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rowwise-skip", action="append", metavar="PATTERN",
                    help="fnmatch pattern of layers that keep the plain mask under --rowwise (repeatable), e.g. "
                         "'*.mlp.up_proj'")
+    p.add_argument("--metric-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the metric, e.g. percdamp=0.1 or blocksize=64 (sparsegpt), alpha=1 (ria), "
+                        "lam=2 (ace); `prunekit methods` lists them")
     p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
+    p.add_argument("--reconstruct-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="a SparseGPT parameter for --reconstruct, e.g. percdamp=0.1")
     p.add_argument("--remove-blocks", type=int, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
     p.add_argument("--removal-score", choices=["bi", "magnitude", "taylor", "ppl"])
@@ -147,6 +152,10 @@ def cmd_prune(a) -> int:
         given["allocation_params"] = dict(a.allocation_param)
     if a.rowwise_param:
         given["rowwise_params"] = dict(a.rowwise_param)
+    if a.metric_param:
+        given["metric_params"] = dict(a.metric_param)
+    if a.reconstruct_param:
+        given["reconstruct_params"] = dict(a.reconstruct_param)
     cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
     report = run(cfg)
     from .distributed import rank
@@ -277,6 +286,10 @@ def cmd_methods(a) -> int:
     from .rowwise import ROWWISE, TRIM_INPUTS
 
     print("metrics:     " + ", ".join(sorted(METRICS)))
+    for name in sorted(METRICS):
+        if METRICS[name].params:
+            params = ", ".join(f"{k}={v}" for k, v in METRICS[name].params.items())
+            print(f"  {name} parameters (--metric-param KEY=VALUE): {params}")
     print("allocations: " + ", ".join(sorted(ALLOCATORS)))
     print("rowwise:     " + ", ".join(sorted(ROWWISE)) + f" (trim inputs: {' | '.join(TRIM_INPUTS)})")
     print("reconstruct: sparsegpt")

@@ -27,6 +27,10 @@ class PruneConfig(BaseModel):
     rowwise_skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layers that keep the "
                                     "metric's plain mask (no row-wise allocation), e.g. '*.mlp.up_proj'")
     reconstruct: Optional[str] = Field(None, description="'sparsegpt': OBS weight update on the metric's mask")
+    metric_params: dict[str, Any] = Field(default_factory=dict, description="the metric's parameters, e.g. "
+                                          "SparseGPT percdamp / blocksize, RIA alpha, ACE lam (`prunekit methods`)")
+    reconstruct_params: dict[str, Any] = Field(default_factory=dict, description="SparseGPT's parameters for "
+                                               "reconstruct: sparsegpt (percdamp, blocksize, max_damp_tries, sweep)")
     remove_blocks: int = Field(0, description="decoder blocks to remove before pruning")
     removal: str = Field("prune-comp", description="prune-comp (iterative, compensated) or bi (ShortGPT one-shot)")
     removal_score: str = Field("bi", description="block score: bi, magnitude, taylor, ppl")
@@ -94,6 +98,7 @@ class PruneConfig(BaseModel):
         from .metrics import get_metric
 
         metric = get_metric(self.metric)
+        self.metric_params = metric.check_params(self.metric_params, "metric_params")
         get_allocator(self.allocation)
         if self.rowwise is not None:
             from .rowwise import ROWWISE, rowwise_needs
@@ -133,6 +138,11 @@ class PruneConfig(BaseModel):
             raise ValueError(f"unknown reconstruct {self.reconstruct!r}; valid: sparsegpt")
         if self.reconstruct and metric.solver is not None:
             raise ValueError(f"{self.metric} already reconstructs weights")
+        if self.reconstruct_params:
+            if not self.reconstruct:
+                raise ValueError("reconstruct_params set without reconstruct")
+            self.reconstruct_params = get_metric(self.reconstruct).check_params(self.reconstruct_params,
+                                                                                "reconstruct_params")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         return self

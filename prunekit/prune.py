@@ -11,7 +11,7 @@ from .config import PruneConfig, make_config
 from .data import calibration_windows
 from .errors import PrunekitError
 from .masks import check_nm_shape
-from .metrics import get_metric
+from .metrics import configured_metric, get_metric
 from .models.families import (block_linears, family_of, get_blocks, model_context_length, name_matches,
                               unmatched_patterns, weight_view)
 from .profiles import auto_params, engine_callable, outlier_profile, score_profile
@@ -56,7 +56,7 @@ def layer_ratios(cfg: PruneConfig, model, tokenizer, blocks, block_layers, calib
             raise PrunekitError("a per-block sparsity list and an allocation method exclude each other")
         return {n: float(cfg.sparsity[b]) for b, d in enumerate(block_layers) for n in d}, {}
     alloc = get_allocator(cfg.allocation)
-    metric, nm = get_metric(cfg.metric), cfg.nm
+    metric, nm = configured_metric(cfg.metric, cfg.metric_params), cfg.nm
     summary = model_summary(model, block_layers, alloc.needs)
     if "outliers" in alloc.needs:
         summary.outliers = outlier_profile(model, blocks, block_layers, calib_ids, device, cfg.batch_size)
@@ -93,7 +93,7 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     cfg = config if isinstance(config, PruneConfig) else make_config(**config)
     t0 = time.time()
     fam = family_of(model)
-    metric = get_metric(cfg.metric)
+    metric = configured_metric(cfg.metric, cfg.metric_params)
     nm = cfg.nm
     check_layer_patterns(model, cfg)
     if nm is not None:
@@ -202,7 +202,11 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
                    "granularity": cfg.granularity or get_allocator(cfg.allocation).granularity,
                    "sequential": cfg.sequential, "rowwise": cfg.rowwise,
                    "rowwise_params": cfg.rowwise_params, "rowwise_skip": cfg.rowwise_skip,
-                   "reconstruct": cfg.reconstruct},
+                   "reconstruct": cfg.reconstruct,
+                   # the values used: the registered defaults with the user's settings over them
+                   "metric_params": {**get_metric(cfg.metric).params, **cfg.metric_params},
+                   "reconstruct_params": ({**get_metric(cfg.reconstruct).params, **cfg.reconstruct_params}
+                                          if cfg.reconstruct else {})},
         "target_sparsity": cfg.target(),
         "protocol": {"calib": cfg.calib if calib_ids is not None else None,
                      "nsamples": int(calib_ids.shape[0]) if calib_ids is not None else 0,

@@ -33,16 +33,18 @@ class LayerPruner:
     reconstruction, bias update, zero, record."""
 
     def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
-                 reconstruct: str | None = None, rowwise_skip=()):
+                 reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None):
         self.metric, self.ratios, self.nm = metric, ratios, nm
         self.rowwise, self.rowwise_params, self.reconstruct = rowwise, rowwise_params or {}, reconstruct
+        self.reconstruct_params = reconstruct_params or {}  # SparseGPT's percdamp, blocksize, ... (validated)
         self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
 
     @classmethod
     def from_config(cls, cfg, metric, ratios):
-        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip)
+        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
+                   cfg.reconstruct_params)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
@@ -55,7 +57,7 @@ class LayerPruner:
             Wn = None
             info = {}
             if self.metric.solver is not None:
-                Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None)
+                Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
             else:
                 scores = self.metric.score(Wf, stats)
                 if self.rowwise and not name_matches(name, self.rowwise_skip):
@@ -68,7 +70,7 @@ class LayerPruner:
                 if self.reconstruct == "sparsegpt":
                     from .metrics.sparsegpt import sparsegpt_solver
 
-                    Wn, mask = sparsegpt_solver(Wf, stats, r, self.nm, mask)
+                    Wn, mask = sparsegpt_solver(Wf, stats, r, self.nm, mask, name=name, **self.reconstruct_params)
             if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
                 add_bias(module, self.metric.bias_update(Wf, mask, stats))
             if Wn is not None:

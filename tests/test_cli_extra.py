@@ -80,3 +80,46 @@ def test_methods_lists_every_registered_method(capsys):
     assert set(out["allocations"].replace(",", " ").split()) == set(ALLOCATORS)
     assert set(ROWWISE) <= set(out["rowwise"].split(" (")[0].replace(",", " ").split())
     assert "all" in out["rowwise"] and "sparsegpt" in out["reconstruct"]
+
+
+def test_metric_and_reconstruct_params_from_the_cli(tmp_path, monkeypatch):
+    """--metric-param / --reconstruct-param reach SparseGPT (damping and block size seen by the solver) and
+    the report records the values used."""
+    from prunekit.metrics import sparsegpt as sg
+
+    seen = []
+    real_factor, real_sweep = sg.factor_hessian, sg._sweep
+    monkeypatch.setattr(sg, "factor_hessian", lambda H, dev, percdamp, *a, **kw: (seen.append(("damp", percdamp)),
+                                                                                   real_factor(H, dev, percdamp, *a, **kw))[1])
+    monkeypatch.setattr(sg, "_sweep", lambda W, U, s, p, m, blocksize, *a: (seen.append(("block", blocksize)),
+                                                                            real_sweep(W, U, s, p, m, blocksize, *a))[1])
+    common = ["--model", str(STORIES_HF), "--sparsity", "0.5", "--calib", str(TINY_TEXT), "--nsamples", "4",
+              "--seqlen", "32"]
+    out = tmp_path / "a"
+    assert main(["prune", "--metric", "sparsegpt", "--metric-param", "percdamp=0.1", "--metric-param", "blocksize=16",
+                 *common, "--out", str(out)]) == 0
+    assert set(seen) == {("damp", 0.1), ("block", 16)}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"]["metric_params"] == {"blocksize": 16, "percdamp": 0.1, "max_damp_tries": 8, "sweep": "auto"}
+    assert "metric **sparsegpt** (blocksize=16, percdamp=0.1" in (out / "report.md").read_text()
+    seen.clear()
+    out = tmp_path / "b"
+    assert main(["prune", "--metric", "wanda", "--reconstruct", "sparsegpt", "--reconstruct-param", "percdamp=0.2",
+                 *common, "--out", str(out)]) == 0
+    assert set(seen) == {("damp", 0.2), ("block", 128)}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"]["reconstruct_params"]["percdamp"] == 0.2 and rep["method"]["metric_params"] == {}
+
+
+def test_bad_metric_params_are_refused_before_any_work(capsys):
+    common = ["prune", "--model", str(STORIES_HF), "--sparsity", "0.5"]
+    for args, words in [(["--metric", "sparsegpt", "--metric-param", "damping=0.1"], ["damping", "percdamp"]),
+                        (["--metric", "sparsegpt", "--metric-param", "percdamp=-1"], ["percdamp", ">= 0"]),
+                        (["--metric", "sparsegpt", "--metric-param", "blocksize=2.5"], ["blocksize", "integer"]),
+                        (["--metric", "sparsegpt", "--metric-param", "blocksize=true"], ["blocksize", "integer"]),
+                        (["--metric", "sparsegpt", "--metric-param", "sweep=fast"], ["sweep", "triangular"]),
+                        (["--metric", "wanda", "--metric-param", "alpha=1"], ["wanda", "none"]),
+                        (["--metric", "wanda", "--reconstruct-param", "percdamp=0.1"], ["reconstruct_params"])]:
+        assert main(common + args) != 0, args
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (args, err)

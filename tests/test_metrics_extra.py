@@ -504,3 +504,16 @@ def test_sparsegpt_adapter_factors_only_when_something_is_pruned(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(PrunekitError, match="factor shape"):
         sg.sparsegpt_solve(torch.randn(8, 16), None, 0.5, factor=st.cache[next(iter(st.cache))])
+
+
+def test_configured_metric_binds_parameters(layer):
+    from prunekit.metrics import configured_metric
+
+    W, X, st = layer
+    assert torch.equal(configured_metric("ria", {"alpha": 2.0}).score(W, st), ria(W, st, alpha=2.0))
+    assert not torch.equal(configured_metric("ria", {"alpha": 2.0}).score(W, st), ria(W, st))
+    assert torch.equal(configured_metric("ace", {"lam": 3}).score(W, st), ace(W, st, lam=3.0))
+    assert configured_metric("ria") is get_metric("ria")  # no parameters: the registered metric itself
+    Wa, ma = configured_metric("sparsegpt", {"percdamp": 0.5}).solver(W, st, 0.5)
+    Wb, mb = sparsegpt_solve(W, st.hessian_mean(), 0.5, percdamp=0.5)
+    assert torch.equal(ma, mb) and torch.allclose(Wa, Wb, atol=1e-5)

@@ -7,6 +7,8 @@ the metric reads (see :mod:`prunekit.metrics.stats`); the engine gathers only th
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,12 +24,36 @@ class Metric:
     needs: frozenset[str] = frozenset()
     group: str = "row"  # where unstructured scores are compared: per output row or per layer
     score: Callable[[torch.Tensor, LayerStats], torch.Tensor] | None = None
-    # solver(W, stats, sparsity, pattern, mask) -> (new W, mask). ``mask`` fixed by another metric or None.
+    # solver(W, stats, sparsity, pattern, mask, name=layer) -> (new W, mask). ``mask`` fixed by another metric or
+    # None; ``name`` names the layer in its log messages.
     solver: Callable | None = None
     # bias_update(W_dense, mask, stats) -> additive bias correction or None (applied before zeroing).
     bias_update: Callable | None = None
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    # keyword parameters of ``score`` / ``solver`` that users may set (``metric_params``), with their defaults
+    params: dict = field(default_factory=dict)
+    # param_check(params) raises PrunekitError on values out of range (after the type checks)
+    param_check: Callable | None = None
+
+    def check_params(self, given: dict, what: str = "metric_params") -> dict:
+        """``given`` validated against ``params``: known names only, each value converted to its default's
+        type (int, float, str; bool refused for numbers). Raises PrunekitError with the valid names."""
+        out = {}
+        for k, v in given.items():
+            if k not in self.params:
+                valid = ", ".join(sorted(self.params)) or "none"
+                raise PrunekitError(f"{what}: {self.name} has no parameter {k!r}; valid: {valid}")
+            typ = type(self.params[k])
+            if typ in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                        or (typ is int and float(v) != int(v))):
+                raise PrunekitError(f"{what}: {self.name} {k} must be {'an integer' if typ is int else 'a number'}, "
+                                    f"got {v!r}")
+            if typ is str and not isinstance(v, str):
+                raise PrunekitError(f"{what}: {self.name} {k} must be a string, got {v!r}")
+            out[k] = typ(v)
+        if self.param_check is not None:
+            self.param_check(out)
+        return out
 
 
 METRICS: dict[str, Metric] = {}
@@ -48,6 +74,18 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise PrunekitError(f"unknown metric {name!r}; valid: {', '.join(sorted(METRICS))}") from None
+
+
+def configured_metric(name: str, params: dict | None = None) -> Metric:
+    """The registered metric with the user's parameters (``metric_params``) bound into its score or
+    solver, validated by ``Metric.check_params``; every consumer (the engine, allocation profiles) then
+    scores with them."""
+    m = get_metric(name)
+    if not params:
+        return m
+    p = m.check_params(params)
+    return dataclasses.replace(m, score=functools.partial(m.score, **p) if m.score else None,
+                               solver=functools.partial(m.solver, **p) if m.solver else None, params={**m.params, **p})
 
 
 @register_metric("magnitude", needs=(), group="layer", description="|W|, threshold per weight matrix")

@@ -73,7 +73,7 @@ def ace_terms(W: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, torch.T
     return C, V
 
 
-@register_metric("ace", needs=("sq_sum", "sum"), group="row", extra={"lambda": ACE_LAMBDA},
+@register_metric("ace", needs=("sq_sum", "sum"), group="row", params={"lam": ACE_LAMBDA},
                  description="prunekit's reading of ACE: W^2/R * ((1-rho_i)/2 * E[x_j^2] + lambda * Var(x_j)), per row")
 def ace(W: torch.Tensor, stats: LayerStats, lam: float = ACE_LAMBDA) -> torch.Tensor:
     C, V = ace_terms(W, stats)

@@ -21,7 +21,7 @@ from .stats import LayerStats
 RIA_ALPHA = 0.5
 
 
-@register_metric("ria", needs=("sq_sum",), group="row",
+@register_metric("ria", needs=("sq_sum",), group="row", params={"alpha": RIA_ALPHA},
                  description="(|W|/col-sum|W| + |W|/row-sum|W|) * ||X_j||^0.5, compared per output row")
 def ria(W: torch.Tensor, stats: LayerStats, alpha: float = RIA_ALPHA) -> torch.Tensor:
     A = W.abs().float()

@@ -388,8 +388,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     matrices less at the peak, H's contents undefined afterwards (the engine's adapter passes a fresh
     ``hessian_mean()``). ``factor``: H's ``factor_hessian``, or a function returning it (called only when
     there is something to prune); then H is not read and may be None, and percdamp and max_damp_tries
-    are the factor's. ``sweep``: "columns" or "triangular" (how a block is solved, see ``_sweep``;
-    default ``sweep_method(W.device)``).
+    are the factor's. ``sweep``: "columns" or "triangular" (how a block is solved, see ``_sweep``);
+    None or "auto": ``sweep_method(W.device)``.
     Dead input columns (H_jj == 0) are zeroed in the result even where the mask keeps them (their
     input is 0 on every calibration token); the returned mask lists only the pruned positions.
     """
@@ -404,8 +404,10 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
     if blocksize < 1:
         raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
+    if sweep == "auto":
+        sweep = None
     if sweep is not None and sweep not in SWEEP_METHODS:
-        raise PrunekitError(f"SparseGPT sweep {sweep!r}; valid: {', '.join(SWEEP_METHODS)}")
+        raise PrunekitError(f"SparseGPT sweep {sweep!r}; valid: auto, {', '.join(SWEEP_METHODS)}")
     if factor is None:
         factor = factor_hessian(H, Wf.device, percdamp, max_damp_tries, name=name, overwrite_h=overwrite_h)
     elif callable(factor):
@@ -428,16 +430,29 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     return Wf, out_mask
 
 
+def check_solver_params(params: dict) -> None:
+    """Ranges of the parameters users may set (``metric_params`` / ``reconstruct_params``)."""
+    if params.get("blocksize", 1) < 1:
+        raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {params['blocksize']}")
+    if not params.get("percdamp", 0.0) >= 0.0:
+        raise PrunekitError(f"SparseGPT percdamp must be >= 0, got {params['percdamp']}")
+    if params.get("max_damp_tries", 0) < 0:
+        raise PrunekitError(f"SparseGPT max_damp_tries must be >= 0, got {params['max_damp_tries']}")
+    if params.get("sweep", "auto") not in ("auto",) + SWEEP_METHODS:
+        raise PrunekitError(f"SparseGPT sweep {params['sweep']!r}; valid: auto, {', '.join(SWEEP_METHODS)}")
+
+
 def sparsegpt_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask=None, name: str = "layer",
                      percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, **kw):
     """Adapter with the engine's solver signature: solver(W, stats, sparsity, pattern, mask).
 
     The Hessian's factor is computed once per ``stats`` and kept in ``stats.cache``: layers that read
     the same input share their statistics (calibrate.run_block), so q/k/v factor one Hessian, not
-    three (on LLaMA-7B shapes, 3 of the 7 (in, in) Cholesky/inverse/Cholesky chains per block). The
+    three (on LLaMA-7B shapes, 3 of the 7 (in, in) factorisations per block). The
     engine empties the cache once the last of those layers is handled."""
     if stats is None or stats.hessian is None:
         raise PrunekitError("SparseGPT needs the layer Hessian: gather statistics with needs=('hessian',)")
+    check_solver_params({"percdamp": percdamp, "max_damp_tries": max_damp_tries})
     key = ("sparsegpt_factor", str(W.device), float(percdamp), int(max_damp_tries))
 
     def factor() -> HessianFactor:
@@ -454,5 +469,7 @@ register_metric(
     description="SparseGPT solver: OBS reconstruction with H=(2/n) sum x x^T; mask per 128-column block "
                 "over all rows by w^2/Hinv_jj^2 (one (in,in) fp32 Hessian per layer)",
     solver=sparsegpt_solver,
-    extra={"blocksize": DEFAULT_BLOCKSIZE, "percdamp": DEFAULT_PERCDAMP},
+    params={"blocksize": DEFAULT_BLOCKSIZE, "percdamp": DEFAULT_PERCDAMP, "max_damp_tries": DEFAULT_MAX_DAMP_TRIES,
+            "sweep": "auto"},
+    param_check=check_solver_params,
 )(None)

@@ -21,11 +21,15 @@ def describe_rowwise(m: dict) -> str:
 def report_markdown(r: dict) -> str:
     m = r["method"]
     p = r["protocol"]
+    mp = ", ".join(f"{k}={v}" for k, v in (m.get("metric_params") or {}).items())
+    rp = ", ".join(f"{k}={v}" for k, v in (m.get("reconstruct_params") or {}).items())
     lines = [f"# prunekit report: {r['model']}", "",
-             f"- method: metric **{m['metric']}**, pattern {m['pattern']}, allocation {m['allocation']} "
+             f"- method: metric **{m['metric']}**" + (f" ({mp})" if mp else "")
+             + f", pattern {m['pattern']}, allocation {m['allocation']} "
              f"({m['granularity']}), sequential={m['sequential']}"
              + (f", rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
-             + (f", weights reconstructed by {m['reconstruct']}" if m.get("reconstruct") else ""),
+             + (f", weights reconstructed by {m['reconstruct']}" + (f" ({rp})" if rp else "") if m.get("reconstruct")
+                else ""),
              f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
     if "saved" in r:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
