@@ -122,8 +122,9 @@ def _upper_factor_of_inverse(Hd: torch.Tensor) -> torch.Tensor | None:
     Hd^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive
     diagonal, so U = J L^-1 J. One Cholesky and one triangular inverse (about 2/3 n^3 multiply-adds);
     the textbook chain (Cholesky of Hd, its inverse, Cholesky of that) takes twice as many, and its
-    second Cholesky can fail on an ill-conditioned inverse. CPU: 4096 x 4096 1.52 -> 0.85 s, 11008 x
-    11008 19.6 -> 11.8 s, the same or a smaller error against float64 (bench/results/sparsegpt_factor.md).
+    second Cholesky can fail on an ill-conditioned inverse. CPU (bench/results/sparsegpt_factor.md, through
+    ``inverse_cholesky_upper``): 4096 x 4096 1.33 -> 0.80 s, 11008 x 11008 17.5 -> 11.1 s, the same or a
+    smaller error against float64; at 576 x 576 the recursion costs more than it saves (0.009 -> 0.013 s).
     Memory: besides Hd, the reversed copy and L, then L and L^-1, then L^-1 and U: two (n, n) matrices at
     once, as in the textbook chain (L and the inverse, then the inverse and U). Measured through the engine's
     adapter on a 4096 x 11008 layer: 3.49 Hessians of extra RSS for the whole solve, 5.13 with the chain
@@ -217,8 +218,8 @@ def sweep_method(device) -> str:
     elsewhere. ``PRUNEKIT_SPARSEGPT_SWEEP=columns|triangular`` overrides it (for A/B benchmarks).
 
     Both give the same masks and weights up to float rounding (tests compare both with a textbook float64
-    OBS sweep). On this 2-core CPU they take about the same time (576 x 1536: 0.09 vs 0.12 s, 4096 x 4096:
-    1.5 vs 1.4 s), so the CPU keeps the column loop. On a GPU the column loop is bound by kernel launches
+    OBS sweep). On this 2-core CPU they take about the same time (bench/results/sweep_speed.md: 576 x 1536
+    triangular 0.06 s, columns 0.08 s; 4096 x 4096 1.76 vs 1.65 s), so the CPU keeps the column loop. On a GPU the column loop is bound by kernel launches
     and Python (two kernels per column, ~30 us per column measured on an H200 before session 9, 35 s for
     LLaMA-7B's 1.14 M columns); the triangular solve needs about 4 kernels per ``TRIANGULAR_SUB`` columns.
     Its GPU speed has not been measured yet (``bench/sweep_speed.py`` does)."""
@@ -402,12 +403,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
             (isinstance(s, float) and int(s * rows * cols) == 0)
             or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
-    if blocksize < 1:
-        raise PrunekitError(f"SparseGPT blocksize must be >= 1, got {blocksize}")
-    if sweep == "auto":
-        sweep = None
-    if sweep is not None and sweep not in SWEEP_METHODS:
-        raise PrunekitError(f"SparseGPT sweep {sweep!r}; valid: auto, {', '.join(SWEEP_METHODS)}")
+    check_solver_params({"blocksize": blocksize, "sweep": sweep or "auto"})
+    sweep = None if sweep == "auto" else sweep
     if factor is None:
         factor = factor_hessian(H, Wf.device, percdamp, max_damp_tries, name=name, overwrite_h=overwrite_h)
     elif callable(factor):
