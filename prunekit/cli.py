@@ -300,11 +300,16 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from .distributed import init_from_env
+        import torch.distributed as dist
 
-        init_from_env()
-        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
-                "verify": cmd_verify, "analyze": cmd_analyze, "search": cmd_search}[a.cmd](a)
+        from .distributed import init_from_env, shutdown
+
+        created = not (dist.is_available() and dist.is_initialized()) and init_from_env()
+        rc = {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
+              "verify": cmd_verify, "analyze": cmd_analyze, "search": cmd_search}[a.cmd](a)
+        if created:  # torchrun: every rank got here; leave the process group together
+            shutdown()
+        return rc
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,15 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group: a barrier first, so that no rank tears down its connections while another
+    still uses them, then ``destroy_process_group``. (A gloo rank that exited without it aborted now and
+    then with "terminate called without an active exception" after all its work was done.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(ids: torch.Tensor) -> torch.Tensor:
     return ids[rank()::world()] if active() else ids
 

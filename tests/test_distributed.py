@@ -1,4 +1,5 @@
 """Data-parallel calibration (gloo, 2 processes on CPU) reproduces the single-process masks."""
+import datetime
 import os
 import sys
 
@@ -23,7 +24,8 @@ def _worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a stuck rank fails the test, not CI's clock
     try:
         for i, cfg in enumerate(CASES):
             model = tiny_model("llama", hidden=64).double()
@@ -42,7 +44,9 @@ def _worker(rank, world, init_file, out_dir):
             torch.save({"count": st.count, "sq_sum": st.sq_sum, "hessian": st.hessian},
                        os.path.join(out_dir, "shared.pt"))
     finally:
-        dist.destroy_process_group()
+        from prunekit.distributed import shutdown
+
+        shutdown()  # barrier, then destroy (without the barrier a rank aborted now and then at teardown)
 
 
 def test_two_ranks_equal_single_process(tmp_path):
@@ -60,3 +64,39 @@ def test_two_ranks_equal_single_process(tmp_path):
         # weights: identical up to the summation order of the fp32 Hessian (SparseGPT's updates)
         for k, v in model.state_dict().items():
             assert torch.allclose(v, got["state"][k], rtol=1e-4, atol=1e-5), (cfg, k, (v - got["state"][k]).abs().max())
+
+
+def _cli_worker(rank, world, port, out):
+    """One torchrun-like rank of the CLI: the environment torchrun sets, then ``prunekit prune``."""
+    import torch.distributed as dist
+
+    from conftest import STORIES_HF, TINY_TEXT
+    from prunekit.cli import main
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rc = main(["prune", "--model", str(STORIES_HF), "--metric", "wanda", "--sparsity", "0.5", "--calib",
+               str(TINY_TEXT), "--nsamples", "4", "--seqlen", "32", "--out", out])
+    if rc != 0 or dist.is_initialized():  # the CLI leaves the process group it created
+        raise SystemExit(f"rank {rank}: rc {rc}, process group still initialised: {dist.is_initialized()}")
+
+
+def test_cli_under_torchrun_environment_prunes_and_leaves_the_group(tmp_path):
+    import json
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "o"
+    ctx = mp.start_processes(_cli_worker, args=(2, port, str(out)), nprocs=2, start_method="spawn", join=False)
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two CLI ranks did not finish within 240 s")
+    rep = json.loads((out / "report.json").read_text())  # rank 0 wrote the outputs
+    assert rep["saved"]["overall_sparsity"] == 0.5
