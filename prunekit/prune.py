@@ -11,7 +11,7 @@ from .config import PruneConfig, make_config
 from .data import calibration_windows
 from .errors import PrunekitError
 from .masks import check_nm_shape
-from .metrics import configured_metric, get_metric
+from .metrics import configured_metric
 from .models.families import (block_linears, family_of, get_blocks, model_context_length, name_matches,
                               unmatched_patterns, weight_view)
 from .profiles import auto_params, engine_callable, outlier_profile, score_profile
@@ -204,8 +204,8 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
                    "rowwise_params": cfg.rowwise_params, "rowwise_skip": cfg.rowwise_skip,
                    "reconstruct": cfg.reconstruct,
                    # the values used: the registered defaults with the user's settings over them
-                   "metric_params": {**get_metric(cfg.metric).params, **cfg.metric_params},
-                   "reconstruct_params": ({**get_metric(cfg.reconstruct).params, **cfg.reconstruct_params}
+                   "metric_params": configured_metric(cfg.metric, cfg.metric_params).params,
+                   "reconstruct_params": (configured_metric(cfg.reconstruct, cfg.reconstruct_params).params
                                           if cfg.reconstruct else {})},
         "target_sparsity": cfg.target(),
         "protocol": {"calib": cfg.calib if calib_ids is not None else None,

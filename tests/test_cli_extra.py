@@ -117,6 +117,7 @@ def test_bad_metric_params_are_refused_before_any_work(capsys):
                         (["--metric", "sparsegpt", "--metric-param", "percdamp=-1"], ["percdamp", ">= 0"]),
                         (["--metric", "sparsegpt", "--metric-param", "blocksize=2.5"], ["blocksize", "integer"]),
                         (["--metric", "sparsegpt", "--metric-param", "blocksize=true"], ["blocksize", "integer"]),
+                        (["--metric", "sparsegpt", "--metric-param", "blocksize=.inf"], ["blocksize", "integer"]),
                         (["--metric", "sparsegpt", "--metric-param", "sweep=fast"], ["sweep", "triangular"]),
                         (["--metric", "wanda", "--metric-param", "alpha=1"], ["wanda", "none"]),
                         (["--metric", "wanda", "--reconstruct-param", "percdamp=0.1"], ["reconstruct_params"])]:

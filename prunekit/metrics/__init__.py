@@ -45,7 +45,7 @@ class Metric:
                 raise PrunekitError(f"{what}: {self.name} has no parameter {k!r}; valid: {valid}")
             typ = type(self.params[k])
             if typ in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                        or (typ is int and float(v) != int(v))):
+                                        or (typ is int and not float(v).is_integer())):
                 raise PrunekitError(f"{what}: {self.name} {k} must be {'an integer' if typ is int else 'a number'}, "
                                     f"got {v!r}")
             if typ is str and not isinstance(v, str):

@@ -8,12 +8,17 @@ def _fmt(x, nd=4):
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def _params(d: dict | None) -> str:
+    """'k=v, k=v' for a method's parameters (in the dict's order); '' for none."""
+    return ", ".join(f"{k}={v}" for k, v in (d or {}).items())
+
+
 def describe_rowwise(m: dict) -> str:
     """'trim (inputs=all) except up_proj' for a report's method section ('' without a row-wise method);
     reports written before rowwise_params was recorded give just the name."""
     if not m.get("rowwise"):
         return ""
-    params = ", ".join(f"{k}={v}" for k, v in sorted((m.get("rowwise_params") or {}).items()))
+    params = _params(dict(sorted((m.get("rowwise_params") or {}).items())))
     return (m["rowwise"] + (f" ({params})" if params else "")
             + (f" except {', '.join(m['rowwise_skip'])}" if m.get("rowwise_skip") else ""))
 
@@ -21,8 +26,7 @@ def describe_rowwise(m: dict) -> str:
 def report_markdown(r: dict) -> str:
     m = r["method"]
     p = r["protocol"]
-    mp = ", ".join(f"{k}={v}" for k, v in (m.get("metric_params") or {}).items())
-    rp = ", ".join(f"{k}={v}" for k, v in (m.get("reconstruct_params") or {}).items())
+    mp, rp = _params(m.get("metric_params")), _params(m.get("reconstruct_params"))
     lines = [f"# prunekit report: {r['model']}", "",
              f"- method: metric **{m['metric']}**" + (f" ({mp})" if mp else "")
              + f", pattern {m['pattern']}, allocation {m['allocation']} "
