@@ -84,3 +84,10 @@ def environment_lines(data: dict) -> list[str]:
         if key in data:
             lines += ["", f"{key}: " + ", ".join(f"{k} {v}" for k, v in data[key].items())]
     return lines
+
+
+def correlated_hessian(d: int, g: torch.Generator, device) -> torch.Tensor:
+    """H = (2/n) X^T X for n = 2d correlated random inputs (X = Z A, Z and A Gaussian): a dense,
+    well-conditioned-enough (d, d) Hessian for SparseGPT's benchmarks."""
+    x = torch.randn(2 * d, d, generator=g, device=device) @ (torch.randn(d, d, generator=g, device=device) / d ** 0.5)
+    return x.t() @ x * (2.0 / x.shape[0])

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, environment_lines, load_results, save_json, timed  # noqa: E402
+from common import (RESULTS, correlated_hessian, environment, environment_lines, load_results,  # noqa: E402
+                    save_json, timed)
 
 from prunekit.metrics.sparsegpt import inverse_cholesky_upper  # noqa: E402
 
@@ -41,9 +41,7 @@ def main(argv=None):
     g = torch.Generator(device=dev).manual_seed(0)
     rows = {}
     for d in (int(x) for x in (a.dims or ("4096,11008" if cuda else "576,1536,4096,11008")).split(",")):
-        x = torch.randn(2 * d, d, generator=g, device=dev) @ (torch.randn(d, d, generator=g, device=dev) / d ** 0.5)
-        H = x.t() @ x * (2.0 / x.shape[0])
-        del x
+        H = correlated_hessian(d, g, dev)
         Hd = H.clone()
         Hd.diagonal().add_(0.01 * float(H.diagonal().mean()))
         ref = textbook(Hd.double())

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, environment_lines, load_results, save_json, timed  # noqa: E402
+from common import (RESULTS, correlated_hessian, environment, environment_lines, load_results,  # noqa: E402
+                    save_json, timed)
 
 from prunekit.metrics import sparsegpt as sg  # noqa: E402
 
@@ -43,10 +43,7 @@ def main(argv=None):
     default_sub = sg.TRIANGULAR_SUB
     for shape in (a.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)).split(","):
         out_f, in_f = (int(x) for x in shape.split("x"))
-        x = torch.randn(2 * in_f, in_f, generator=g, device=dev) @ (
-            torch.randn(in_f, in_f, generator=g, device=dev) / in_f ** 0.5)
-        factor = sg.factor_hessian(x.t() @ x * (2.0 / x.shape[0]))
-        del x
+        factor = sg.factor_hessian(correlated_hessian(in_f, g, dev))
         W = torch.randn(out_f, in_f, generator=g, device=dev)
         variants = [("columns", None)] + [("triangular", s) for s in subs]
         ref = None
