@@ -219,9 +219,10 @@ def sweep_method(device) -> str:
 
     Both give the same masks and weights up to float rounding (tests compare both with a textbook float64
     OBS sweep). On this 2-core CPU they take about the same time (bench/results/sweep_speed.md: 576 x 1536
-    triangular 0.06 s, columns 0.08 s; 4096 x 4096 1.76 vs 1.65 s), so the CPU keeps the column loop. On a GPU the column loop is bound by kernel launches
-    and Python (two kernels per column, ~30 us per column measured on an H200 before session 9, 35 s for
-    LLaMA-7B's 1.14 M columns); the triangular solve needs about 4 kernels per ``TRIANGULAR_SUB`` columns.
+    triangular 0.06 s, columns 0.08 s; 4096 x 4096 1.76 vs 1.65 s), so the CPU keeps the column loop. On a
+    GPU the column loop is bound by kernel launches and Python (two kernels per column, ~30 us per column
+    measured on an H200 before session 9, 35 s for LLaMA-7B's 1.14 M columns); the triangular solve needs
+    about 4 kernels per ``TRIANGULAR_SUB`` columns.
     Its GPU speed has not been measured yet (``bench/sweep_speed.py`` does)."""
     forced = os.environ.get("PRUNEKIT_SPARSEGPT_SWEEP", "").strip().lower()
     if forced:
