@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("--param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="method parameters, e.g. population=16, kv_budget=0.3")
+    s.add_argument("--metric-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of --metric, as for prune (e.g. alpha=1 for ria); kept in the recipe")
 
     sub.add_parser("methods", help="list registered metrics and allocators")
     return ap
@@ -266,7 +268,8 @@ def cmd_search(a) -> int:
     res = run_search(model, tok, a.method, a.budget, a.sparsity, metric=a.metric, out_dir=a.out, seed=a.seed,
                      resume=not a.no_resume, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                      n_heldout=a.heldout, heldout_seqlen=a.heldout_seqlen, device=a.device,
-                     batch_size=a.batch_size, lam=a.lam, mode=a.mode, **dict(a.param))
+                     batch_size=a.batch_size, lam=a.lam, mode=a.mode,
+                     metric_params=dict(a.metric_param) or None, **dict(a.param))
     recipe = dict(res["recipe"], model=a.model)
     extras = {k: recipe.pop(k) for k in ("kv_cache_bits", "optishear_metric") if k in recipe}
     Path(a.out, "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

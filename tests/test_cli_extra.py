@@ -33,14 +33,18 @@ def test_search_cli_writes_a_reusable_recipe(tmp_path):
     out = tmp_path / "s"
     assert main(["search", "--method", "dsa", "--budget", "3", "--model", str(STORIES_HF), "--sparsity", "0.6",
                  "--calib", str(TINY_TEXT), "--nsamples", "4", "--seqlen", "32", "--heldout", "2",
-                 "--heldout-seqlen", "32", "--out", str(out), "--param", "population=3"]) == 0
+                 "--heldout-seqlen", "32", "--out", str(out), "--param", "population=3", "--metric", "ria",
+                 "--metric-param", "alpha=1"]) == 0
     import yaml
 
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["allocation"] == "dsa" and "program" in recipe["allocation_params"]
+    assert recipe["metric"] == "ria" and recipe["metric_params"] == {"alpha": 1.0}
+    assert json.loads((out / "dsa_result.json").read_text())["metric_params"] == {"alpha": 1.0}
     assert main(["prune", "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "p")]) == 0
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["method"]["allocation"] == "dsa"
+    assert rep["method"]["metric_params"] == {"alpha": 1.0}
 
 
 def test_rowwise_params_from_the_cli(tmp_path):

@@ -333,3 +333,33 @@ def test_optishear_search_pareto_and_resume(tmp_path, monkeypatch):
     resumed = _run("optishear", tmp_path / "crash", 12, **kw)
     assert resumed["resumed_from"]["evaluations"] == 8
     assert _strip(resumed) == _strip(full)
+
+
+def test_search_prunes_with_the_metric_params():
+    """metric_params reach the candidates: on a one-block model the cached fitness (dense inputs) prunes exactly
+    like ``prunekit.prune`` with the same parameters, and differently from the metric's default; the
+    result records the values and the recipe carries them."""
+    import prunekit
+
+    calib, held = _data()
+    zeros = {}
+    for alpha in (None, 1.0):
+        model = tiny_model("llama", layers=1)
+        kw = {} if alpha is None else {"prune_kwargs": {"metric_params": {"alpha": alpha}}}
+        f = Fitness(model, calib, held, metric="ria", device="cpu", **kw)
+        f.apply({n: 0.5 for n in f.layers})
+        zeros[alpha] = {n: (m.weight == 0).clone() for n, m in f.layers.items()}
+        f.close()
+    ref = tiny_model("llama", layers=1)
+    prunekit.prune(ref, None, {"metric": "ria", "metric_params": {"alpha": 1.0}, "sparsity": 0.5, "device": "cpu",
+                               "sequential": False}, calib_ids=calib)
+    got = {n: m.weight == 0 for n, m in ref.named_modules() if n in zeros[1.0]}
+    assert got.keys() == zeros[1.0].keys()
+    assert all(torch.equal(got[n], zeros[1.0][n]) for n in got)
+    assert any(not torch.equal(zeros[None][n], zeros[1.0][n]) for n in got)  # the parameter changes masks
+
+    res = _run("random", None, 3, population=3, metric="ria", metric_params={"alpha": 1.0})
+    assert res["metric_params"]["alpha"] == 1.0
+    assert res["recipe"]["metric"] == "ria" and res["recipe"]["metric_params"] == {"alpha": 1.0}
+    with pytest.raises(prunekit.PrunekitError, match="ria has no parameter 'beta'; valid: alpha"):
+        _run("random", None, 3, population=3, metric="ria", metric_params={"beta": 1.0})

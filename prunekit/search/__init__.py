@@ -30,7 +30,8 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
                heldout_ids=None, out_dir=None, seed: int = 0, resume: bool = True, *, calib: str = "c4",
                nsamples: int = 128, seqlen: int | None = None, n_heldout: int = 16, heldout_seqlen: int = 256,
                device: str = "auto", batch_size: int | None = None, lam: float = 0.08, mode: str = "cached",
-               progress: bool = True, prune_kwargs: dict | None = None, **method_params) -> dict:
+               progress: bool = True, prune_kwargs: dict | None = None, metric_params: dict | None = None,
+               **method_params) -> dict:
     """Search an allocation for ``model`` at sparsity ``target`` with ``budget`` fitness evaluations.
 
     ``method``: ``dsa`` | ``random`` | ``tpe`` | ``optishear``. Calibration windows: ``calib_ids`` or
@@ -38,6 +39,9 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
     windows: ``heldout_ids`` or ``n_heldout`` x ``heldout_seqlen`` from the same source with seed
     ``seed + 7919`` (without a tokenizer: the last quarter of ``calib_ids``, removed from calibration).
     ``mode``: ``cached`` (dense statistics once, only changed layers re-pruned) or ``full``.
+    ``metric_params``: the metric's parameters (as ``prunekit.prune``'s ``metric_params``, e.g. RIA
+    ``alpha``); the candidates, the score profile and the final recipe all use them.
+    ``prune_kwargs``: further prune config keys the candidates are pruned with (``ignore``, ``rowwise`` ...).
     ``method_params``: DSA/random: ``population``, ``elite``, ``tournament``, ``p_crossover``,
     ``p_mutation``, ``seed_programs``; TPE: ``n_groups``, ``delta``, ``step``, ``kv``, ``kv_bits``,
     ``kv_budget``, ``n_startup_trials``; OptiShear: ``population``, ``delta``, ``algorithm``, ``n_fitness_windows``.
@@ -57,6 +61,11 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
     if not 0.0 < float(target) < 1.0:
         raise PrunekitError(f"target sparsity must be in (0, 1), got {target}")
     get_metric(metric)
+    if metric_params:
+        given = (prune_kwargs or {}).get("metric_params")
+        if given is not None and dict(given) != dict(metric_params):
+            raise PrunekitError("metric_params given twice (argument and prune_kwargs) with different values")
+        prune_kwargs = {**(prune_kwargs or {}), "metric_params": dict(metric_params)}
     seqlen_used = None
     if calib_ids is None:
         if tok is None:
@@ -122,6 +131,7 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
         recipe.update({"calib": calib, "nsamples": nsamples, "seqlen": seqlen_used})
     res.update({
         "metric": metric,
+        "metric_params": dict(fitness.metric.params),  # the values used (defaults included)
         "recipe": recipe,
         "fitness": {"kind": "held-out token perplexity (calibration source, another seed)",
                     "windows": int(heldout_ids.shape[0]), "seqlen": int(heldout_ids.shape[1]), "mode": mode,

@@ -37,7 +37,7 @@ class Fitness:
                  device="auto", batch_size: int | None = None, eval_batch_size: int = 8, mode: str = "cached",
                  prune_kwargs: dict | None = None, seed: int = 0, extra_needs=()):
         from ..config import make_config
-        from ..metrics import get_metric
+        from ..metrics import configured_metric
         from ..prune import check_layer_patterns, resolve_device
         from ..pruner import stats_needs, stats_options
 
@@ -50,7 +50,7 @@ class Fitness:
         self.cfg = make_config(metric=metric, batch_size=batch_size, seed=seed, **(prune_kwargs or {}))
         if self.cfg.nm is not None:
             raise PrunekitError("searched allocations need an unstructured pattern")
-        self.metric = get_metric(metric)
+        self.metric = configured_metric(metric, self.cfg.metric_params)  # the user's metric_params bound in
         self.calib_ids, self.heldout_ids = calib_ids, heldout_ids
         self.eval_batch_size = eval_batch_size
         check_layer_patterns(model, self.cfg)
