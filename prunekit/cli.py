@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once)")
+    p.add_argument("--row-rounding", choices=["exact", "floor"],
+                   help="per-row masks: exact (default; every layer's per-row count is the floor or the ceiling of "
+                        "d_in x s, so the model's total is the requested sparsity) or floor (every row floors, as "
+                        "the reference codes do)")
     p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
                    help="statistics from the dense block (Wanda paper protocol; two passes per block)")
     p.add_argument("--eval", type=_csv, help="perplexity before/after: wikitext2,c4")
@@ -148,7 +152,7 @@ def cmd_prune(a) -> int:
     fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
               "reconstruct", "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib",
               "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
-              "eval_max_windows", "eval_seqlen", "out", "overwrite"]
+              "eval_max_windows", "eval_seqlen", "out", "overwrite", "row_rounding"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
     if a.allocation_param:
         given["allocation_params"] = dict(a.allocation_param)

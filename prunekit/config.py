@@ -22,6 +22,10 @@ class PruneConfig(BaseModel):
     allocation_params: dict[str, Any] = Field(default_factory=dict)
     granularity: Optional[str] = Field(None, description="block | layer; default: the allocation's own level")
     max_ratio: float = 0.99
+    row_rounding: str = Field("exact", description="per-row masks: 'exact' (every layer's per-row count is the floor "
+                              "or the ceiling of d_in * s, chosen so that the model's total is the requested one) or "
+                              "'floor' (every row floors d_in * s, as the reference codes do; the total then falls "
+                              "short by up to one weight per row)")
     rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
     rowwise_skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layers that keep the "
@@ -122,6 +126,8 @@ class PruneConfig(BaseModel):
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")
+        if self.row_rounding not in ("exact", "floor"):
+            raise ValueError(f"row_rounding must be 'exact' or 'floor', got {self.row_rounding!r}")
         if self.granularity not in (None, "block", "layer"):
             raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
         if self.remove_blocks < 0:

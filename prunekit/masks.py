@@ -1,6 +1,8 @@
 """Masks from scores. Convention: a mask is a bool tensor, True where the weight is *pruned*.
 
-- per row   (``group='row'``): every output row drops its ``floor(d_in * s)`` lowest scores;
+- per row   (``group='row'``): every output row drops its ``floor(d_in * s)`` lowest scores (the
+  orchestrator first makes ``d_in * s`` an integer for each layer with :func:`exact_row_ratios`, so that the
+  model's total comes out exact instead of up to one weight per row short);
 - per layer (``group='layer'``): the matrix drops its ``floor(numel * s)`` lowest scores;
 - row-wise ratios: row r drops ``floor(d_in * s_r)`` (TRIM and other row allocators);
 - N:M: in every group of M consecutive input columns of every row, the N lowest are dropped.
@@ -8,6 +10,7 @@ Ties are broken by position (stable sort), so masks are deterministic.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -74,6 +77,43 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
 def rowwise_mask(scores: torch.Tensor, row_sparsity: torch.Tensor) -> torch.Tensor:
     k = torch.floor(row_sparsity.double() * scores.shape[1]).long().clamp(0, scores.shape[1])
     return _lowest_k_mask(scores, k)
+
+
+def _count_ratio(k: int, d_in: int) -> float:
+    """``k / d_in``, one ulp higher where float rounding would make ``int(d_in * r)`` fall one short."""
+    r = k / d_in
+    return r if int(r * d_in) >= k else float(torch.nextafter(torch.tensor(r, dtype=torch.float64),
+                                                               torch.tensor(2.0, dtype=torch.float64)))
+
+
+def exact_row_ratios(ratios: dict[str, float], shapes: dict[str, tuple[int, int]],
+                     max_ratio: float = 0.99) -> dict[str, float]:
+    """Per-layer ratios for per-row masks whose pruned total is the requested one.
+
+    A per-row mask prunes ``floor(d_in * s)`` weights in every row, so a layer falls short of ``s`` by up
+    to one weight per row, and the model's total by up to ``sum(rows)`` weights (SmolLM2 at 70%: 0.69927
+    instead of 0.7 with AlphaPruning, 0.69971 uniform). Here every layer gets an integer per-row count
+    ``k`` that is the floor or the ceiling of ``d_in * s`` (never above ``max_ratio * d_in`` unless ``s``
+    is, and always below ``d_in``), chosen by error diffusion in layer order: the running difference
+    between the requested and the assigned number of pruned weights is carried to the next layer, and
+    each layer takes the count that brings it closest to zero. The total then misses the requested
+    ``round(sum(s * numel))`` by at most about one layer's row count (at most ``max(rows)``), and a layer
+    whose ``d_in * s`` is already an integer keeps it (50% on even widths changes nothing). The extra
+    weights are spread over the depth, not piled on one end. Returns ``k / d_in`` per layer (a float for
+    which ``int(d_in * r) == k``)."""
+    out: dict[str, float] = {}
+    carry = 0.0  # requested minus assigned pruned weights so far
+    for name, s in ratios.items():
+        rows, d_in = shapes[name]
+        s = float(s)
+        y = s * d_in
+        c = int(math.floor(y + 1e-9))
+        cap = min(d_in - 1, max(c, int(math.floor(max(max_ratio, s) * d_in + 1e-9))))
+        want = y * rows + carry
+        k = c + 1 if (c + 1 <= cap and y - c > 1e-9 and abs(want - (c + 1) * rows) < abs(want - c * rows)) else c
+        carry = want - k * rows
+        out[name] = _count_ratio(k, d_in)
+    return out
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -122,7 +122,10 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     t_data = time.time()
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device)
     t_alloc = time.time()
-    pruner = LayerPruner.from_config(cfg, metric, ratios)
+    shapes = {n: tuple(weight_view(m).shape) for d in block_layers for n, m in d.items()}
+    pruner = LayerPruner.from_config(cfg, metric, ratios, shapes)
+    if pruner.ratios != ratios:
+        alloc_extra["allocated"] = dict(ratios)  # the allocator's ratios, before exact per-row counts
     if nm is None and all(r == 0 for r in ratios.values()):  # nothing to prune (e.g. block removal only)
         for d in block_layers:
             for name, m in d.items():
@@ -181,7 +184,7 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
     for b, d in enumerate(block_layers):
         for name in d:
             rec = pruner.records[name]
-            layers.append({"name": name, "block": b, "shape": rec["shape"], "target": round(rec["target"], 6),
+            layers.append({"name": name, "block": b, "shape": rec["shape"], "target": rec["target"],
                            "sparsity": rec["pruned"] / rec["numel"], "numel": rec["numel"]})
             if "rowwise" in rec:  # e.g. TRIM: chosen lr, layer output cosine with and without it
                 layers[-1]["rowwise"] = rec["rowwise"]
@@ -200,7 +203,7 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
         "method": {"metric": cfg.metric, "pattern": cfg.pattern, "allocation": cfg.allocation,
                    "allocation_params": cfg.allocation_params,
                    "granularity": cfg.granularity or get_allocator(cfg.allocation).granularity,
-                   "sequential": cfg.sequential, "rowwise": cfg.rowwise,
+                   "sequential": cfg.sequential, "rowwise": cfg.rowwise, "row_rounding": cfg.row_rounding,
                    "rowwise_params": cfg.rowwise_params, "rowwise_skip": cfg.rowwise_skip,
                    "reconstruct": cfg.reconstruct,
                    # the values used: the registered defaults with the user's settings over them

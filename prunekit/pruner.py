@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import iterate_blocks
-from .masks import make_mask, pack_mask
+from .masks import exact_row_ratios, make_mask, pack_mask
 from .models.families import name_matches, weight_view
 
 
@@ -42,7 +42,11 @@ class LayerPruner:
         self.records: dict[str, dict] = {}
 
     @classmethod
-    def from_config(cls, cfg, metric, ratios):
+    def from_config(cls, cfg, metric, ratios, shapes: dict | None = None):
+        """``shapes`` (layer name -> (rows, d_in)): the final ratios of a run, to be made exact per row
+        (``cfg.row_rounding``, :func:`row_exact_ratios`); without them the ratios are used as given."""
+        if shapes is not None:
+            ratios = row_exact_ratios(cfg, metric, ratios, shapes)
         return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
                    cfg.reconstruct_params)
 
@@ -80,6 +84,17 @@ class LayerPruner:
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
         if self.rowwise and info:
             self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
+
+
+def row_exact_ratios(cfg, metric, ratios: dict, shapes: dict) -> dict:
+    """The ratios a run prunes with: per-row masks (a row metric, or any metric under a row-wise allocator)
+    get counts that make the total exact (:func:`prunekit.masks.exact_row_ratios`) unless
+    ``cfg.row_rounding == "floor"``; N:M patterns and per-layer masks (magnitude, SparseGPT: exact to one
+    weight already) keep theirs."""
+    per_row = metric.solver is None and (metric.group == "row" or cfg.rowwise is not None)
+    if cfg.row_rounding == "floor" or cfg.nm is not None or not per_row:
+        return dict(ratios)
+    return exact_row_ratios(ratios, shapes, cfg.max_ratio)
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:

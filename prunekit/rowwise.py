@@ -33,6 +33,8 @@ returned; uniform is a candidate, so the result never scores below uniform.
 
 Exact total (``total="uniform"``, the default)
 ---------------------------------------------
+(Under the engine's default ``row_rounding: exact`` the layer ratio ``s`` TRIM receives already has a whole
+``d_in * s``, chosen so that the model's total is exact: :func:`prunekit.masks.exact_row_ratios`.)
 TRIM keeps the layer's total sparsity exact: every candidate (not only the final one) is turned
 into integer per-row counts whose sum is exactly what the uniform per-row mask prunes,
 ``K = out * int(d_in * s)`` (the count of ``unstructured_mask(scores, s, group="row")`` and of

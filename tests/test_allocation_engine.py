@@ -8,7 +8,7 @@ import prunekit
 from prunekit.cli import main
 from prunekit.models.families import block_linears, weight_view
 
-from conftest import STORIES_HF, TINY_TEXT, tiny_model
+from conftest import STORIES_HF, TINY_TEXT, check_exact_row_counts, tiny_model
 
 
 def weighted_sparsity(model):
@@ -39,11 +39,13 @@ def test_allocators_hit_target_through_engine(alloc, calib_ids):
     model = tiny_model("qwen2", layers=4, hidden=64)
     report = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.7, "allocation": alloc},
                             calib_ids=calib_ids)
-    targets = torch.tensor([l["target"] for l in report["layers"]], dtype=torch.float64)
+    allocated = report["allocation"].get("allocated") or {l["name"]: l["target"] for l in report["layers"]}
+    targets = torch.tensor([allocated[l["name"]] for l in report["layers"]], dtype=torch.float64)
     numels = torch.tensor([l["numel"] for l in report["layers"]], dtype=torch.float64)
-    assert float((targets * numels).sum() / numels.sum()) == pytest.approx(0.7, abs=1e-6)
-    # rounding to whole weights per row costs at most one weight per row
-    assert weighted_sparsity(model) == pytest.approx(0.7, abs=0.02)
+    assert float((targets * numels).sum() / numels.sum()) == pytest.approx(0.7, abs=1e-9)
+    # whole weights per row, each layer the floor or the ceiling of d_in * s, the total exact to half a layer's rows
+    check_exact_row_counts({n: weight_view(m) for d in block_linears(model) for n, m in d.items()}, allocated)
+    assert weighted_sparsity(model) == pytest.approx(0.7, abs=32 / float(numels.sum()))
 
 
 def test_mrp_history_and_self_correction(calib_ids):
@@ -105,7 +107,8 @@ def test_default_granularity_is_the_methods_own(calib_ids):
     owl = prunekit.prune(tiny_model("llama", layers=3, hidden=64), None,
                          {"metric": "wanda", "sparsity": 0.6, "allocation": "owl"}, calib_ids=calib_ids)
     assert owl["method"]["granularity"] == "block"
-    assert len({round(l["target"], 9) for l in owl["layers"] if l["block"] == 0}) == 1
+    allocated = owl["allocation"]["allocated"]
+    assert len({round(allocated[l["name"]], 9) for l in owl["layers"] if l["block"] == 0}) == 1
 
 
 def test_mrp_schedule_bounds_mean_and_most_redundant_first():

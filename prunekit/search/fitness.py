@@ -57,6 +57,7 @@ class Fitness:
         self.blocks = get_blocks(model)
         self.block_layers = block_linears(model, self.cfg.ignore)
         self.layers = {n: m for d in self.block_layers for n, m in d.items()}
+        self.shapes = {n: tuple(weight_view(m).shape) for n, m in self.layers.items()}
         self.block_of = {n: b for b, d in enumerate(self.block_layers) for n in d}
         self.orig_device = next(model.parameters()).device
         model.to(self.device)
@@ -106,19 +107,20 @@ class Fitness:
         if missing:
             raise PrunekitError(f"no ratio for layer(s) {missing[:3]}...")
         metric = metric or self.metric
-        pruner = LayerPruner.from_config(self.cfg, metric, {n: float(ratios[n]) for n in self.layers})
+        pruner = LayerPruner.from_config(self.cfg, metric, {n: float(ratios[n]) for n in self.layers}, self.shapes)
         if self.mode == "full":
             self.restore()
             prune_all(pruner, metric, self.model, self.blocks, self.block_layers, self.calib_ids,
                       self.device, self.cfg, "search: pruning")
             for n in self.layers:
-                self.applied[n] = (metric_key, float(ratios[n]))
+                self.applied[n] = (metric_key, pruner.ratios[n])
             return
-        changed = [n for n in self.layers if self.applied[n] != (metric_key, float(ratios[n]))]
+        # pruner.ratios: the ratios as pruned (exact per-row counts: one layer's may move with another's)
+        changed = [n for n in self.layers if self.applied[n] != (metric_key, pruner.ratios[n])]
         self._restore(changed)
         for n in changed:
             pruner(n, self.layers[n], self.stats.get(n))
-            self.applied[n] = (metric_key, float(ratios[n]))
+            self.applied[n] = (metric_key, pruner.ratios[n])
 
     @torch.no_grad()
     def heldout_ppl(self) -> float:
