@@ -116,7 +116,11 @@ def suites() -> dict[str, list[dict]]:
              {"metric": "wanda", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7},
              {"metric": "sparsegpt", "sparsity": 0.6, "allocation": "alphapruning"},
              {"metric": "sparsegpt", "sparsity": 0.8, "allocation": "alphapruning"}]
-    return {"core": core, "gpu-p": gpu_p, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
+    # per-row rounding (session 11): floor (the reference rule, every stored run before it) vs exact totals,
+    # where floor loses most (70%, uniform and AlphaPruning), on the same commit
+    rounding = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "row_rounding": r}
+                for a in ("uniform", "alphapruning") for r in ("floor", "exact")]
+    return {"core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
             "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}
@@ -141,6 +145,8 @@ def key_of(run: dict) -> str:
                      + "".join(f",skip={p}" for p in run.get("rowwise_skip", [])))  # full patterns: keys stay unique
     if run.get("reconstruct"):
         parts.append("reconstruct-" + run["reconstruct"])
+    if run.get("row_rounding"):  # set explicitly (runs without the key used the default of their commit)
+        parts.append("rows-" + run["row_rounding"])
     return "/".join(parts)
 
 
