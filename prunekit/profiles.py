@@ -37,27 +37,54 @@ def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, 
     return out
 
 
-def score_profile(model, blocks, block_layers, calib_ids, metric, device, batch_size, seed=0, keep=65536):
-    """Per layer, a sorted random subsample of the metric's scores on the dense model (for 'global').
-    Solvers have no score: Wanda's score stands in for them."""
+def _score_sampler(metric, seed: int, keep: int):
+    """handle(name, weight, stats) storing a sorted random subsample (at most ``keep``) of the layer's scores;
+    returns (handle, out). Solvers have no score: Wanda's score stands in for them."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     score = metric.score or wanda
 
-    def handle(name, module, stats):
-        sc = score(weight_view(module).float(), stats).flatten().cpu()
+    def handle(name, W, stats):
+        sc = score(W.float(), stats).flatten().cpu()
         if sc.numel() > keep:
             sc = sc[torch.randperm(sc.numel(), generator=g)[:keep]]
         out[name] = sc.sort().values
 
-    needs = metric.needs if metric.score else frozenset({"sq_sum"})
+    return handle, out
+
+
+def score_needs(metric) -> frozenset:
+    return metric.needs if metric.score else frozenset({"sq_sum"})
+
+
+def score_profile(model, blocks, block_layers, calib_ids, metric, device, batch_size, seed=0, keep=65536):
+    """Per layer, a sorted random subsample of the metric's scores on the dense model (for 'global' and
+    DSA's layer scores). Solvers have no score: Wanda's score stands in for them."""
+    handle, out = _score_sampler(metric, seed, keep)
+    needs = score_needs(metric)
     if needs:
-        iterate_blocks(model, blocks, block_layers, calib_ids, needs, handle, device, batch_size=batch_size,
-                       desc="score profile")
+        iterate_blocks(model, blocks, block_layers, calib_ids, needs,
+                       lambda name, module, stats: handle(name, weight_view(module), stats), device,
+                       batch_size=batch_size, desc="score profile")
     else:
         for d in block_layers:
             for name, m in d.items():
-                handle(name, m, None)
+                handle(name, weight_view(m), None)
+    return out
+
+
+def score_profile_from_stats(block_layers, stats: dict, metric, seed=0, keep=65536) -> dict[str, torch.Tensor]:
+    """:func:`score_profile` from dense-model statistics already gathered (a search's cached fitness holds
+    them for the same calibration windows): no calibration pass. ``stats`` must cover every layer with
+    at least :func:`score_needs`; the dense weights must be in place."""
+    handle, out = _score_sampler(metric, seed, keep)
+    needs = score_needs(metric)
+    for d in block_layers:
+        for name, m in d.items():
+            st = stats.get(name)
+            if needs and (st is None or not needs <= st.needs):
+                raise PrunekitError(f"score profile: no {sorted(needs)} statistics for {name}")
+            handle(name, weight_view(m), st)
     return out
 
 

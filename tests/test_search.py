@@ -5,6 +5,8 @@ import random
 import pytest
 import torch
 
+import prunekit
+
 from conftest import tiny_model
 from prunekit.allocate import allocate
 from prunekit.search import run_search
@@ -364,3 +366,29 @@ def test_search_prunes_with_the_metric_params():
     assert res["recipe"]["metric"] == "ria" and res["recipe"]["metric_params"] == {"alpha": 1.0}
     with pytest.raises(prunekit.PrunekitError, match="ria has no parameter 'beta'; valid: alpha"):
         _run("random", None, 3, population=3, metric="ria", metric_params={"beta": 1.0})
+
+
+@pytest.mark.parametrize("metric", ["wanda", "ria", "sparsegpt"])
+def test_score_profile_from_the_fitness_statistics_equals_a_calibration_pass(metric):
+    """The search takes DSA's score profile from the cached fitness's dense statistics instead of a second
+    calibration pass; both are the metric's scores on the dense model for the same windows (SparseGPT's
+    Hessian-only statistics do not cover Wanda's stand-in score, so it keeps the pass)."""
+    from prunekit.metrics import get_metric
+    from prunekit.profiles import score_needs, score_profile, score_profile_from_stats
+
+    model = tiny_model("llama", layers=3)
+    calib, held = _data()
+    f = Fitness(model, calib, held, metric=metric, device="cpu")
+    m = get_metric(metric)
+    ref = score_profile(model, f.blocks, f.block_layers, calib, m, torch.device("cpu"), None, seed=3, keep=500)
+    covered = all(score_needs(m) <= f.stats[n].needs for n in f.layers)
+    assert covered == (metric != "sparsegpt")
+    if not covered:
+        with pytest.raises(prunekit.PrunekitError, match="score profile: no"):
+            score_profile_from_stats(f.block_layers, f.stats, m, seed=3, keep=500)
+    else:
+        got = score_profile_from_stats(f.block_layers, f.stats, m, seed=3, keep=500)
+        assert got.keys() == ref.keys()
+        for n in ref:
+            assert torch.allclose(got[n], ref[n], rtol=1e-5, atol=0), n
+    f.close()
