@@ -24,7 +24,7 @@ TRIM's row allocation on Wanda scores with SparseGPT's OBS weight reconstruction
 (``reconstruct='sparsegpt'``).
 
 Per-row counts follow the engine's ``row_rounding`` (a run's ``row_rounding`` key; default exact, see
-:func:`prunekit.masks.exact_row_ratios`). The committed grid_G.json predates exact rounding: its runs floored
+:func:`prunekit.masks.row_counts`). The committed grid_G.json predates exact rounding: its runs floored
 every row (their totals fall up to one weight per row short of the target).
 
 Results: bench/results/grid_G.json (+ .md), written after every pipeline; an interrupted run resumes.
@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -56,7 +55,7 @@ from prunekit.metrics import get_metric, wanda  # noqa: E402
 from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
 from prunekit.profiles import _outlier_ratios  # noqa: E402
 from prunekit.prune import model_summary  # noqa: E402
-from prunekit.pruner import LayerPruner, row_exact_ratios  # noqa: E402
+from prunekit.pruner import LayerPruner  # noqa: E402
 
 MASK_METRICS = ("magnitude", "wanda", "ria", "stade", "ace")
 TOKENS_PER_SAMPLE = 8  # TRIM rows gathered per calibration sequence; each run uses the subset it asks for
@@ -153,12 +152,9 @@ class DenseStats:
         """Restore the dense weights, prune every layer from the cached statistics; per-layer records."""
         self.restore()
         metric = get_metric(run["metric"])
-        shapes = {n: tuple(weight_view(m).shape) for n, m in self.layers.items()}
-        rounding = SimpleNamespace(row_rounding=run.get("row_rounding", "exact"), max_ratio=0.99,
-                                   nm=parse_pattern(run.get("pattern", "unstructured")), rowwise=run.get("rowwise"))
-        ratios = row_exact_ratios(rounding, metric, {n: ratios[n] for n in self.layers}, shapes)
         pruner = LayerPruner(metric, ratios, parse_pattern(run.get("pattern", "unstructured")), run.get("rowwise"),
-                             run.get("rowwise_params", {}), run.get("reconstruct"))
+                             run.get("rowwise_params", {}), run.get("reconstruct"),
+                             row_rounding=run.get("row_rounding", "exact"))
         k = int(run.get("rowwise_params", {}).get("tokens_per_sample", 1))
         for n, m in self.layers.items():
             pruner(n, m, self.with_tokens(self.stats[n], k))

@@ -96,7 +96,8 @@ def diagnose(model, stats: dict, hess: dict, sparsity: float) -> dict:
         scores = wanda(W, st)
         X8 = st.last_token_inputs()  # TOKENS rows per sequence, the last one last
         X = X8.view(-1, TOKENS, X8.shape[1])[:, -1]  # the paper's X: the last token of each sequence
-        masks = {"uniform": unstructured_mask(scores, sparsity, group="row")}
+        # floor rounding: the per-row rule of TRIM's own total and of every stored result of this diagnosis
+        masks = {"uniform": unstructured_mask(scores, sparsity, group="row", exact=False)}
         rec = {}
         for arm, x in zip(TRIM_ARMS, (X, X8, gram_factor(hess["calib"][n]))):
             row_ratios, info = trim_row_sparsity(W, scores, x, sparsity)
@@ -227,7 +228,7 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
         cache.restore()
         # the engine's own switch: TRIM everywhere except the kinds this arm leaves off (plain per-row Wanda there)
         pruner = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim",
-                             rowwise_skip=sorted(set(kinds) - on_of[arm]))
+                             rowwise_skip=sorted(set(kinds) - on_of[arm]), row_rounding="floor")  # as stored
         for n, m in cache.layers.items():
             pruner(n, m, cache.with_tokens(cache.stats[n], 1))
         ppl = perplexity(model, tok, "wikitext2", seqlen, eval_windows, device, batch_size=4, ids=eval_ids)["ppl"]

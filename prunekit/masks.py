@@ -1,8 +1,9 @@
 """Masks from scores. Convention: a mask is a bool tensor, True where the weight is *pruned*.
 
-- per row   (``group='row'``): every output row drops its ``floor(d_in * s)`` lowest scores (the
-  orchestrator first makes ``d_in * s`` an integer for each layer with :func:`exact_row_ratios`, so that the
-  model's total comes out exact instead of up to one weight per row short);
+- per row   (``group='row'``): the layer drops exactly ``floor(numel * s)`` weights, ``floor(d_in * s)`` or
+  one more in each row, every row its lowest scores (:func:`row_counts` says which rows take one more);
+  ``exact=False`` is the reference codes' rule, ``floor(d_in * s)`` in every row, which falls short of
+  ``s`` by up to one weight per row;
 - per layer (``group='layer'``): the matrix drops its ``floor(numel * s)`` lowest scores;
 - row-wise ratios: row r drops ``floor(d_in * s_r)`` (TRIM and other row allocators);
 - N:M: in every group of M consecutive input columns of every row, the N lowest are dropped.
@@ -10,7 +11,6 @@ Ties are broken by position (stable sort), so masks are deterministic.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -63,11 +63,42 @@ def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     return mask
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the value of rank ``k`` (0-based) in ascending order (NaN sorts last, as in the masks)."""
+    if scores.device.type == "cpu" and not bool(torch.isnan(scores).any()):
+        return scores.kthvalue(k + 1, dim=1).values
+    return torch.sort(scores, dim=1).values[:, k]
+
+
+def row_counts(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-row prune counts (int64, on the CPU) for a per-row mask whose layer total is exactly
+    ``floor(numel * s)``: every row prunes ``b = total // rows``, and the ``total - b * rows`` rows whose
+    next weight in line (their ``b + 1``-th lowest score) is the smallest prune one more (ties by row index).
+    So the layer hits its ratio to one weight, as a per-matrix mask does, while the choice inside each row
+    stays the metric's per-row comparison."""
+    rows, cols = scores.shape
+    total = int(rows * cols * sparsity)
+    base, extra = divmod(total, rows)
+    counts = torch.full((rows,), base, dtype=torch.int64)
+    if extra:
+        nxt = _kth_smallest(scores, base).float().cpu()
+        counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
+    return counts
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row", exact: bool = True) -> torch.Tensor:
     if not 0.0 <= sparsity < 1.0:
         raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity}")
     if group == "row":
-        return _lowest_k_mask(scores, int(scores.shape[1] * sparsity))
+        if not exact:
+            return _lowest_k_mask(scores, int(scores.shape[1] * sparsity))
+        counts = row_counts(scores, sparsity)
+        base = int(counts.min())
+        mask = _lowest_k_mask(scores, base)
+        more = torch.nonzero(counts > base).flatten().to(scores.device)
+        if more.numel():
+            mask[more] = _lowest_k_mask(scores[more], base + 1)
+        return mask
     if group == "layer":
         flat = scores.reshape(1, -1)
         return _lowest_k_mask(flat, int(flat.shape[1] * sparsity)).reshape(scores.shape)
@@ -79,43 +110,6 @@ def rowwise_mask(scores: torch.Tensor, row_sparsity: torch.Tensor) -> torch.Tens
     return _lowest_k_mask(scores, k)
 
 
-def _count_ratio(k: int, d_in: int) -> float:
-    """``k / d_in``, one ulp higher where float rounding would make ``int(d_in * r)`` fall one short."""
-    r = k / d_in
-    return r if int(r * d_in) >= k else float(torch.nextafter(torch.tensor(r, dtype=torch.float64),
-                                                               torch.tensor(2.0, dtype=torch.float64)))
-
-
-def exact_row_ratios(ratios: dict[str, float], shapes: dict[str, tuple[int, int]],
-                     max_ratio: float = 0.99) -> dict[str, float]:
-    """Per-layer ratios for per-row masks whose pruned total is the requested one.
-
-    A per-row mask prunes ``floor(d_in * s)`` weights in every row, so a layer falls short of ``s`` by up
-    to one weight per row, and the model's total by up to ``sum(rows)`` weights (SmolLM2 at 70%: 0.69927
-    instead of 0.7 with AlphaPruning, 0.69971 uniform). Here every layer gets an integer per-row count
-    ``k`` that is the floor or the ceiling of ``d_in * s`` (never above ``max_ratio * d_in`` unless ``s``
-    is, and always below ``d_in``), chosen by error diffusion in layer order: the running difference
-    between the requested and the assigned number of pruned weights is carried to the next layer, and
-    each layer takes the count that brings it closest to zero. The total then misses the requested
-    ``round(sum(s * numel))`` by at most about one layer's row count (at most ``max(rows)``), and a layer
-    whose ``d_in * s`` is already an integer keeps it (50% on even widths changes nothing). The extra
-    weights are spread over the depth, not piled on one end. Returns ``k / d_in`` per layer (a float for
-    which ``int(d_in * r) == k``)."""
-    out: dict[str, float] = {}
-    carry = 0.0  # requested minus assigned pruned weights so far
-    for name, s in ratios.items():
-        rows, d_in = shapes[name]
-        s = float(s)
-        y = s * d_in
-        c = int(math.floor(y + 1e-9))
-        cap = min(d_in - 1, max(c, int(math.floor(max(max_ratio, s) * d_in + 1e-9))))
-        want = y * rows + carry
-        k = c + 1 if (c + 1 <= cap and y - c > 1e-9 and abs(want - (c + 1) * rows) < abs(want - c * rows)) else c
-        carry = want - k * rows
-        out[name] = _count_ratio(k, d_in)
-    return out
-
-
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     check_nm_shape((n, m), cols)
@@ -123,13 +117,15 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _lowest_k_mask(groups, n).reshape(rows, cols)
 
 
-def make_mask(scores: torch.Tensor, sparsity, pattern: tuple[int, int] | None = None, group: str = "row"):
-    """Dispatch: N:M pattern, per-row ratios (tensor), or one ratio per row/layer."""
+def make_mask(scores: torch.Tensor, sparsity, pattern: tuple[int, int] | None = None, group: str = "row",
+              exact: bool = True):
+    """Dispatch: N:M pattern, per-row ratios (tensor), or one ratio per row/layer (``exact``: see
+    :func:`row_counts`)."""
     if pattern is not None:
         return nm_mask(scores, *pattern)
     if isinstance(sparsity, torch.Tensor):
         return rowwise_mask(scores, sparsity)
-    return unstructured_mask(scores, float(sparsity), group)
+    return unstructured_mask(scores, float(sparsity), group, exact)
 
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)

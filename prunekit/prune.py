@@ -122,10 +122,7 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     t_data = time.time()
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device)
     t_alloc = time.time()
-    shapes = {n: tuple(weight_view(m).shape) for d in block_layers for n, m in d.items()}
-    pruner = LayerPruner.from_config(cfg, metric, ratios, shapes)
-    if pruner.ratios != ratios:
-        alloc_extra["allocated"] = dict(ratios)  # the allocator's ratios, before exact per-row counts
+    pruner = LayerPruner.from_config(cfg, metric, ratios)
     if nm is None and all(r == 0 for r in ratios.values()):  # nothing to prune (e.g. block removal only)
         for d in block_layers:
             for name, m in d.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import iterate_blocks
-from .masks import exact_row_ratios, make_mask, pack_mask
+from .masks import make_mask, pack_mask, row_counts
 from .models.families import name_matches, weight_view
 
 
@@ -33,8 +33,11 @@ class LayerPruner:
     reconstruction, bias update, zero, record."""
 
     def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
-                 reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None):
+                 reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None,
+                 row_rounding: str = "exact"):
         self.metric, self.ratios, self.nm = metric, ratios, nm
+        # per-row masks: "exact" hits each layer's ratio to one weight (masks.row_counts), "floor" floors every row
+        self.exact = row_rounding == "exact"
         self.rowwise, self.rowwise_params, self.reconstruct = rowwise, rowwise_params or {}, reconstruct
         self.reconstruct_params = reconstruct_params or {}  # SparseGPT's percdamp, blocksize, ... (validated)
         self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
@@ -42,13 +45,9 @@ class LayerPruner:
         self.records: dict[str, dict] = {}
 
     @classmethod
-    def from_config(cls, cfg, metric, ratios, shapes: dict | None = None):
-        """``shapes`` (layer name -> (rows, d_in)): the final ratios of a run, to be made exact per row
-        (``cfg.row_rounding``, :func:`row_exact_ratios`); without them the ratios are used as given."""
-        if shapes is not None:
-            ratios = row_exact_ratios(cfg, metric, ratios, shapes)
+    def from_config(cls, cfg, metric, ratios):
         return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
-                   cfg.reconstruct_params)
+                   cfg.reconstruct_params, cfg.row_rounding)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
@@ -67,10 +66,13 @@ class LayerPruner:
                 if self.rowwise and not name_matches(name, self.rowwise_skip):
                     from .rowwise import apply_rowwise
 
-                    rows = apply_rowwise(self.rowwise, Wf, scores, stats, r, info=info, **self.rowwise_params)
+                    # TRIM starts from (and never scores below) the plain mask's per-row counts
+                    uniform = row_counts(scores, r) if self.exact else None
+                    rows = apply_rowwise(self.rowwise, Wf, scores, stats, r, info=info, uniform_counts=uniform,
+                                         **self.rowwise_params)
                     mask = make_mask(scores, rows)
                 else:
-                    mask = make_mask(scores, r, self.nm, self.metric.group)
+                    mask = make_mask(scores, r, self.nm, self.metric.group, self.exact)
                 if self.reconstruct == "sparsegpt":
                     from .metrics.sparsegpt import sparsegpt_solver
 
@@ -84,17 +86,6 @@ class LayerPruner:
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
         if self.rowwise and info:
             self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
-
-
-def row_exact_ratios(cfg, metric, ratios: dict, shapes: dict) -> dict:
-    """The ratios a run prunes with: per-row masks (a row metric, or any metric under a row-wise allocator)
-    get counts that make the total exact (:func:`prunekit.masks.exact_row_ratios`) unless
-    ``cfg.row_rounding == "floor"``; N:M patterns and per-layer masks (magnitude, SparseGPT: exact to one
-    weight already) keep theirs."""
-    per_row = metric.solver is None and (metric.group == "row" or cfg.rowwise is not None)
-    if cfg.row_rounding == "floor" or cfg.nm is not None or not per_row:
-        return dict(ratios)
-    return exact_row_ratios(ratios, shapes, cfg.max_ratio)
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:

@@ -33,8 +33,9 @@ returned; uniform is a candidate, so the result never scores below uniform.
 
 Exact total (``total="uniform"``, the default)
 ---------------------------------------------
-(Under the engine's default ``row_rounding: exact`` the layer ratio ``s`` TRIM receives already has a whole
-``d_in * s``, chosen so that the model's total is exact: :func:`prunekit.masks.exact_row_ratios`.)
+(Under the engine's default ``row_rounding: exact`` TRIM gets the plain mask's per-row counts instead,
+``uniform_counts = masks.row_counts(scores, s)``: total ``int(out * d_in * s)``, the layer's ratio to one weight;
+those counts are then the uniform candidate, so "never below uniform" is relative to the mask TRIM replaces.)
 TRIM keeps the layer's total sparsity exact: every candidate (not only the final one) is turned
 into integer per-row counts whose sum is exactly what the uniform per-row mask prunes,
 ``K = out * int(d_in * s)`` (the count of ``unstructured_mask(scores, s, group="row")`` and of
@@ -142,11 +143,13 @@ def trim_update(x: torch.Tensor, q: torch.Tensor, lr: float, target: float, hi: 
 @torch.no_grad()
 def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, target: float,
                       lrs=DEFAULT_LRS, neg_lrs=DEFAULT_NEG_LRS, iters: int = 10, max_row: float = 0.95,
-                      total: str = "uniform", eps: float = 1e-12):
+                      total: str = "uniform", eps: float = 1e-12, uniform_counts: torch.Tensor | None = None):
     """TRIM row-wise sparsity for one layer.
 
     W: (out, d_in) dense weights; scores: (out, d_in) metric scores (higher = keep); X: (n, d_in)
-    calibration inputs (last token of each sample); target: the layer's sparsity.
+    calibration inputs (last token of each sample); target: the layer's sparsity. ``uniform_counts``: the
+    per-row counts of the plain mask TRIM starts from and is compared with (the engine passes
+    ``masks.row_counts(scores, target)``, whose total is ``int(out * d_in * target)``); it overrides ``total``.
     Returns ``(row_sparsity, info)``: ``row_sparsity`` (out,) float64 on W's device, to pass to
     ``rowwise_mask`` / ``make_mask``; ``info`` = {"lr", "score_uniform", "score", "iters_run",
     "counts", "total"}. ``lr`` is 0.0 when uniform was kept.
@@ -164,6 +167,11 @@ def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, ta
     hi = max(float(max_row), target)  # a target above max_row leaves no room: stays uniform
     cap = min(d_in, int(d_in * hi))
     K = out * int(d_in * target) if total == "uniform" else int(out * d_in * target)
+    if uniform_counts is not None:
+        uniform_counts = uniform_counts.cpu().long()
+        if uniform_counts.shape != (out,) or bool((uniform_counts < 0).any()) or bool((uniform_counts > d_in).any()):
+            raise PrunekitError(f"uniform_counts must be {out} counts in [0, {d_in}]")
+        K = int(uniform_counts.sum())
 
     Wf = W.float()
     # rank of every weight within its row, in rowwise_mask's order (stable ascending sort), so the
@@ -176,11 +184,11 @@ def trim_row_sparsity(W: torch.Tensor, scores: torch.Tensor, X: torch.Tensor, ta
     # the allocation itself (out,) lives on the CPU in float64: the projection and rounding are
     # many tiny ops, which would otherwise be many device synchronisations
     uniform = torch.full((out,), target, dtype=torch.float64)
-    u_counts = counts_with_total(uniform, d_in, K, cap)
+    u_counts = uniform_counts if uniform_counts is not None else counts_with_total(uniform, d_in, K, cap)
     X = X.to(dev, torch.float32) if X is not None else torch.zeros(0, d_in, device=dev)
     info = {"lr": 0.0, "score_uniform": None, "score": None, "iters_run": 0, "counts": u_counts.cpu(),
             "total": K}
-    if X.shape[0] == 0 or target == 0.0 or cap <= int(d_in * target):
+    if X.shape[0] == 0 or target == 0.0 or cap <= int(d_in * target) or K > out * cap:
         return ratios_from_counts(u_counts, d_in).to(dev), info
 
     Xt = X.t().contiguous()

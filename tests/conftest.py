@@ -67,25 +67,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def check_exact_row_counts(weights: dict, requested: dict, per_row_equal: bool = True) -> None:
-    """What ``row_rounding: exact`` promises, checked from the zeros alone: every layer's rows prune the floor
-    or the ceiling of ``d_in * s`` (all rows the same count unless a row-wise allocator moved them), and the
-    pruned total is within half the largest row count of ``sum(s * numel)`` (error diffusion's bound)."""
-    import math
-
-    total = want = 0.0
-    max_rows = 0
+def check_exact_row_counts(weights: dict, requested: dict, per_row: bool = True) -> None:
+    """What ``row_rounding: exact`` promises, checked from the zeros alone: every layer prunes exactly
+    ``floor(numel * s)`` weights, and (``per_row``: no row-wise allocator) each row ``floor(total / rows)`` or
+    one more."""
     for name, W in weights.items():
         rows, d_in = W.shape
         z = (W == 0).sum(1)
-        y = float(requested[name]) * d_in
-        lo, hi = math.floor(y + 1e-9), math.ceil(y - 1e-9)
-        if per_row_equal:
-            assert bool((z == z[0]).all()), name
-            assert lo <= int(z[0]) <= hi, (name, int(z[0]), y)
-        else:
-            assert rows * lo <= int(z.sum()) <= rows * hi, (name, int(z.sum()), y)
-        total += int(z.sum())
-        want += float(requested[name]) * W.numel()
-        max_rows = max(max_rows, rows)
-    assert abs(total - want) <= max_rows / 2 + 1e-6, (total, want, max_rows)
+        total = int(rows * d_in * float(requested[name]))
+        assert int(z.sum()) == total, (name, int(z.sum()), total)
+        if per_row:
+            base = total // rows
+            assert bool(((z == base) | (z == base + 1)).all()), name

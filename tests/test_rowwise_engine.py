@@ -17,7 +17,7 @@ def test_trim_keeps_each_layer_total_exact(calib_ids, alloc):
     for l in report["layers"]:
         o, i = l["shape"]
         W = weight_view(dict(model.named_modules())[l["name"]])
-        assert int((W == 0).sum()) == o * int(i * l["target"]), l["name"]
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]
     rows = [weight_view(m).eq(0).sum(1) for d in block_linears(model) for m in d.values()]
     assert any(int(r.max()) != int(r.min()) for r in rows)  # rows got different sparsities somewhere
     # the report says why: TRIM's chosen lr and its objective with and without it, never below uniform
@@ -96,10 +96,11 @@ def test_rowwise_skip_keeps_the_plain_mask_on_matched_layers(calib_ids):
     for l in rs["layers"]:
         W = weight_view(dict(skip.named_modules())[l["name"]])
         o, i = l["shape"]
-        assert int((W == 0).sum()) == o * int(i * l["target"]), l["name"]  # exact total either way
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]  # exact total either way
         rows = W.eq(0).sum(1)
         if l["name"].endswith(kinds):
-            assert int(rows.min()) == int(rows.max()) == int(i * l["target"]), l["name"]
+            base = int(o * i * l["target"]) // o  # the plain exact mask: base or base + 1 per row
+            assert base <= int(rows.min()) <= int(rows.max()) <= base + 1, l["name"]
             if ".0." in l["name"]:
                 assert torch.equal(rs.masks[l["name"]], rp.masks[l["name"]])
         elif ".0." in l["name"] and not torch.equal(rs.masks[l["name"]], rp.masks[l["name"]]):
@@ -144,7 +145,7 @@ def test_trim_inputs_all_gathers_the_gram_matrix_not_last_tokens(calib_ids, monk
     for l in rep["layers"]:
         W = weight_view(dict(model.named_modules())[l["name"]])
         o, i = l["shape"]
-        assert int((W == 0).sum()) == o * int(i * l["target"]), l["name"]
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]
         assert l["rowwise"]["score"] >= l["rowwise"]["score_uniform"]
     # block 0's first layer (q_proj) sees the embeddings' RMS-normed tokens: its Gram matrix is X^T X of them
     emb = model.get_input_embeddings()(calib_ids)

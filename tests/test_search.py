@@ -134,8 +134,8 @@ def test_dsa_allocator_hits_target_exactly():
                                        "allocation_params": {"program": "abslog -> var -> atan", "lam": 0.1}},
                          calib_ids=calib)
     assert rep["allocation"]["dsa_program"] == "pre:abslog|red:var|tr:atan|post:none"
-    allocated = rep["allocation"]["allocated"]  # the program's ratios (then exact per-row counts: "target")
-    assert abs(sum(allocated[l["name"]] * l["numel"] for l in rep["layers"]) / rep["params"]["prunable"] - 0.6) < 1e-9
+    assert abs(sum(l["target"] * l["numel"] for l in rep["layers"]) / rep["params"]["prunable"] - 0.6) < 1e-9
+    assert abs(rep["overall_sparsity"] - 0.6) <= len(rep["layers"]) / rep["params"]["prunable"]  # a weight per layer
 
 
 # ----------------------------------------------------------------------------- fitness
@@ -214,7 +214,7 @@ def test_found_program_is_reused_without_searching(tmp_path):
     rep = prunekit.prune(model, None, dict(res["recipe"], device="cpu"), calib_ids=calib)
     blocks = {}
     for l in rep["layers"]:
-        blocks.setdefault(l["block"], rep["allocation"]["allocated"][l["name"]])
+        blocks.setdefault(l["block"], l["target"])
     assert [blocks[b] for b in range(4)] == pytest.approx(res["best"]["block_ratios"], abs=1e-6)
 
 

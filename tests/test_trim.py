@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.masks import make_mask, rowwise_mask, unstructured_mask
+from prunekit.masks import make_mask, row_counts, rowwise_mask, unstructured_mask
 from prunekit.metrics import get_metric
 from prunekit.metrics.stats import LayerStats
 from prunekit.rowwise import (ROWWISE, ROWWISE_NEEDS, apply_rowwise, counts_with_total, project_mean_box,
@@ -50,17 +50,21 @@ def layer_cos(W, X, mask):
     return float((Y * Yp).sum() / (Y.norm() * Yp.norm()))
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("target", [0.5, 0.6, 0.7])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_exact_count_bounds_and_never_worse(seed, target):
+def test_exact_count_bounds_and_never_worse(seed, target, exact):
+    """exact=False: TRIM on its own (total out * floor(d_in * s), the reference rule); exact=True: as the engine
+    calls it under row_rounding exact, starting from the plain exact mask's counts (total floor(numel * s))."""
     W, X = layer(seed)
     S = wanda_scores(W, X)
-    rows, info = trim_row_sparsity(W, S, X, target)
-    uni_mask = unstructured_mask(S, target, "row")  # the engine's uniform per-row mask
+    rows, info = trim_row_sparsity(W, S, X, target, uniform_counts=row_counts(S, target) if exact else None)
+    uni_mask = unstructured_mask(S, target, "row", exact=exact)  # the engine's uniform per-row mask
     mask = rowwise_mask(S, rows)
     assert rows.shape == (OUT,) and rows.dtype == torch.float64
     # the layer's total is exactly uniform's
-    assert int(mask.sum()) == int(uni_mask.sum()) == OUT * int(D_IN * target) == info["total"]
+    total = int(OUT * D_IN * target) if exact else OUT * int(D_IN * target)
+    assert int(mask.sum()) == int(uni_mask.sum()) == total == info["total"]
     assert torch.equal(mask.sum(1), info["counts"])
     assert torch.equal(make_mask(S, rows), mask)
     # row ratios within [0, max_row]
@@ -122,8 +126,10 @@ def test_no_learning_rate_is_uniform(lrs, neg):
     W, X = layer(3)
     S = wanda_scores(W, X)
     rows, info = trim_row_sparsity(W, S, X, 0.6, lrs=lrs, neg_lrs=neg)
-    assert torch.equal(rowwise_mask(S, rows), unstructured_mask(S, 0.6, "row"))
+    assert torch.equal(rowwise_mask(S, rows), unstructured_mask(S, 0.6, "row", exact=False))
     assert info["lr"] == 0.0 and info["score"] == info["score_uniform"]
+    rows, info = trim_row_sparsity(W, S, X, 0.6, lrs=lrs, neg_lrs=neg, uniform_counts=row_counts(S, 0.6))
+    assert torch.equal(rowwise_mask(S, rows), unstructured_mask(S, 0.6, "row"))  # the engine's exact mask
     assert info["iters_run"] == 10 * (len(lrs) + len(neg))
 
 
@@ -275,7 +281,7 @@ def test_inputs_all_scores_on_every_calibration_token(seed):
     mask = rowwise_mask(S, rows)
     assert int(mask.sum()) == OUT * int(D_IN * 0.6)
     assert info["score"] == pytest.approx(layer_cos(W, X, mask), abs=1e-6)
-    uni = layer_cos(W, X, unstructured_mask(S, 0.6, "row"))
+    uni = layer_cos(W, X, unstructured_mask(S, 0.6, "row", exact=False))  # no uniform_counts: TRIM's own total
     assert info["score_uniform"] == pytest.approx(uni, abs=1e-6)
     assert info["score"] > uni and info["lr"] != 0
     (score, counts, lr), _ = reference_trim(W, S, X, 0.6)
@@ -289,6 +295,8 @@ def test_inputs_all_scores_on_every_calibration_token(seed):
     # a layer that saw no tokens (never called by the forward) keeps the uniform allocation
     empty = LayerStats(frozenset({"sq_sum", "hessian"}), D_IN)
     rows0 = apply_rowwise("trim", W, S, empty, 0.6, inputs="all")
+    assert torch.equal(rowwise_mask(S, rows0), unstructured_mask(S, 0.6, "row", exact=False))
+    rows0 = apply_rowwise("trim", W, S, empty, 0.6, inputs="all", uniform_counts=row_counts(S, 0.6))
     assert torch.equal(rowwise_mask(S, rows0), unstructured_mask(S, 0.6, "row"))
     with pytest.raises(PrunekitError, match="inputs"):
         rowwise_needs("trim", {"inputs": "first"})

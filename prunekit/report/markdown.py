@@ -35,9 +35,6 @@ def report_markdown(r: dict) -> str:
              + (f", weights reconstructed by {m['reconstruct']}" + (f" ({rp})" if rp else "") if m.get("reconstruct")
                 else ""),
              f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
-    if r.get("allocation", {}).get("allocated"):
-        lines.append("- row_rounding exact: each layer prunes the floor or the ceiling of d_in x its allocated ratio "
-                     "in every row, so that the total is the target; the per-layer 'target' below is that count's ratio")
     if "saved" in r:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
     lines.append(f"- calibration: {p['calib']} x {p['nsamples']} samples x {p['seqlen']} tokens, seed {p['seed']}, "

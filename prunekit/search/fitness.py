@@ -57,7 +57,6 @@ class Fitness:
         self.blocks = get_blocks(model)
         self.block_layers = block_linears(model, self.cfg.ignore)
         self.layers = {n: m for d in self.block_layers for n, m in d.items()}
-        self.shapes = {n: tuple(weight_view(m).shape) for n, m in self.layers.items()}
         self.block_of = {n: b for b, d in enumerate(self.block_layers) for n in d}
         self.orig_device = next(model.parameters()).device
         model.to(self.device)
@@ -107,7 +106,7 @@ class Fitness:
         if missing:
             raise PrunekitError(f"no ratio for layer(s) {missing[:3]}...")
         metric = metric or self.metric
-        pruner = LayerPruner.from_config(self.cfg, metric, {n: float(ratios[n]) for n in self.layers}, self.shapes)
+        pruner = LayerPruner.from_config(self.cfg, metric, {n: float(ratios[n]) for n in self.layers})
         if self.mode == "full":
             self.restore()
             prune_all(pruner, metric, self.model, self.blocks, self.block_layers, self.calib_ids,
@@ -115,7 +114,6 @@ class Fitness:
             for n in self.layers:
                 self.applied[n] = (metric_key, pruner.ratios[n])
             return
-        # pruner.ratios: the ratios as pruned (exact per-row counts: one layer's may move with another's)
         changed = [n for n in self.layers if self.applied[n] != (metric_key, pruner.ratios[n])]
         self._restore(changed)
         for n in changed:
