@@ -174,7 +174,9 @@ def markdown(data: dict) -> str:
         c = r["config"]
         notes = ", ".join(x for x in ("dense-block stats (Wanda paper)" if c.get("sequential") is False else "",
                                        f"rowwise {c['rowwise']}{skip_label(c, ' ')}" if c.get("rowwise") else "",
-                                       f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "") if x)
+                                       f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "",
+                                       f"row_rounding {c['row_rounding']} (achieved {r['overall_sparsity']:.5f})"
+                                       if c.get("row_rounding") else "") if x)
         lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
                      f"{c.get('allocation', 'uniform')}{' (' + r['granularity'] + ')' if r.get('granularity') else ''} | "
                      f"{notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
@@ -202,6 +204,8 @@ def describe(c: dict) -> str:
         parts.append("reconstruct " + c["reconstruct"])
     if c.get("sequential") is False:
         parts.append("dense-block stats")
+    if c.get("row_rounding"):
+        parts.append("rows " + c["row_rounding"])
     return " + ".join(parts)
 
 

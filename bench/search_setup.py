@@ -1,0 +1,77 @@
+"""Set-up cost of an allocation search (everything before and around the candidates' evaluations).
+
+    python bench/search_setup.py --label now
+    PYTHONPATH=/tmp/base python bench/search_setup.py --label base     # an older prunekit, same script
+
+DSA on SmolLM2 at 70% with Wanda, protocol S calibration (64 x 512 C4, seed 0), 16 x 256 held-out windows,
+budget 2 (population 2: the two seed programs), fitness mode cached. Records the wall time of model
+loading, of ``run_search`` as a whole and of its search loop (``seconds``), so ``total - search`` is the
+set-up: the dense statistics pass, the score profile, the dense and uniform baselines. The fitness values
+are recorded too, so two versions can be checked to search the same thing. The git commit is the one of
+the imported prunekit (``PYTHONPATH`` decides which). Writes bench/results/search_setup.json (merged by
+label) and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--budget", type=int, default=2)
+    a = ap.parse_args(argv)
+
+    import prunekit
+    from prunekit.models.loading import load_model
+    from prunekit.search import run_search
+
+    proto = PROTOCOLS["S"]
+    env = environment()
+    pk = Path(prunekit.__file__).resolve().parent
+    env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=pk).stdout.strip()
+    env["prunekit_path"] = str(pk)
+    t0 = time.time()
+    model, tok = load_model(a.model)
+    t1 = time.time()
+    with tempfile.TemporaryDirectory() as out:
+        res = run_search(model, tok, "dsa", a.budget, 0.7, metric="wanda", out_dir=out, seed=proto["seed"],
+                         resume=False, calib=proto["calib"], nsamples=proto["nsamples"], seqlen=proto["seqlen"],
+                         n_heldout=16, heldout_seqlen=256, device="cpu", progress=False, population=a.budget)
+    t2 = time.time()
+    row = {"load_s": round(t1 - t0, 1), "run_search_s": round(t2 - t1, 1), "search_loop_s": res["seconds"],
+           "setup_s": round(t2 - t1 - res["seconds"], 1), "baselines": res["baselines"],
+           "fitness": [h["fitness"] for h in res["history"]], "programs": [h["program"] for h in res["history"]],
+           "environment": env}
+    path = RESULTS / "search_setup.json"
+    data = load_results(path)
+    data.setdefault("runs", {})[a.label] = row
+    data["protocol"] = {"model": a.model, "method": "dsa", "metric": "wanda", "target": 0.7, "budget": a.budget,
+                        "calibration": f"{proto['calib']} {proto['nsamples']} x {proto['seqlen']}, seed {proto['seed']}",
+                        "heldout": "16 x 256", "mode": "cached", "device": "cpu"}
+    save_json(path, data)
+    lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "",
+             f"Protocol: {data['protocol']}.", "",
+             "| label | commit | load s | run_search s | of which search loop s | set-up s | fitness of the candidates |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in data["runs"].items():
+        lines.append(f"| {label} | {r['environment']['git']} | {r['load_s']} | {r['run_search_s']} | "
+                     f"{r['search_loop_s']} | {r['setup_s']} | {', '.join(f'{f:.4g}' for f in r['fitness'])} |")
+    for label, r in data["runs"].items():
+        lines += ["", f"{label}: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items())]
+    (RESULTS / "search_setup.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
