@@ -47,7 +47,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:
         res = run_search(model, tok, "dsa", a.budget, 0.7, metric="wanda", out_dir=out, seed=proto["seed"],
                          resume=False, calib=proto["calib"], nsamples=proto["nsamples"], seqlen=proto["seqlen"],
-                         n_heldout=16, heldout_seqlen=256, device="cpu", progress=False, population=a.budget)
+                         n_heldout=16, heldout_seqlen=256, device="cpu", progress=False, population=a.budget,
+                         elite=1)
     t2 = time.time()
     row = {"load_s": round(t1 - t0, 1), "run_search_s": round(t2 - t1, 1), "search_loop_s": res["seconds"],
            "setup_s": round(t2 - t1 - res["seconds"], 1), "baselines": res["baselines"],
