@@ -105,7 +105,7 @@ class PruneConfig(BaseModel):
         self.metric_params = metric.check_params(self.metric_params, "metric_params")
         get_allocator(self.allocation)
         if self.rowwise is not None:
-            from .rowwise import ROWWISE, rowwise_needs
+            from .rowwise import ROWWISE, check_rowwise_params, rowwise_needs
 
             if self.rowwise not in ROWWISE:
                 raise ValueError(f"unknown rowwise method {self.rowwise!r}; valid: {', '.join(sorted(ROWWISE))}")
@@ -114,10 +114,8 @@ class PruneConfig(BaseModel):
             if metric.solver is not None:
                 raise ValueError(f"{self.metric} chooses its own masks; for TRIM with reconstruction use a score "
                                  "metric with reconstruct: sparsegpt")
-            k = self.rowwise_params.get("tokens_per_sample", 1)
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"rowwise_params tokens_per_sample must be an integer >= 1, got {k!r}")
-            rowwise_needs(self.rowwise, self.rowwise_params)  # rejects an unknown TRIM 'inputs'
+            check_rowwise_params(self.rowwise, self.rowwise_params)  # names and values, before any work
+            rowwise_needs(self.rowwise, self.rowwise_params)
             if self.rowwise_params.get("inputs") == "all" and "tokens_per_sample" in self.rowwise_params:
                 raise ValueError("rowwise_params tokens_per_sample picks TRIM's token rows; inputs=all already uses "
                                  "every token: set one of them")

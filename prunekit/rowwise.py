@@ -284,6 +284,35 @@ def rowwise_needs(name: str, params: dict | None = None) -> set[str]:
     return set(ROWWISE_NEEDS[name])
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# per method: parameter -> (check, what it must be); the engine passes uniform_counts itself
+ROWWISE_PARAMS: dict[str, dict[str, tuple[Callable, str]]] = {"trim": {
+    "tokens_per_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "inputs": (lambda v: v in TRIM_INPUTS, "one of " + ", ".join(TRIM_INPUTS)),
+    "lrs": (lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v), "a list of numbers"),
+    "neg_lrs": (lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v), "a list of numbers"),
+    "iters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "max_row": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "total": (lambda v: v in ("uniform", "layer"), "uniform or layer"),
+    "eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+}}
+
+
+def check_rowwise_params(name: str, params: dict) -> None:
+    """Refuse an unknown parameter name or a value of the wrong kind, before any work (a misspelt name
+    would otherwise surface as a TypeError once the first layer is pruned)."""
+    spec = ROWWISE_PARAMS.get(name, {})
+    for k, v in params.items():
+        if k not in spec:
+            raise PrunekitError(f"rowwise_params: {name} has no parameter {k!r}; valid: {', '.join(sorted(spec))}")
+        ok, what = spec[k]
+        if not ok(v):
+            raise PrunekitError(f"rowwise_params: {name} {k} must be {what}, got {v!r}")
+
+
 # name -> fn(W, scores, stats, target, **params) -> (row_sparsity, info)
 ROWWISE: dict[str, Callable] = {"trim": _trim}
 # statistics each row-wise method reads with its default params (rowwise_needs() for given params)

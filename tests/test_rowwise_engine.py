@@ -55,6 +55,13 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
                                       "tokens_per_sample must be an integer >= 1"),
                                      ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": "4"}},
                                       "tokens_per_sample must be an integer >= 1"),
+                                     ({"rowwise": "trim", "rowwise_params": {"foo": 1}},
+                                      "trim has no parameter 'foo'; valid: eps, inputs, iters, lrs, max_row"),
+                                     ({"rowwise": "trim", "rowwise_params": {"uniform_counts": [1]}}, "no parameter"),
+                                     ({"rowwise": "trim", "rowwise_params": {"iters": 2.5}}, "iters must be an integer"),
+                                     ({"rowwise": "trim", "rowwise_params": {"max_row": 1.5}}, r"max_row must be a number in \(0, 1\]"),
+                                     ({"rowwise": "trim", "rowwise_params": {"total": "all"}}, "total must be uniform or layer"),
+                                     ({"rowwise": "trim", "rowwise_params": {"lrs": [0.1, "x"]}}, "lrs must be a list"),
                                      ({"rowwise_skip": ["*.mlp.up_proj"]}, "set rowwise too"),
                                      ({"reconstruct": "obs"}, "unknown reconstruct"),
                                      ({"pattern": "2:4", "allocation": "owl"}, "has nothing to move")])
