@@ -24,11 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 
+def report(data: dict) -> str:
+    """search_setup.md from the results file."""
+    lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "",
+             f"Protocol: {data['protocol']}.", "",
+             "| label | commit | load s | run_search s | of which search loop s | set-up s | fitness of the candidates |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in data["runs"].items():
+        lines.append(f"| {label} | {r['environment']['git']} | {r['load_s']} | {r['run_search_s']} | "
+                     f"{r['search_loop_s']} | {r['setup_s']} | {', '.join(f'{f:.4g}' for f in r['fitness'])} |")
+    lines += [""] + [f"- {label}: {r['note']}" for label, r in data["runs"].items() if r.get("note")]
+    for label, r in data["runs"].items():
+        lines += ["", f"{label}: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", required=True)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--budget", type=int, default=2)
+    ap.add_argument("--note", default="", help="a remark printed under the table (e.g. what else differs)")
     a = ap.parse_args(argv)
 
     import prunekit
@@ -53,7 +69,7 @@ def main(argv=None):
     row = {"load_s": round(t1 - t0, 1), "run_search_s": round(t2 - t1, 1), "search_loop_s": res["seconds"],
            "setup_s": round(t2 - t1 - res["seconds"], 1), "baselines": res["baselines"],
            "fitness": [h["fitness"] for h in res["history"]], "programs": [h["program"] for h in res["history"]],
-           "environment": env}
+           "note": a.note, "environment": env}
     path = RESULTS / "search_setup.json"
     data = load_results(path)
     data.setdefault("runs", {})[a.label] = row
@@ -61,17 +77,9 @@ def main(argv=None):
                         "calibration": f"{proto['calib']} {proto['nsamples']} x {proto['seqlen']}, seed {proto['seed']}",
                         "heldout": "16 x 256", "mode": "cached", "device": "cpu"}
     save_json(path, data)
-    lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "",
-             f"Protocol: {data['protocol']}.", "",
-             "| label | commit | load s | run_search s | of which search loop s | set-up s | fitness of the candidates |",
-             "|---|---|---|---|---|---|---|"]
-    for label, r in data["runs"].items():
-        lines.append(f"| {label} | {r['environment']['git']} | {r['load_s']} | {r['run_search_s']} | "
-                     f"{r['search_loop_s']} | {r['setup_s']} | {', '.join(f'{f:.4g}' for f in r['fitness'])} |")
-    for label, r in data["runs"].items():
-        lines += ["", f"{label}: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items())]
-    (RESULTS / "search_setup.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = report(data)
+    (RESULTS / "search_setup.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

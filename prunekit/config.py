@@ -98,12 +98,13 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _names(self):
-        from .allocate import get_allocator
+        from .allocate import check_allocation_params, get_allocator
         from .metrics import get_metric
 
         metric = get_metric(self.metric)
         self.metric_params = metric.check_params(self.metric_params, "metric_params")
         get_allocator(self.allocation)
+        check_allocation_params(self.allocation, self.allocation_params)  # names, before any calibration pass
         if self.rowwise is not None:
             from .rowwise import ROWWISE, check_rowwise_params, rowwise_needs
 

@@ -195,3 +195,21 @@ def test_layer_alphas_helper(summary):
     assert all(x > 1 for x in list(a.values()) + list(f.values()))
     with pytest.raises(PrunekitError):
         allocate("alphapruning", ModelSummary(summary.layers), 0.5)
+
+
+@pytest.mark.parametrize("alloc,params,msg", [
+    ("owl", {"foo": 1}, "allocation 'owl' has no parameter\\(s\\) 'foo'; valid: M, lam"),
+    ("uniform", {"eps": 0.2}, "allocation 'uniform' has no parameter\\(s\\) 'eps'; valid: none"),
+    ("alphapruning", {"lam": 0.1, "eps": 0.2}, "has no parameter\\(s\\) 'lam'; valid: eps, xmin_mode"),
+    ("mrp", {"step": 2}, "'step'; valid: steps, frac, lam, M")])
+def test_unknown_allocation_parameters_are_refused_by_the_config(alloc, params, msg):
+    """Before any calibration pass (OWL's profile, AlphaPruning's ESD fits): the allocator itself would refuse
+    them only afterwards, and uniform would ignore them."""
+    import prunekit
+
+    with pytest.raises(prunekit.PrunekitError, match=msg):
+        prunekit.make_config(allocation=alloc, allocation_params=params)
+    from prunekit.allocate import allocator_params
+
+    assert allocator_params("owl") == ["M", "lam"] and allocator_params("uniform") == []
+    prunekit.make_config(allocation="owl", allocation_params={"lam": "auto", "M": 5})  # valid names pass

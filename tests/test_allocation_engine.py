@@ -75,7 +75,10 @@ def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
 
 
 def test_auto_unknown_parameter_is_refused(calib_ids):
-    with pytest.raises(prunekit.PrunekitError, match="no 'auto' grid"):
+    with pytest.raises(prunekit.PrunekitError, match="no 'auto' grid for alphapruning parameter\\(s\\) \\['xmin_mode'\\]"):
+        prunekit.prune(tiny_model("llama"), None, {"metric": "wanda", "allocation": "alphapruning",
+                                                   "allocation_params": {"xmin_mode": "auto"}}, calib_ids=calib_ids)
+    with pytest.raises(prunekit.PrunekitError, match="has no parameter"):  # a name the allocator lacks: config
         prunekit.prune(tiny_model("llama"), None, {"metric": "wanda", "allocation": "er",
                                                    "allocation_params": {"x": "auto"}}, calib_ids=calib_ids)
 

@@ -103,6 +103,25 @@ def finalize(ratios: torch.Tensor, numels: torch.Tensor, target: float, max_rati
     return r
 
 
+def allocator_params(name: str) -> list[str]:
+    """The parameter names allocator ``name`` takes (from its function's signature)."""
+    import inspect
+
+    sig = inspect.signature(get_allocator(name).fn)
+    return [p.name for p in list(sig.parameters.values())[2:]  # after (summary, target)
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_allocation_params(name: str, params: dict) -> None:
+    """Refuse parameter names allocator ``name`` does not take, before any calibration pass (the allocator
+    itself would refuse them only after its statistics were gathered; ``uniform`` would ignore them)."""
+    valid = allocator_params(name)
+    unknown = sorted(k for k in params if k not in valid)
+    if unknown:
+        raise PrunekitError(f"allocation {name!r} has no parameter(s) {', '.join(map(repr, unknown))}; "
+                            f"valid: {', '.join(valid) or 'none'}")
+
+
 def allocate(name: str, summary: ModelSummary, target: float, granularity: str | None = None,
              max_ratio: float = 0.99, **params) -> dict[str, float]:
     """Run an allocator and return exact, clipped per-layer ratios.
