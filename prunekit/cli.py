@@ -71,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once)")
     p.add_argument("--row-rounding", choices=["exact", "floor"],
-                   help="per-row masks: exact (default; every layer's per-row count is the floor or the ceiling of "
-                        "d_in x s, so the model's total is the requested sparsity) or floor (every row floors, as "
-                        "the reference codes do)")
+                   help="per-row masks: exact (default; every layer prunes floor(numel x s), each row "
+                        "floor(d_in x s) or one more) or floor (every row floors d_in x s, as the reference codes do)")
     p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
                    help="statistics from the dense block (Wanda paper protocol; two passes per block)")
     p.add_argument("--eval", type=_csv, help="perplexity before/after: wikitext2,c4")

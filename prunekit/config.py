@@ -22,10 +22,10 @@ class PruneConfig(BaseModel):
     allocation_params: dict[str, Any] = Field(default_factory=dict)
     granularity: Optional[str] = Field(None, description="block | layer; default: the allocation's own level")
     max_ratio: float = 0.99
-    row_rounding: str = Field("exact", description="per-row masks: 'exact' (every layer's per-row count is the floor "
-                              "or the ceiling of d_in * s, chosen so that the model's total is the requested one) or "
-                              "'floor' (every row floors d_in * s, as the reference codes do; the total then falls "
-                              "short by up to one weight per row)")
+    row_rounding: str = Field("exact", description="per-row masks: 'exact' (every layer prunes floor(numel * s): each "
+                              "row floor(d_in * s), the rows whose next weight scores lowest one more) or 'floor' "
+                              "(every row floors d_in * s, as the reference codes do; a layer then falls short of s "
+                              "by up to one weight per row)")
     rowwise: Optional[str] = Field(None, description="row-wise allocation inside each layer: 'trim'")
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
     rowwise_skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layers that keep the "
