@@ -120,7 +120,8 @@ def suites() -> dict[str, list[dict]]:
     # where floor loses most (70%, uniform and AlphaPruning), on the same commit
     rounding = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "row_rounding": r}
                 for a in ("uniform", "alphapruning") for r in ("floor", "exact")]
-    return {"core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v], "metrics": metrics,
+    return {"core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
+            "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
             "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}

@@ -28,7 +28,8 @@ def report(data: dict) -> str:
     """search_setup.md from the results file."""
     lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "",
              f"Protocol: {data['protocol']}.", "",
-             "| label | commit | load s | run_search s | of which search loop s | set-up s | fitness of the candidates |",
+             "| label | commit | load s | run_search s | of which search loop s | set-up s "
+             "| fitness of the candidates |",
              "|---|---|---|---|---|---|---|"]
     for label, r in data["runs"].items():
         lines.append(f"| {label} | {r['environment']['git']} | {r['load_s']} | {r['run_search_s']} | "
@@ -74,7 +75,8 @@ def main(argv=None):
     data = load_results(path)
     data.setdefault("runs", {})[a.label] = row
     data["protocol"] = {"model": a.model, "method": "dsa", "metric": "wanda", "target": 0.7, "budget": a.budget,
-                        "calibration": f"{proto['calib']} {proto['nsamples']} x {proto['seqlen']}, seed {proto['seed']}",
+                        "calibration": (f"{proto['calib']} {proto['nsamples']} x {proto['seqlen']}, "
+                                        f"seed {proto['seed']}"),
                         "heldout": "16 x 256", "mode": "cached", "device": "cpu"}
     save_json(path, data)
     md = report(data)

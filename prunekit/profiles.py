@@ -77,15 +77,20 @@ def score_profile_from_stats(block_layers, stats: dict, metric, seed=0, keep=655
     """:func:`score_profile` from dense-model statistics already gathered (a search's cached fitness holds
     them for the same calibration windows): no calibration pass. ``stats`` must cover every layer with
     at least :func:`score_needs`; the dense weights must be in place."""
+    missing = [n for d in block_layers for n in d if not stats_cover_scores(stats.get(n), metric)]
+    if missing:
+        raise PrunekitError(f"score profile: no {sorted(score_needs(metric))} statistics for {missing[0]}")
     handle, out = _score_sampler(metric, seed, keep)
-    needs = score_needs(metric)
     for d in block_layers:
         for name, m in d.items():
-            st = stats.get(name)
-            if needs and (st is None or not needs <= st.needs):
-                raise PrunekitError(f"score profile: no {sorted(needs)} statistics for {name}")
-            handle(name, weight_view(m), st)
+            handle(name, weight_view(m), stats.get(name))
     return out
+
+
+def stats_cover_scores(st, metric) -> bool:
+    """Whether one layer's statistics ``st`` (None: none gathered) are enough for the metric's score."""
+    needs = score_needs(metric)
+    return not needs or (st is not None and needs <= st.needs)
 
 
 def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric, nm):

@@ -288,13 +288,21 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _count(v) -> bool:  # an integer >= 1 (bool refused)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _numbers(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(_number(x) for x in v)
+
+
 # per method: parameter -> (check, what it must be); the engine passes uniform_counts itself
 ROWWISE_PARAMS: dict[str, dict[str, tuple[Callable, str]]] = {"trim": {
-    "tokens_per_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "tokens_per_sample": (_count, "an integer >= 1"),
     "inputs": (lambda v: v in TRIM_INPUTS, "one of " + ", ".join(TRIM_INPUTS)),
-    "lrs": (lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v), "a list of numbers"),
-    "neg_lrs": (lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v), "a list of numbers"),
-    "iters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "lrs": (_numbers, "a list of numbers"),
+    "neg_lrs": (_numbers, "a list of numbers"),
+    "iters": (_count, "an integer >= 1"),
     "max_row": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "total": (lambda v: v in ("uniform", "layer"), "uniform or layer"),
     "eps": (lambda v: _number(v) and v > 0, "a number > 0"),

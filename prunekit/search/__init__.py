@@ -51,7 +51,7 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
     from ..errors import PrunekitError
     from ..metrics import get_metric
     from ..models.families import model_context_length
-    from ..profiles import score_needs, score_profile, score_profile_from_stats
+    from ..profiles import score_profile, score_profile_from_stats, stats_cover_scores
     from ..prune import model_summary, resolve_seqlen
     from .dsa import ProgramSpace, atomic_write_json
     from .fitness import Fitness, ids_digest
@@ -91,8 +91,7 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
     try:
         summary = model_summary(model, fitness.block_layers, frozenset({"scores"}))
         if method in ("dsa", "random"):
-            needs = score_needs(fitness.metric)
-            if fitness.stats and all(n in fitness.stats and needs <= fitness.stats[n].needs for n in fitness.layers):
+            if fitness.stats and all(stats_cover_scores(fitness.stats.get(n), fitness.metric) for n in fitness.layers):
                 # the cached fitness already holds the dense statistics of these windows: no second pass
                 summary.scores = score_profile_from_stats(fitness.block_layers, fitness.stats, fitness.metric, seed)
             else:

@@ -112,13 +112,13 @@ class Fitness:
             prune_all(pruner, metric, self.model, self.blocks, self.block_layers, self.calib_ids,
                       self.device, self.cfg, "search: pruning")
             for n in self.layers:
-                self.applied[n] = (metric_key, pruner.ratios[n])
+                self.applied[n] = (metric_key, float(ratios[n]))
             return
-        changed = [n for n in self.layers if self.applied[n] != (metric_key, pruner.ratios[n])]
+        changed = [n for n in self.layers if self.applied[n] != (metric_key, float(ratios[n]))]
         self._restore(changed)
         for n in changed:
             pruner(n, self.layers[n], self.stats.get(n))
-            self.applied[n] = (metric_key, pruner.ratios[n])
+            self.applied[n] = (metric_key, float(ratios[n]))
 
     @torch.no_grad()
     def heldout_ppl(self) -> float:
