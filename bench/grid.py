@@ -54,7 +54,7 @@ from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.metrics import get_metric, wanda  # noqa: E402
 from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
 from prunekit.profiles import _outlier_ratios  # noqa: E402
-from prunekit.prune import model_summary  # noqa: E402
+from prunekit.pruning.run import model_summary  # noqa: E402
 from prunekit.pruner import LayerPruner  # noqa: E402
 
 MASK_METRICS = ("magnitude", "wanda", "ria", "stade", "ace")

@@ -3,16 +3,32 @@
     import prunekit
     model, tok = prunekit.load_model("smollm2")
     report = prunekit.prune(model, tok, {"metric": "wanda", "sparsity": 0.5, "nsamples": 32, "seqlen": 256})
+
+The names below load on first use, so that ``import prunekit.cli`` (and a Ctrl-C while it starts) does not
+wait for torch and transformers.
 """
+import importlib as _importlib
 import logging as _logging
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
-from .config import PruneConfig, load_recipe, make_config  # noqa: E402,F401
-from .errors import PrunekitError  # noqa: E402,F401
-from .evaluate import perplexity  # noqa: E402,F401
-from .models.loading import list_cached_models, load_model  # noqa: E402,F401
-from .pipeline import run, save_pruned  # noqa: E402,F401
-from .prune import prune  # noqa: E402,F401
+_API = {
+    "PruneConfig": "config", "load_recipe": "config", "make_config": "config",
+    "PrunekitError": "errors",
+    "perplexity": "evaluate",
+    "list_cached_models": "models.loading", "load_model": "models.loading",
+    "run": "pipeline", "save_pruned": "pipeline",
+    "prune": "pruning.run",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(_importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -17,9 +17,9 @@ from .allocate.methods import layer_alphas
 from .data import calibration_windows
 from .models.families import block_linears, get_blocks
 from .profiles import outlier_profile, score_profile
-from .prune import model_summary, resolve_device
+from .pruning.run import model_summary, resolve_device
 from .metrics import get_metric
-from .save import atomic_dir
+from .outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ CALIB_ALLOCATORS = ("owl", "global")
 
 def analyze(model, tokenizer, out, target: float = 0.7, calib: str | None = "c4", nsamples: int = 16,
             seqlen: int = 256, seed: int = 0, device: str = "auto", esd_layers: list[str] | None = None,
-            xmin_mode: str = "all", compat: bool = False, overwrite: bool = False, model_name: str = "") -> dict:
+            xmin_mode: str = "all", compat: bool = False, overwrite: bool = False, model_name: str = "",
+            inputs=()) -> dict:
     t0 = time.time()
     dev = resolve_device(device)
     blocks = get_blocks(model)
@@ -64,7 +65,7 @@ def analyze(model, tokenizer, out, target: float = 0.7, calib: str | None = "c4"
               "protocol": {"calib": calib, "nsamples": nsamples if calib else 0, "seqlen": seqlen, "seed": seed,
                            "xmin_mode": xmin_mode, "compat": compat, "owl_M": 5.0},
               "seconds": None}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs) as tmp:
         _write_tables(tmp, result)
         _plots(tmp, result, summary, esd_layers, xmin_mode, compat)
         result["seconds"] = round(time.time() - t0, 2)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import interrupts
 from .metrics.stats import LayerStats
 from .models.families import in_features
 from .offload import on_device
@@ -442,6 +443,7 @@ def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[d
     if offload and store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
     for b, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+        interrupts.check()  # a stop whose KeyboardInterrupt was swallowed somewhere still stops the run
         inputs.block_index = b
         with on_device(block, device):  # back into the block's own CPU memory afterwards (prunekit.offload)
             run_block(block, block_layers[b], inputs, needs, handle, device, sequential,

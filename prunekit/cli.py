@@ -1,17 +1,57 @@
-"""Command line: ``prunekit prune | eval | models``. Errors are one line on stderr, exit code 2."""
+"""Command line: ``prunekit prune | eval | verify | analyze | search | models | methods``.
+
+Errors are one line on stderr and exit code 2, before any work where the input allows it. Ctrl-C and
+SIGTERM stop a run with one line and exit code 130 / 143; nothing half-written is left (prunekit.outputs).
+Heavy modules are imported inside ``main``'s guard, so an interrupt during start-up is handled too.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
+from . import interrupts
 from .errors import PrunekitError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``prunekit: error: ...``), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"prunekit: error: {self.prog.split()[-1]}: {' '.join(message.split())}\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+_positive = _int_at_least(1)
+_natural = _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
 
 
 def _sparsity(text: str):
     try:
         vals = [float(x) for x in text.split(",")]
+        if not all(v == v for v in vals):
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"sparsity must be a number or comma-separated numbers, got {text!r}") from None
     return vals[0] if len(vals) == 1 else vals
@@ -31,7 +71,7 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="prunekit", description="Post-training pruning of causal LMs.")
+    ap = _Parser(prog="prunekit", description="Post-training pruning of causal LMs.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -57,27 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
     p.add_argument("--reconstruct-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="a SparseGPT parameter for --reconstruct, e.g. percdamp=0.1")
-    p.add_argument("--remove-blocks", type=int, metavar="K", help="remove K decoder blocks before pruning")
+    p.add_argument("--remove-blocks", type=_natural, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
     p.add_argument("--removal-score", choices=["bi", "magnitude", "taylor", "ppl"])
     p.add_argument("--calib-select", help="prototype:hard | prototype:easy | prototype:mixed")
-    p.add_argument("--calib-pool", type=int, metavar="N", help="candidate windows for --calib-select")
+    p.add_argument("--calib-pool", type=_positive, metavar="N", help="candidate windows for --calib-select")
     p.add_argument("--calib", help="calibration source: c4, wikitext2, or a .txt/.jsonl/.parquet file")
-    p.add_argument("--nsamples", type=int)
-    p.add_argument("--seqlen", type=int)
+    p.add_argument("--nsamples", type=_positive)
+    p.add_argument("--seqlen", type=_int_at_least(2))
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
-    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once)")
+    p.add_argument("--batch-size", type=_positive, help="calibration samples per forward (default: all at once)")
     p.add_argument("--row-rounding", choices=["exact", "floor"],
                    help="per-row masks: exact (default; every layer prunes floor(numel x s), each row "
                         "floor(d_in x s) or one more) or floor (every row floors d_in x s, as the reference codes do)")
     p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
                    help="statistics from the dense block (Wanda paper protocol; two passes per block)")
     p.add_argument("--eval", type=_csv, help="perplexity before/after: wikitext2,c4")
-    p.add_argument("--max-windows", dest="eval_max_windows", type=int, help="evaluate on the first K windows")
-    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--max-windows", dest="eval_max_windows", type=_positive, help="evaluate on the first K windows")
+    p.add_argument("--eval-seqlen", type=_int_at_least(2))
     p.add_argument("--out", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_const", const=True)
 
@@ -85,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--ppl", type=_csv, default=None, help="wikitext2,c4 or a text file (default wikitext2 "
                    "unless --tasks is given)")
-    e.add_argument("--seqlen", type=int)
-    e.add_argument("--max-windows", type=int)
+    e.add_argument("--seqlen", type=_int_at_least(2))
+    e.add_argument("--max-windows", type=_positive)
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--tasks", type=_csv, help="zero-shot tasks: boolq,rte,hellaswag,winogrande,arc_easy,"
                    "arc_challenge,openbookqa,piqa or 'all'")
-    e.add_argument("--limit", type=int, help="first N items of each task")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=_positive, help="first N items of each task")
+    e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--backend", choices=["prunekit", "lm-eval"], default="prunekit")
     e.add_argument("--json", help="also write the results to this JSON file")
 
@@ -102,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("analyze", help="ESD / heavy-tail report with plots, and each allocator's sparsity per block")
     z.add_argument("--model", default="smollm2")
     z.add_argument("--out", required=True)
-    z.add_argument("--target", type=float, default=0.7, help="sparsity target for the allocation plot")
+    z.add_argument("--target", type=_fraction, default=0.7, help="sparsity target for the allocation plot")
     z.add_argument("--calib", default="c4", help="calibration source for OWL/global ('none' to skip)")
-    z.add_argument("--nsamples", type=int, default=16)
-    z.add_argument("--seqlen", type=int, default=256)
+    z.add_argument("--nsamples", type=_positive, default=16)
+    z.add_argument("--seqlen", type=_int_at_least(2), default=256)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="auto")
     z.add_argument("--layers", type=_csv, help="fnmatch patterns of layers whose ESD fit is plotted")
@@ -115,24 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="reload a saved pruned folder and check its zeros against its masks")
     v.add_argument("--model", required=True)
+    v.add_argument("--device", default="cpu", help="where the reload probe runs (cpu | cuda[:N])")
 
     s = sub.add_parser("search", help="search an allocation: dsa | random | tpe | optishear (resumable)")
     s.add_argument("--method", required=True, choices=["dsa", "random", "tpe", "optishear"])
-    s.add_argument("--budget", type=int, default=100, help="perplexity evaluations")
+    s.add_argument("--budget", type=_positive, default=100, help="perplexity evaluations")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--metric", default="wanda")
-    s.add_argument("--sparsity", type=float, required=True)
+    s.add_argument("--sparsity", type=_fraction, required=True)
     s.add_argument("--calib", default="c4")
-    s.add_argument("--nsamples", type=int, default=128)
-    s.add_argument("--seqlen", type=int)
+    s.add_argument("--nsamples", type=_positive, default=128)
+    s.add_argument("--seqlen", type=_int_at_least(2))
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--heldout", type=int, default=16, help="held-out windows for the fitness")
-    s.add_argument("--heldout-seqlen", type=int, default=256)
+    s.add_argument("--heldout", type=_positive, default=16, help="held-out windows for the fitness")
+    s.add_argument("--heldout-seqlen", type=_int_at_least(2), default=256)
     s.add_argument("--lam", type=float, default=0.08)
     s.add_argument("--mode", choices=["cached", "full"], default="cached",
                    help="cached: dense statistics once, candidates re-prune changed layers only")
     s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--batch-size", type=_positive)
     s.add_argument("--out", required=True, help="folder for checkpoints, result and recipe")
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("--param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
@@ -190,9 +231,12 @@ def cmd_prune(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluate import perplexity
-    from .models.loading import load_model
-    from .prune import resolve_device, resolve_seqlen
+    from .models.loading import load_model, model_input_path
+    from .outputs import atomic_write_json, check_output_file
+    from .pruning.run import resolve_device, resolve_seqlen
 
+    if a.json is not None:  # before the evaluation, not after it
+        check_output_file(a.json, [model_input_path(a.model)], "--json file")
     model, tok = load_model(a.model, a.dtype)
     seqlen = resolve_seqlen(model, a.seqlen)
     dev = resolve_device(a.device)
@@ -216,8 +260,7 @@ def cmd_eval(a) -> int:
             print(f"mean acc over {'the 7 paper tasks' if z['mean_complete'] else 'the paper tasks run'}: "
                   f"{z['mean_acc']:.4f}" + (f" (limit {a.limit} per task)" if a.limit else ""))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"model": a.model, "results": res}, f, indent=2)
+        atomic_write_json(a.json, {"model": a.model, "results": res}, indent=2)
     return 0
 
 
@@ -236,13 +279,14 @@ def cmd_models(a) -> int:
 
 def cmd_analyze(a) -> int:
     from .analyze import analyze
-    from .models.loading import load_model
-    from .save import check_out_dir
+    from .models.loading import load_model, model_input_path
+    from .outputs import check_output
 
-    check_out_dir(a.out, a.overwrite)
+    inputs = [model_input_path(a.model)]
+    check_output(a.out, a.overwrite, inputs)
     model, tok = load_model(a.model)
     r = analyze(model, tok, a.out, a.target, None if a.calib == "none" else a.calib, a.nsamples, a.seqlen, a.seed,
-                a.device, a.layers, a.xmin_mode, a.compat, a.overwrite, model_name=a.model)
+                a.device, a.layers, a.xmin_mode, a.compat, a.overwrite, model_name=a.model, inputs=inputs)
     alphas = [x["alpha"] for x in r["layers"]]
     print(f"analysed {len(alphas)} matrices of {a.model} in {r['seconds']} s: alpha {min(alphas):.2f}..{max(alphas):.2f}; "
           f"report in {a.out} (analysis.md, layers.csv, alpha_per_block.png, esd_fits.png, allocations.png)")
@@ -250,12 +294,17 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_verify(a) -> int:
+    from .pruning.run import resolve_device
     from .save import verify_saved
 
-    r = verify_saved(a.model)
+    r = verify_saved(a.model, resolve_device(a.device))
+    probe = r["probe"]
     print(f"{a.model}: reloaded with AutoModelForCausalLM; {r['layers']} pruned layers, "
-          f"sparsity {r['overall_sparsity']:.6f} (target {r['target']:.4f}); every masked weight is an exact zero; "
-          f"per-row sparsity min {r['row_min']:.4f} max {r['row_max']:.4f}")
+          f"sparsity {r['overall_sparsity']:.6f} counted from the weights (target {r['target']:.4f}, as the report "
+          f"says); every masked weight is an exact zero; per-row sparsity min {r['row_min']:.4f} max "
+          f"{r['row_max']:.4f}; "
+          + (f"probe NLL {probe['nll']:.6f} = {probe['recorded']:.6f} recorded at prune time ({probe['tokens']} tokens)"
+             if probe else "no probe recorded (a report written before probes existed)"))
     return 0
 
 
@@ -264,25 +313,28 @@ def cmd_search(a) -> int:
 
     import yaml
 
-    from .models.loading import load_model
-    from .search import run_search
+    from .models.loading import load_model, model_input_path
+    from .outputs import atomic_write_text
+    from .search import check_search_params, prepare_search_dir, run_search
 
+    params = check_search_params(a.method, dict(a.param))
+    out = prepare_search_dir(a.out, [model_input_path(a.model), a.calib])
     model, tok = load_model(a.model)
-    res = run_search(model, tok, a.method, a.budget, a.sparsity, metric=a.metric, out_dir=a.out, seed=a.seed,
+    res = run_search(model, tok, a.method, a.budget, a.sparsity, metric=a.metric, out_dir=out, seed=a.seed,
                      resume=not a.no_resume, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                      n_heldout=a.heldout, heldout_seqlen=a.heldout_seqlen, device=a.device,
                      batch_size=a.batch_size, lam=a.lam, mode=a.mode,
-                     metric_params=dict(a.metric_param) or None, **dict(a.param))
+                     metric_params=dict(a.metric_param) or None, **params)
     recipe = dict(res["recipe"], model=a.model)
     extras = {k: recipe.pop(k) for k in ("kv_cache_bits", "optishear_metric") if k in recipe}
-    Path(a.out, "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    atomic_write_text(Path(out, "recipe.yaml"), yaml.safe_dump(recipe, sort_keys=False))
     if extras:
-        Path(a.out, "recipe_extras.yaml").write_text(yaml.safe_dump(extras, sort_keys=False))
+        atomic_write_text(Path(out, "recipe_extras.yaml"), yaml.safe_dump(extras, sort_keys=False))
     best = res["best"]
     print(f"{a.method}: best {best.get('readable') or best.get('program') or ''} held-out PPL "
           f"{best.get('ppl', best.get('fitness'))}; baselines {res['baselines']}; "
           f"{res['evaluations']} evaluations in {res['seconds']} s")
-    print(f"reuse without searching: prunekit prune --recipe {Path(a.out, 'recipe.yaml')} --out DIR")
+    print(f"reuse without searching: prunekit prune --recipe {Path(out, 'recipe.yaml')} --out DIR")
     return 0
 
 
@@ -302,26 +354,43 @@ def cmd_methods(a) -> int:
     return 0
 
 
+COMMANDS = {"prune": "cmd_prune", "eval": "cmd_eval", "models": "cmd_models", "methods": "cmd_methods",
+            "verify": "cmd_verify", "analyze": "cmd_analyze", "search": "cmd_search"}
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    interrupts.install()
     try:
+        try:
+            a = build_parser().parse_args(argv)
+        except SystemExit as e:  # usage errors (one line, see _Parser) and --help
+            return e.code if isinstance(e.code, int) else 2
+        logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         import torch.distributed as dist
 
         from .distributed import init_from_env, shutdown
 
         created = not (dist.is_available() and dist.is_initialized()) and init_from_env()
-        rc = {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models, "methods": cmd_methods,
-              "verify": cmd_verify, "analyze": cmd_analyze, "search": cmd_search}[a.cmd](a)
+        rc = globals()[COMMANDS[a.cmd]](a)
         if created:  # torchrun: every rank got here; leave the process group together
             shutdown()
         return rc
-    except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prunekit: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except BaseException as e:  # noqa: B036 - an interrupt may surface as another exception (see below)
+        # a KeyboardInterrupt raised inside a library's import machinery can come out as another error
+        # (transformers turns it into "Could not import module ..."): the remembered signal decides
+        if isinstance(e, KeyboardInterrupt) or interrupts.requested():
+            from .outputs import committed
+
+            how = interrupts.requested() or "SIGINT"
+            done = (f"; {', '.join(map(str, committed))} had been written before" if committed
+                    else "; no output was written")
+            print(f"prunekit: interrupted ({how}){done}", file=sys.stderr)
+            return 143 if how == "SIGTERM" else 130
+        if isinstance(e, PrunekitError):
+            print(f"prunekit: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -79,6 +79,20 @@ class PruneConfig(BaseModel):
             raise ValueError("nsamples must be >= 1")
         return v
 
+    @field_validator("batch_size", "eval_max_windows", "calib_pool")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 (or left out), got {v}")
+        return v
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("is empty: give a folder name, or leave out to save nothing")
+        return v
+
     @field_validator("seqlen", "eval_seqlen")
     @classmethod
     def _seqlen(cls, v):
@@ -125,6 +139,12 @@ class PruneConfig(BaseModel):
         if self.nm is not None and (self.allocation != "uniform" or isinstance(self.sparsity, list)):
             raise ValueError(f"pattern {self.pattern} fixes every layer at N/M sparsity, so a non-uniform allocation "
                              "has nothing to move; use an unstructured pattern with non-uniform allocations")
+        if self.nm is not None:
+            n, m = self.nm
+            if "sparsity" in self.model_fields_set and abs(float(self.sparsity) - n / m) > 1e-12:
+                raise ValueError(f"pattern {self.pattern} prunes exactly {n}/{m} = {n / m:g} of every layer; sparsity "
+                                 f"{self.sparsity} contradicts it (leave sparsity out or set it to {n / m:g})")
+            self.sparsity = n / m
         if self.row_rounding not in ("exact", "floor"):
             raise ValueError(f"row_rounding must be 'exact' or 'floor', got {self.row_rounding!r}")
         if self.granularity not in (None, "block", "layer"):
@@ -170,19 +190,26 @@ def make_config(**kw) -> PruneConfig:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ())) or "config"
-        msg = err.get("msg", str(e)).removeprefix("Value error, ")
+        msg = " ".join(err.get("msg", str(e)).removeprefix("Value error, ").split())
         raise PrunekitError(f"{loc}: {msg}") from None
     except PrunekitError:
         raise
 
 
 def load_recipe(path: str | Path, **overrides) -> PruneConfig:
+    p = Path(path)
+    if p.is_dir():
+        raise PrunekitError(f"recipe {path} is a folder; give the recipe's .yaml file (e.g. {p / 'recipe.yaml'})")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise PrunekitError(f"recipe not found: {path}") from None
+    except UnicodeDecodeError:
+        raise PrunekitError(f"recipe {path} is not a UTF-8 text file") from None
+    except OSError as e:
+        raise PrunekitError(f"cannot read recipe {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise PrunekitError(f"recipe {path} is not valid YAML: {e}") from None
+        raise PrunekitError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise PrunekitError(f"recipe {path} must be a mapping of config keys")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -27,7 +27,7 @@ def _summary(model, calib):
     from prunekit.metrics import get_metric
     from prunekit.models.families import block_linears, get_blocks
     from prunekit.profiles import score_profile
-    from prunekit.prune import model_summary
+    from prunekit.pruning.run import model_summary
 
     bl = block_linears(model)
     s = model_summary(model, bl, frozenset({"scores"}))

@@ -42,6 +42,18 @@ def data_dir() -> Path | None:
 
 
 def _read_file(path: Path) -> list[str]:
+    """Documents of a text file; anything unreadable is one PrunekitError naming the file."""
+    try:
+        return _documents_of(path)
+    except UnicodeDecodeError as e:
+        raise PrunekitError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except PrunekitError:
+        raise
+    except Exception as e:  # a truncated or foreign parquet file (ArrowInvalid, OSError ...)
+        raise PrunekitError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def _documents_of(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt" or suffix == ".raw":
         return [path.read_text(encoding="utf-8")]
@@ -53,7 +65,10 @@ def _read_file(path: Path) -> list[str]:
         table = pq.read_table(path)
         if "text" not in table.column_names:
             raise PrunekitError(f"{path} has no 'text' column (columns: {table.column_names})")
-        return [t for t in table.column("text").to_pylist() if t]
+        docs = table.column("text").to_pylist()
+        if not all(isinstance(t, str) or t is None for t in docs):
+            raise PrunekitError(f"{path}: the 'text' column does not hold strings")
+        return [t for t in docs if t]
     raise PrunekitError(f"unsupported text file {path.name}: use .txt, .jsonl or .parquet")
 
 
@@ -61,13 +76,16 @@ def _jsonl_rows(path: Path) -> list[str]:
     """Every row (empty ones too: they shape the "\n\n" joins) of a JSON-lines file of strings or {"text": ...}."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(f, 1):
             if line.strip():
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PrunekitError(f"{path}: line is not JSON ({e.msg})") from None
-                rows.append(obj if isinstance(obj, str) else obj.get("text", ""))
+                    raise PrunekitError(f"{path}: line {i} is not JSON ({e.msg})") from None
+                text = obj if isinstance(obj, str) else obj.get("text", "") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise PrunekitError(f"{path}: line {i} is neither a JSON string nor an object with a 'text' string")
+                rows.append(text)
     return rows
 
 

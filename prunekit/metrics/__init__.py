@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,18 +38,23 @@ class Metric:
 
     def check_params(self, given: dict, what: str = "metric_params") -> dict:
         """``given`` validated against ``params``: known names only, each value converted to its default's
-        type (int, float, str; bool refused for numbers). Raises PrunekitError with the valid names."""
+        type (int, float, str, bool; bool refused for numbers, non-finite numbers refused). Raises
+        PrunekitError with the valid names."""
         out = {}
         for k, v in given.items():
             if k not in self.params:
                 valid = ", ".join(sorted(self.params)) or "none"
                 raise PrunekitError(f"{what}: {self.name} has no parameter {k!r}; valid: {valid}")
             typ = type(self.params[k])
-            if typ in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                        or (typ is int and not float(v).is_integer())):
-                raise PrunekitError(f"{what}: {self.name} {k} must be {'an integer' if typ is int else 'a number'}, "
-                                    f"got {v!r}")
-            if typ is str and not isinstance(v, str):
+            if typ is bool:
+                if not isinstance(v, bool):
+                    raise PrunekitError(f"{what}: {self.name} {k} must be true or false, got {v!r}")
+            elif typ in (int, float):
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                        or (typ is int and not float(v).is_integer())):
+                    kind = "an integer" if typ is int else "a finite number"
+                    raise PrunekitError(f"{what}: {self.name} {k} must be {kind}, got {v!r}")
+            elif typ is str and not isinstance(v, str):
                 raise PrunekitError(f"{what}: {self.name} {k} must be a string, got {v!r}")
             out[k] = typ(v)
         if self.param_check is not None:
@@ -76,16 +82,21 @@ def get_metric(name: str) -> Metric:
         raise PrunekitError(f"unknown metric {name!r}; valid: {', '.join(sorted(METRICS))}") from None
 
 
+BIAS_SWITCH = "bias_correction"  # a metric parameter that turns its bias update off (not passed to the score)
+
+
 def configured_metric(name: str, params: dict | None = None) -> Metric:
     """The registered metric with the user's parameters (``metric_params``) bound into its score or
     solver, validated by ``Metric.check_params``; every consumer (the engine, allocation profiles) then
-    scores with them."""
+    scores with them. ``bias_correction=false`` drops the metric's bias update."""
     m = get_metric(name)
     if not params:
         return m
     p = m.check_params(params)
-    return dataclasses.replace(m, score=functools.partial(m.score, **p) if m.score else None,
-                               solver=functools.partial(m.solver, **p) if m.solver else None, params={**m.params, **p})
+    kw = {k: v for k, v in p.items() if k != BIAS_SWITCH}
+    return dataclasses.replace(m, score=functools.partial(m.score, **kw) if m.score else None,
+                               solver=functools.partial(m.solver, **kw) if m.solver else None, params={**m.params, **p},
+                               bias_update=m.bias_update if p.get(BIAS_SWITCH, True) else None)
 
 
 @register_metric("magnitude", needs=(), group="layer", description="|W|, threshold per weight matrix")

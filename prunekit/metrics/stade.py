@@ -13,9 +13,10 @@ E[y_i] on the calibration data:
 ``stade_bias_update(W_dense, mask, stats)`` returns delta (shape (out,), fp32). It must be computed from the
 DENSE weights, i.e. *before* the pruned weights are zeroed: computed after zeroing, W * mask is 0 and the
 correction is 0. That is what the published code does, so its compensation has no effect; prunekit does it
-in the right order. It is applied only where the layer has a bias or one can be added (the engine adds a
-zero bias parameter to bias-free linears when compensation is requested; when that is not possible the
-correction is skipped).
+in the right order. Bias-free layers get a bias only where the saved model reloads it: before any work,
+``models.families.declare_biases`` sets the config flags that give them one (LLaMA: ``attention_bias``,
+``mlp_bias``) and refuses architectures that fix those layers bias-free; ``bias_correction=false``
+(``--metric-param``) prunes with STADE's scores and no correction.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def stade_bias_update(W_dense: torch.Tensor, mask: torch.Tensor, stats: LayerSta
 
 
 @register_metric("stade", needs=("sq_sum", "sum"), group="row", bias_update=stade_bias_update,
+                 params={"bias_correction": True},
                  description="W_ij^2 * Var(X_j), compared per output row; bias += sum_j W_ij mask_ij mu_j (before zeroing)")
 def stade(W: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     return W.float().pow(2) * stats.var().to(W.device)[None, :]

@@ -141,3 +141,51 @@ def weight_view(module: nn.Module) -> torch.Tensor:
 
 def in_features(module: nn.Module) -> int:
     return weight_view(module).shape[1]
+
+
+def declare_biases(model: nn.Module, names, why: str = "bias correction") -> list[str]:
+    """Make every layer in ``names`` carry a bias that a plain ``from_pretrained`` of the saved folder loads.
+
+    A bias added to a layer whose architecture has none would be saved and then dropped on reload (the saved
+    model would not be the one that was evaluated). The config's boolean ``*bias*`` flags that give those
+    layers a bias (LLaMA: ``attention_bias`` for q/k/v/o, ``mlp_bias`` for gate/up/down) are found by building
+    the architecture on the meta device; they are set, and every module they give a bias gets a zero one now
+    (the same function). Returns the flags set. Raises when some layer cannot get a bias (an architecture that
+    fixes it bias-free), before any work."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    mods = dict(model.named_modules())
+    need = [n for n in names if getattr(mods[n], "bias", None) is None]
+    if not need:
+        return []
+
+    def built(flags) -> dict[str, nn.Module]:
+        cfg = copy.deepcopy(model.config)
+        for f in flags:
+            setattr(cfg, f, True)
+        with torch.device("meta"):
+            return dict(AutoModelForCausalLM.from_config(cfg).named_modules())
+
+    candidates = sorted(k for k, v in vars(model.config).items() if v is False and "bias" in k.lower())
+    covering = {}
+    for flag in candidates:
+        meta = built([flag])
+        got = [n for n in need if getattr(meta.get(n), "bias", None) is not None]
+        if got:
+            covering[flag] = got
+    lost = [n for n in need if not any(n in got for got in covering.values())]
+    if lost:
+        raise PrunekitError(f"{why}: a reloaded {model.config.model_type} model has no bias in {lost[0]} "
+                            f"({len(lost)} layer(s); its architecture fixes them bias-free), so the corrected biases "
+                            "would be lost on reload; pass --metric-param bias_correction=false to prune without it")
+    meta = built(covering)
+    for flag in covering:
+        setattr(model.config, flag, True)
+    for name, m in meta.items():
+        mod = mods.get(name)
+        if mod is not None and getattr(m, "bias", None) is not None and getattr(mod, "bias", False) is None:
+            w = mod.weight
+            mod.bias = nn.Parameter(torch.zeros(m.bias.shape, dtype=w.dtype, device=w.device))
+    return list(covering)

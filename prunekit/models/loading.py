@@ -143,9 +143,49 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def from_pretrained_checked(spec: str, dtype="auto", unexpected: str = "warn"):
+    """``AutoModelForCausalLM.from_pretrained`` that refuses a partial model: weights the architecture needs but
+    the files lack (e.g. a config declaring more layers than the weights hold) would be initialised at random,
+    so that is an error. Tensors in the files that the architecture does not use are dropped by a plain
+    reload: ``unexpected="error"`` refuses them (for prunekit's own outputs), ``"warn"`` logs them."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=_parse_dtype(dtype), output_loading_info=True)
+    except PrunekitError:
+        raise
+    except OSError:
+        if not Path(spec).exists():  # a hub id: the caller says "offline, or no such repository?"
+            raise
+        raise PrunekitError(f"cannot load model {spec!r}: {_one_line(sys.exc_info()[1])}") from None
+    except Exception as e:  # corrupt or truncated files raise many types (OSError, SafetensorError, ValueError...)
+        raise PrunekitError(f"cannot load model {spec!r}: {_one_line(e)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise PrunekitError(f"model {spec!r} lacks {len(missing)} weight tensor(s) its config needs (e.g. {missing[0]}); "
+                            "they would be initialised at random: refusing to use it")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        raise PrunekitError(f"model {spec!r}: {len(mismatched)} weight tensor(s) do not match the config's shapes "
+                            f"(e.g. {mismatched[0]})")
+    extra = sorted(info.get("unexpected_keys") or ())
+    if extra:
+        msg = (f"model {spec!r} holds {len(extra)} tensor(s) its architecture does not use (e.g. {extra[0]}); a plain "
+               "from_pretrained drops them")
+        if unexpected == "error":
+            raise PrunekitError(msg)
+        log.warning(msg)
+    return model
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = None):
     """(model, tokenizer) from a hub id, a local folder, a .gguf file, or 'smollm2' (the default)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     spec = resolve_model_path(str(spec))
     p = Path(spec)
@@ -160,7 +200,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = Non
         if looks_local and not p.exists():
             raise PrunekitError(f"model folder not found: {spec}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=_parse_dtype(dtype))
+            model = from_pretrained_checked(spec, dtype)
             tok = AutoTokenizer.from_pretrained(spec)
         except OSError as e:
             where = "local folder" if p.exists() else "hub id (offline, or no such repository?)"
@@ -172,3 +212,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = Non
     if device:
         model.to(device)
     return model, tok
+
+
+def model_input_path(spec: str) -> Path | None:
+    """The local file or folder a model spec reads (the default model's cache folder for its aliases), or None
+    for a hub id; nothing is downloaded."""
+    if spec in _SMOL["aliases"]:
+        return models_dir() / _SMOL["folder"]
+    p = Path(spec).expanduser()
+    return p if p.exists() else None

@@ -9,7 +9,7 @@ import torch
 def versions() -> dict:
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

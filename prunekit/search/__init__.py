@@ -15,8 +15,12 @@ uninterrupted run). The model is left dense (and on its original device) when th
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from pathlib import Path
+
+from ..errors import PrunekitError
 
 from .program import InvalidProgram, Program, as_program, crossover, mutate, random_program  # noqa: F401
 
@@ -24,6 +28,96 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dsa", "random", "tpe", "optishear")
 HELDOUT_SEED_OFFSET = 7919  # held-out windows: same source as calibration, another seed
+
+
+SEARCH_FILES = ("{method}_state.json", "{method}_result.json", "tpe.db", "optishear_state.pkl", "optishear_evals.json",
+                "recipe.yaml", "recipe_extras.yaml")
+MARKER = ".prunekit-search"
+_NOT_PARAMS = {"space", "fitness", "summary", "target", "budget", "out_dir", "seed", "resume", "progress",
+               "fingerprint", "self"}
+
+
+def _method_fn(method: str):
+    from .dsa import ProgramSearch
+    from .optishear import search_optishear
+    from .random_search import search_random
+    from .tpe import search_tpe
+
+    return {"dsa": ProgramSearch.__init__, "random": search_random, "tpe": search_tpe,
+            "optishear": search_optishear}[method]
+
+
+def method_defaults(method: str) -> dict:
+    """The parameters a search method takes (``--param KEY=VALUE``) with their defaults."""
+    if method not in METHODS:
+        raise PrunekitError(f"unknown search method {method!r}; valid: {', '.join(METHODS)}")
+    sig = inspect.signature(_method_fn(method))
+    return {p.name: p.default for p in sig.parameters.values()
+            if p.name not in _NOT_PARAMS and p.default is not inspect.Parameter.empty}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _kind_ok(name: str, default, v) -> bool:
+    if name == "kv_budget":
+        return v in ("auto", None) or _finite(v)
+    if isinstance(default, bool):
+        return isinstance(v, bool)
+    if isinstance(default, int):
+        return _finite(v) and float(v).is_integer()
+    if isinstance(default, float):
+        return _finite(v)
+    if isinstance(default, str):
+        return isinstance(v, str)
+    if default is None:
+        return v is None or _finite(v)
+    return isinstance(v, (list, tuple))
+
+
+def check_search_params(method: str, params: dict) -> dict:
+    """``--param`` values checked before any work: known names, each of its default's kind (numbers finite,
+    integers whole); returns them with integers as ``int``."""
+    defaults = method_defaults(method)
+    out = {}
+    for k, v in params.items():
+        if k not in defaults:
+            raise PrunekitError(f"search method {method} has no parameter {k!r}; valid: {', '.join(sorted(defaults))}")
+        d = defaults[k]
+        if not _kind_ok(k, d, v):
+            raise PrunekitError(f"search parameter {k}={v!r} is not of the expected kind (default {d!r})")
+        out[k] = int(v) if isinstance(d, int) and not isinstance(d, bool) and k != "kv_budget" else v
+    return out
+
+
+def prepare_search_dir(out, inputs=()) -> Path:
+    """The search's checkpoint folder, checked before any work: not an input (or inside or around one), and
+    either new, empty, or a folder a prunekit search made (it holds a ``.prunekit-search`` marker, or only
+    search files): never a model or prune output folder, whose files a search would overwrite."""
+    from ..outputs import _relation, _resolve
+
+    if out is None or not str(out).strip():
+        raise PrunekitError("search --out is empty: give a folder for the checkpoints")
+    p = Path(str(out)).expanduser()
+    for inp in inputs:
+        if inp is not None and Path(inp).expanduser().exists() and _relation(_resolve(p), _resolve(inp)):
+            raise PrunekitError(f"search --out {out} {_relation(_resolve(p), _resolve(inp))} the input {inp}: "
+                                "choose another folder")
+    if p.exists() and not p.is_dir():
+        raise PrunekitError(f"search --out {out} exists and is not a folder")
+    if p.is_dir() and not (p / MARKER).exists():
+        known = {f.format(method=m) for f in SEARCH_FILES for m in METHODS}
+        foreign = [f.name for f in p.iterdir() if f.name not in known and not f.name.startswith(".")]
+        if foreign:
+            raise PrunekitError(f"search --out {out} is not a search folder (it holds {foreign[0]!r}, not made by a "
+                                "search); choose a new or empty folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / MARKER).touch()
+    except OSError as e:
+        raise PrunekitError(f"cannot write search folder {out} ({e.strerror})") from None
+    return p
 
 
 def run_search(model, tok, method: str, budget: int, target: float, metric: str = "wanda", calib_ids=None,
@@ -48,18 +142,27 @@ def run_search(model, tok, method: str, budget: int, target: float, metric: str 
     Returns a JSON-able dict (also written to ``out_dir/<method>_result.json``).
     """
     from ..data import calibration_windows
-    from ..errors import PrunekitError
     from ..metrics import get_metric
     from ..models.families import model_context_length
     from ..profiles import score_profile, score_profile_from_stats, stats_cover_scores
-    from ..prune import model_summary, resolve_seqlen
+    from ..pruning.run import model_summary, resolve_seqlen
     from .dsa import ProgramSpace, atomic_write_json
     from .fitness import Fitness, ids_digest
 
     if method not in METHODS:
         raise PrunekitError(f"unknown search method {method!r}; valid: {', '.join(METHODS)}")
+    if out_dir is not None:
+        prepare_search_dir(out_dir)
     if not 0.0 < float(target) < 1.0:
         raise PrunekitError(f"target sparsity must be in (0, 1), got {target}")
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam < 1.0):
+        raise PrunekitError(f"lam must be in [0, 1), got {lam!r}")
+    method_params = check_search_params(method, method_params)
+    if method == "tpe":  # the KV-cache settings depend on the model only: check them before any statistics
+        from .tpe import check_kv_setup
+
+        check_kv_setup(model, method_params.get("kv", True), method_params.get("kv_bits", (2, 8)),
+                       method_params.get("kv_budget", "auto"))
     get_metric(metric)
     if metric_params:
         given = (prune_kwargs or {}).get("metric_params")

@@ -143,7 +143,7 @@ class ProgramSearch:
             raise PrunekitError(f"cannot read search checkpoint {self.path}: {e}") from None
         if st.get("version") != STATE_VERSION or st.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
             raise PrunekitError(f"checkpoint {self.path} belongs to a different search (method, seed, target, model, "
-                                "data or parameters differ); pass resume=False or use another output folder")
+                                "data or parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
         _set_rng_state(self.rng, st["rng"])
         self.generation, self.population = st["generation"], st["population"]
         self.cache, self.history, self.baselines = st["cache"], st["history"], st.get("baselines", {})

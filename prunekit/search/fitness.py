@@ -38,7 +38,7 @@ class Fitness:
                  prune_kwargs: dict | None = None, seed: int = 0, extra_needs=()):
         from ..config import make_config
         from ..metrics import configured_metric
-        from ..prune import check_layer_patterns, resolve_device
+        from ..pruning.run import check_layer_patterns, resolve_device
         from ..pruner import stats_needs, stats_options
 
         if mode not in ("cached", "full"):

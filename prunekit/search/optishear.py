@@ -218,7 +218,7 @@ def search_optishear(fitness, summary, target: float, budget: int, out_dir=None,
             record = json.loads(evals_path.read_text())
             if record.get("fingerprint") != fp:
                 raise PrunekitError(f"{evals_path} belongs to a different search (method, seed, target, model, data or "
-                                    "parameters differ); pass resume=False or use another output folder")
+                                    "parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
             resumed = {"evaluations": len(record["history"])}
         if state_path.exists():
             algo = pickle.loads(state_path.read_bytes())

@@ -18,7 +18,8 @@ Keys are quantised *before* RoPE (the projection output); a real cache stores ke
 rotation, so the error is of the same size but not identical (documented approximation).
 Memory: a quantised element costs ``b`` bits plus, per group of ``head_dim`` values, an fp16 scale and
 an fp16 minimum (``32 / head_dim`` bits per element); the fp16 cache costs 16 bits. The memory budget
-``kv_budget`` is the allowed fraction of the fp16 KV-cache memory (e.g. 0.3); trials above it are
+``kv_budget`` is the allowed fraction of the fp16 KV-cache memory (default ``auto``: what a uniform 4-bit cache
+takes, :func:`check_kv_setup`; or a number such as 0.3); trials above it are
 infeasible: they are not evaluated (value inf) and Optuna's ``constraints_func`` tells TPE so.
 The objective is the held-out perplexity of the pruned model with the fake-quantised cache.
 
@@ -136,6 +137,36 @@ def kv_cache_bytes_per_token(model, bits: list[int] | None) -> float:
 
 
 # ----------------------------------------------------------------------------- search
+KV_AUTO_BITS = 4
+
+
+def check_kv_setup(model, kv: bool, kv_bits, kv_budget) -> float | None:
+    """Validate TPE's KV-cache settings on ``model`` before any work; returns the budget as a number.
+
+    ``kv_budget="auto"`` (default) is the memory of a uniform 4-bit cache (scales and minima included:
+    ``(4 + 32 / head_dim) / 16`` of fp16, 0.28 at head_dim 64), so every model has feasible allocations
+    whatever its head size; a fixed fraction such as 0.3 has none on a model with head_dim 8 (2 bits already
+    cost 0.375 there)."""
+    if not kv:
+        return None if kv_budget == "auto" else kv_budget
+    try:
+        kmin, kmax = (int(b) for b in kv_bits)
+    except (TypeError, ValueError):
+        raise PrunekitError(f"kv_bits must be two integers [min, max], got {kv_bits!r}") from None
+    if not 1 <= kmin <= kmax <= 16:
+        raise PrunekitError(f"kv_bits must be 1 <= min <= max <= 16, got {kv_bits}")
+    kv_modules(model)  # unsupported attention fails here
+    nb = len(get_blocks(model))
+    smallest = kv_memory_fraction(model, [kmin] * nb)
+    if kv_budget == "auto":
+        kv_budget = max(smallest, kv_memory_fraction(model, [min(max(KV_AUTO_BITS, kmin), kmax)] * nb))
+    if kv_budget is not None and not (isinstance(kv_budget, (int, float)) and not isinstance(kv_budget, bool) and smallest <= kv_budget):
+        raise PrunekitError(f"kv_budget {kv_budget!r} is below the smallest KV cache of this model ({kmin} bits: "
+                            f"{smallest:.3f} of fp16 at head_dim {_attn_dims(model)[0]}); use kv_budget=auto, a "
+                            f"number >= {smallest:.3f}, or kv=false")
+    return None if kv_budget is None else float(kv_budget)
+
+
 def contiguous_groups(n_blocks: int, n_groups: int) -> list[list[int]]:
     n_groups = max(1, min(n_groups, n_blocks))
     base, extra = divmod(n_blocks, n_groups)
@@ -156,7 +187,7 @@ def _grid(target: float, delta: float, step: float, max_ratio: float) -> tuple[f
 
 def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed: int = 0, resume: bool = True,
                n_groups: int = 8, delta: float = 0.05, step: float = 0.025, kv: bool = True,
-               kv_bits: tuple[int, int] = (2, 8), kv_budget: float | None = 0.3, n_startup_trials: int = 10,
+               kv_bits: tuple[int, int] = (2, 8), kv_budget: float | str | None = "auto", n_startup_trials: int = 10,
                max_ratio: float = 0.99, progress: bool = True, fingerprint: dict | None = None) -> dict:
     try:
         import optuna
@@ -173,13 +204,7 @@ def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed:
     group_of = {b: g for g, bl in enumerate(groups) for b in bl}
     lo, hi = _grid(target, delta, step, max_ratio)
     kmin, kmax = int(kv_bits[0]), int(kv_bits[1])
-    if kv:
-        kv_modules(model)  # fail early on unsupported attention
-        if not 1 <= kmin <= kmax <= 16:
-            raise PrunekitError(f"kv_bits must be 1 <= min <= max <= 16, got {kv_bits}")
-        if kv_budget is not None and kv_memory_fraction(model, [kmin] * nb) > kv_budget:
-            raise PrunekitError(f"KV budget {kv_budget} is below the smallest cache ({kmin} bits: "
-                                f"{kv_memory_fraction(model, [kmin] * nb):.3f} of fp16)")
+    kv_budget = check_kv_setup(model, kv, kv_bits, kv_budget)
     numels = summary.numels()
     params = {"n_groups": len(groups), "delta": delta, "step": step, "kv": kv, "kv_bits": [kmin, kmax],
               "kv_budget": kv_budget, "n_startup_trials": n_startup_trials}
@@ -223,7 +248,7 @@ def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed:
         study.set_user_attr("fingerprint", fp_json)
     elif old != fp_json:
         raise PrunekitError(f"study {path} belongs to a different search (method, seed, target, model, data or "
-                            "parameters differ); pass resume=False or use another output folder")
+                            "parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
     resumed = None
     if storage is not None:
         sid = storage.get_study_id_from_name(STUDY)

@@ -6,17 +6,18 @@ import time
 
 import torch
 
-from .allocate import LayerInfo, ModelSummary, allocate, get_allocator
-from .config import PruneConfig, make_config
-from .data import calibration_windows
-from .errors import PrunekitError
-from .masks import check_nm_shape
-from .metrics import configured_metric
-from .models.families import (block_linears, family_of, get_blocks, model_context_length, name_matches,
+from ..allocate import LayerInfo, ModelSummary, allocate, get_allocator
+from ..config import PruneConfig, make_config
+from ..data import calibration_windows
+from ..errors import PrunekitError
+from ..masks import check_nm_shape
+from ..metrics import configured_metric
+from ..models.families import (block_linears, declare_biases, family_of, get_blocks, model_context_length, name_matches,
                               unmatched_patterns, weight_view)
-from .profiles import auto_params, engine_callable, outlier_profile, score_profile
-from .pruner import LayerPruner, prune_all, stats_needs
-from .report.env import machine, versions
+from ..profiles import auto_params, engine_callable, outlier_profile, score_profile
+from ..pruner import LayerPruner, prune_all, stats_needs
+from ..report.env import machine, versions
+from ..save import probe_ids
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,13 @@ def layer_ratios(cfg: PruneConfig, model, tokenizer, blocks, block_layers, calib
 
 
 class Report(dict):
-    """The JSON-able report; ``.masks`` holds the bit-packed prune masks (name -> uint8 tensor)."""
+    """The JSON-able report; ``.masks`` holds the bit-packed prune masks (name -> uint8 tensor),
+    ``.probe_ids`` the (token ids, source) of the reload probe (see :mod:`prunekit.save`) or None."""
 
-    def __init__(self, data: dict, masks: dict | None = None):
+    def __init__(self, data: dict, masks: dict | None = None, probe_ids=None):
         super().__init__(data)
         self.masks = masks or {}
+        self.probe_ids = probe_ids
 
 
 def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor | None = None) -> dict:
@@ -104,10 +107,16 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     device = resolve_device(cfg.device)
     alloc_needs = get_allocator(cfg.allocation).needs
     extra_report = {}
+    if metric.bias_update is not None:  # the corrected biases must reload with from_pretrained: after the checks, before any work
+        flags = declare_biases(model, [n for d in block_linears(model, cfg.ignore) for n in d],
+                               f"{cfg.metric}'s bias correction")
+        if flags:
+            extra_report["config_flags_set"] = {f: True for f in flags}
     if calib_ids is None and (cfg.calib_select or cfg.remove_blocks):
         if tokenizer is None:
             raise PrunekitError("calibration selection and block removal need a tokenizer or calib_ids")
-        calib_ids, extra_report = select_and_remove(cfg, model, tokenizer, seqlen, device)
+        calib_ids, info = select_and_remove(cfg, model, tokenizer, seqlen, device)
+        extra_report.update(info)
     elif cfg.remove_blocks:
         extra_report["layer_removal"] = remove_blocks_step(cfg, model, calib_ids, device)
     blocks = get_blocks(model)
@@ -147,10 +156,13 @@ def check_layer_patterns(model, cfg) -> None:
             raise PrunekitError(f"{field} pattern(s) {', '.join(map(repr, bad))} match no prunable layer"
                                 f"{' left by ignore' if pool is kept else ''} (names look like "
                                 f"{pool[0] if pool else '(none)'!r})")
+    if names and not kept:
+        raise PrunekitError(f"ignore pattern(s) {', '.join(map(repr, cfg.ignore))} match every prunable layer: "
+                            "nothing is left to prune")
 
 
 def remove_blocks_step(cfg, model, calib_ids, device) -> dict:
-    from .layer_removal import prune_and_comp, remove_one_shot
+    from ..layer_removal import prune_and_comp, remove_one_shot
 
     if calib_ids is None:
         raise PrunekitError("block removal needs calibration data")
@@ -162,7 +174,7 @@ def select_and_remove(cfg, model, tokenizer, seqlen, device):
     """Calibration windows (optionally chosen by prototype scores from a larger pool), then block removal."""
     info = {}
     if cfg.calib_select:
-        from .data.select import parse_select, select_windows
+        from ..data.select import parse_select, select_windows
 
         pool = calibration_windows(tokenizer, cfg.calib, cfg.calib_pool or 4 * cfg.nsamples, seqlen, cfg.seed)
         idx, sel = select_windows(pool, cfg.nsamples, parse_select(cfg.calib_select), seed=cfg.seed, embed=model,
@@ -221,4 +233,4 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
         "versions": versions(),
         "machine": machine(),
         "config": cfg.model_dump(),
-    }, masks=pruner.masks)
+    }, masks=pruner.masks, probe_ids=None if calib_ids is None else probe_ids(model, calib_ids))

@@ -1,0 +1,1 @@
+"""Pruning a model: the configured run (config, plan, layer pruner, report, save)."""
