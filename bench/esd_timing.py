@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prunekit.allocate.esd import farms_fit, spectral_stats_many  # noqa: E402
+from prunekit.core.esd import farms_fit, spectral_stats_many  # noqa: E402
 
 
 def shapes(blocks: int, hidden: int, mlp: int, kv: int) -> dict[str, tuple[int, int]]:
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if a.real:
         import prunekit
-        from prunekit.models.families import block_linears, weight_view
+        from prunekit.core.families import block_linears, weight_view
 
         model, _ = prunekit.load_model("smollm2")
         weights = {n: weight_view(m).to(device) for dd in block_linears(model) for n, m in dd.items()}

@@ -24,7 +24,7 @@ TRIM's row allocation on Wanda scores with SparseGPT's OBS weight reconstruction
 (``reconstruct='sparsegpt'``).
 
 Per-row counts follow the engine's ``row_rounding`` (a run's ``row_rounding`` key; default exact, see
-:func:`prunekit.masks.row_counts`). The committed grid_G.json predates exact rounding: its runs floored
+:func:`prunekit.core.masks.row_counts`). The committed grid_G.json predates exact rounding: its runs floored
 every row (their totals fall up to one weight per row short of the target).
 
 Results: bench/results/grid_G.json (+ .md), written after every pipeline; an interrupted run resumes.
@@ -46,16 +46,17 @@ from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # n
 from quality import by_level, describe, grid_confirm, key_of, rowwise_summary  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.allocate import allocate, get_allocator  # noqa: E402
-from prunekit.calibrate import iterate_blocks  # noqa: E402
-from prunekit.masks import parse_pattern  # noqa: E402
-from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.core.allocation import allocate, get_allocator  # noqa: E402
+from prunekit.core.blocks import iterate_blocks  # noqa: E402
+from prunekit.core.masks import parse_pattern  # noqa: E402
+from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
-from prunekit.metrics import get_metric, wanda  # noqa: E402
-from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
-from prunekit.profiles import _outlier_ratios  # noqa: E402
-from prunekit.pruning.run import model_summary  # noqa: E402
-from prunekit.pruner import LayerPruner  # noqa: E402
+from prunekit.core.metric import get_metric  # noqa: E402
+from prunekit.methods.wanda import wanda  # noqa: E402
+from prunekit.core.families import block_linears, get_blocks, weight_view  # noqa: E402
+from prunekit.pruning.allocator_inputs import _outlier_ratios  # noqa: E402
+from prunekit.pruning.allocator_inputs import model_summary  # noqa: E402
+from prunekit.pruning.layer_pruner import LayerPruner  # noqa: E402
 
 MASK_METRICS = ("magnitude", "wanda", "ria", "stade", "ace")
 TOKENS_PER_SAMPLE = 8  # TRIM rows gathered per calibration sequence; each run uses the subset it asks for
@@ -142,7 +143,9 @@ class DenseStats:
     def ratios(self, allocation: str, target: float) -> dict[str, float]:
         alloc = get_allocator(allocation)
         if allocation not in self.summaries:  # one summary per allocator: ESD fits are cached in it
-            summary = model_summary(self.model, self.block_layers, alloc.needs)
+            summary = model_summary(self.block_layers)
+            if "weights" in alloc.needs:
+                summary.weights = {n: weight_view(m) for n, m in self.layers.items()}
             if "outliers" in alloc.needs:
                 summary.outliers = self.outliers()
             self.summaries[allocation] = summary

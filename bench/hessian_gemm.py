@@ -4,7 +4,7 @@
     python bench/hessian_gemm.py --tokens 8192   # CPU: float32 path only (no out_dtype kernel on CPU)
 
 Three paths on the same bf16 activations: the float32 GEMM, a bf16 x bf16 GEMM with float32 output
-(``torch.mm(x.T, x, out_dtype=torch.float32)``) and ``prunekit.metrics.stats.gram`` (TF32 GEMMs on
+(``torch.mm(x.T, x, out_dtype=torch.float32)``) and ``prunekit.core.stats.gram`` (TF32 GEMMs on
 float32 row chunks, result checked on its diagonal). Each is measured against a float64 product of those
 inputs (relative Frobenius error, and the worst relative error on the diagonal) and timed. (The first GPU
 run, 2026-11-29, had only the first two: gram() then used the out_dtype GEMM, whose 1.4e-3 error made
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, load_results, save_json, timed  # noqa: E402
 
-from prunekit.metrics.stats import gram  # noqa: E402
+from prunekit.core.stats import gram  # noqa: E402
 
 
 def main(argv=None):

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.data import calibration_windows  # noqa: E402
+from prunekit.core.data import calibration_windows  # noqa: E402
 from prunekit.evaluate.perplexity import eval_token_ids, perplexity  # noqa: E402
-from prunekit.metrics import stats as stats_mod  # noqa: E402
+from prunekit.core import stats as stats_mod  # noqa: E402
 
 EXACT = stats_mod.gram
 ERRORS: list[float] = []

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 
 

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.data.select import MODES, embed_windows, select_windows  # noqa: E402
+from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.methods.prototype import MODES, embed_windows, select_windows  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
-from prunekit.layer_removal import prune_and_comp, remove_one_shot  # noqa: E402
-from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
+from prunekit.methods.removal import prune_and_comp, remove_one_shot  # noqa: E402
+from prunekit.core.families import block_linears, get_blocks, weight_view  # noqa: E402
 
 SEL_METRIC = {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"}
 REMOVAL_METHODS = {"bi-one-shot": "BI one-shot", "iterative": "BI iterative, no compensation",

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.config import PruneConfig  # noqa: E402
-from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.pruning.config import PruneConfig  # noqa: E402
+from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
 from prunekit.evaluate.perplexity import nll_of_windows, perplexity  # noqa: E402
 from prunekit.search import HELDOUT_SEED_OFFSET, METHODS, run_search  # noqa: E402
 
@@ -546,7 +546,7 @@ def main(argv=None):
         if m == "tpe" and r["recipe"].get("kv_cache_bits"):
             todo.append(("kv", recipe, r["recipe"]["kv_cache_bits"]))
         if m == "optishear" and not a.no_meta:
-            from prunekit.metrics import METRICS
+            from prunekit.core.metric import METRICS
             from prunekit.search.optishear import meta_metric
 
             name = "optishear-found"

@@ -49,7 +49,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import prunekit
-    from prunekit.models.loading import load_model
+    from prunekit.core.loading import load_model
     from prunekit.search import run_search
 
     proto = PROTOCOLS["S"]

@@ -40,8 +40,8 @@ def timeit(fn, reps=50):
 
 
 def shapes_of_model(path):
-    from prunekit.models.families import block_linears, weight_view
-    from prunekit.models.loading import load_model
+    from prunekit.core.families import block_linears, weight_view
+    from prunekit.core.loading import load_model
 
     model, _ = load_model(path)
     out = {}

@@ -8,7 +8,7 @@ correlated random inputs (tokens = 2 x d):
 - textbook (the reference SparseGPT code's chain): Cholesky of H, ``cholesky_inverse``, upper Cholesky of
   that inverse (written out here, independently of prunekit);
 - prunekit: ``inverse_cholesky_upper`` (Cholesky of the reversed matrix, recursive triangular inverse,
-  reversed back; ``prunekit.metrics.sparsegpt._upper_factor_of_inverse``).
+  reversed back; ``prunekit.methods.sparsegpt._upper_factor_of_inverse``).
 Error: relative Frobenius distance to the same chain in float64. Writes bench/results/sparsegpt_factor.json
 (merged by key) and .md.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, correlated_hessian, environment, environment_lines, load_results,  # noqa: E402
                     save_json, timed)
 
-from prunekit.metrics.sparsegpt import inverse_cholesky_upper  # noqa: E402
+from prunekit.methods.sparsegpt import inverse_cholesky_upper  # noqa: E402
 
 
 def textbook(Hd: torch.Tensor) -> torch.Tensor:

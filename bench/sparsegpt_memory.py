@@ -37,8 +37,8 @@ def main(argv=None):
     ap.add_argument("--label", default="current")
     a = ap.parse_args(argv)
     import prunekit
-    from prunekit.metrics import get_metric
-    from prunekit.metrics.stats import LayerStats
+    from prunekit.core.metric import get_metric
+    from prunekit.core.stats import LayerStats
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(a.out, a.inp, generator=g)

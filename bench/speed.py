@@ -108,12 +108,12 @@ def main(argv=None):
         calib = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     else:
         model, tok = prunekit.load_model(a.model, a.dtype or "auto")
-        from prunekit.data import calibration_windows
+        from prunekit.core.data import calibration_windows
 
         calib = calibration_windows(tok, "c4", nsamples, seqlen, 0)
     load_s = time.time() - t
     params = sum(p.numel() for p in model.parameters())
-    block_params = sum(p.numel() for p in prunekit.models.families.get_blocks(model).parameters())
+    block_params = sum(p.numel() for p in prunekit.core.families.get_blocks(model).parameters())
     rss_before = rss_gib()
     metrics = a.metric.split(",")
     phased = [m for m in a.phases.split(",") if m]
@@ -145,11 +145,11 @@ def main(argv=None):
 # it calls sparsegpt_solve with the factor, so the two are separate phases; records made before that commit
 # carry "SparseGPT solve (Cholesky + sweep)" with the Cholesky nested inside it; records made before session 10
 # carry "SparseGPT factor of H^-1 (Cholesky, inverse, Cholesky)", the textbook chain then used
-PHASES = (("prunekit.metrics.stats", "gram", "statistics: X^T X (Hessian)"),
-          ("prunekit.metrics.sparsegpt", "factor_hessian",
+PHASES = (("prunekit.core.stats", "gram", "statistics: X^T X (Hessian)"),
+          ("prunekit.methods.sparsegpt", "factor_hessian",
            "SparseGPT factor of H^-1 (reversed Cholesky, triangular inverse)"),
-          ("prunekit.metrics.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
-          ("prunekit.pruner", "pack_mask", "mask packing"))
+          ("prunekit.methods.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
+          ("prunekit.pruning.layer_pruner", "pack_mask", "mask packing"))
 
 
 @contextlib.contextmanager
@@ -226,11 +226,11 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
            "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
            "dense_copy_in_rss": dense_kept}  # a copy of the dense weights, kept to restore them between runs
     if "sparsegpt" in metric:
-        from prunekit.metrics.sparsegpt import sweep_method
+        from prunekit.methods.sparsegpt import sweep_method
 
         res["sparsegpt_sweep"] = sweep_method(device)  # how each 128-column block is solved
     if cuda and "sparsegpt" in metric:
-        from prunekit.metrics import stats as stats_mod
+        from prunekit.core import stats as stats_mod
 
         low = res["dtype"] in ("torch.bfloat16", "torch.float16")
         res["hessian_gemm"] = ("fp32 x fp32" if not low else "TF32 row chunks, diagonal-checked"
@@ -246,7 +246,7 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
             res["flops_floor_s"] = round(floor, 2)
             res["x_floor"] = round(min(times) / floor, 2)
             res["peak_tflops_assumed"] = peak
-        one_block = block_params / len(prunekit.models.families.get_blocks(model)) * model.dtype.itemsize
+        one_block = block_params / len(prunekit.core.families.get_blocks(model)) * model.dtype.itemsize
         res["one_block_gib"] = round(one_block / 2**30, 3)
         res["hidden_states_gib"] = round(nsamples * seqlen * model.config.hidden_size * model.dtype.itemsize / 2**30, 2)
     if big:  # the same formula on paper for 7B (checked against the measurement when a GPU is lent) and 70B

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, correlated_hessian, environment, environment_lines, load_results,  # noqa: E402
                     save_json, timed)
 
-from prunekit.metrics import sparsegpt as sg  # noqa: E402
+from prunekit.methods import sparsegpt as sg  # noqa: E402
 
 GPU_SHAPES = "4096x4096,11008x4096,4096x11008"  # q/k/v/o, gate/up, down of LLaMA-7B (out x in)
 CPU_SHAPES = "576x576,1536x576,576x1536,4096x4096"  # SmolLM2's layers, one 7B attention projection

@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.calibrate import iterate_blocks  # noqa: E402
-from prunekit.data import calibration_windows, eval_token_ids  # noqa: E402
+from prunekit.core.blocks import iterate_blocks  # noqa: E402
+from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
-from prunekit.masks import rowwise_mask, unstructured_mask  # noqa: E402
-from prunekit.metrics import wanda  # noqa: E402
-from prunekit.models.families import block_linears, get_blocks, weight_view  # noqa: E402
-from prunekit.rowwise import gram_factor, trim_row_sparsity  # noqa: E402
+from prunekit.core.masks import rowwise_mask, unstructured_mask  # noqa: E402
+from prunekit.methods.wanda import wanda  # noqa: E402
+from prunekit.core.families import block_linears, get_blocks, weight_view  # noqa: E402
+from prunekit.methods.trim import gram_factor, trim_row_sparsity  # noqa: E402
 
 SETS = ("calib", "c4_new", "wiki")
 TOKENS = 8  # TRIM rows per calibration sequence for the second TRIM arm
@@ -212,9 +212,9 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
     """End to end, protocol G (bench/grid.py's dense-statistics proxy): Wanda at ``sparsity`` (uniform) with
     TRIM (the paper's X) on some layer kinds (default: one kind at a time), plain per-row Wanda elsewhere."""
     from grid import DenseStats
-    from prunekit.masks import parse_pattern
-    from prunekit.metrics import get_metric
-    from prunekit.pruner import LayerPruner
+    from prunekit.core.masks import parse_pattern
+    from prunekit.core.metric import get_metric
+    from prunekit.pruning.layer_pruner import LayerPruner
 
     seqlen = proto["seqlen"]
     eval_ids = eval_token_ids(tok, "wikitext2", seqlen)[offset * seqlen:]  # windows offset, offset + 1, ...

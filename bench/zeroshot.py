@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.data import calibration_windows  # noqa: E402
+from prunekit.core.data import calibration_windows  # noqa: E402
 from prunekit.evaluate.tasks import PAPER_TASKS  # noqa: E402
 from prunekit.evaluate.zeroshot import evaluate_tasks  # noqa: E402
 

@@ -13,11 +13,11 @@ import logging as _logging
 from .version import __version__  # noqa: F401
 
 _API = {
-    "PruneConfig": "config", "load_recipe": "config", "make_config": "config",
-    "PrunekitError": "errors",
+    "PruneConfig": "pruning.config", "load_recipe": "pruning.config", "make_config": "pruning.config",
+    "PrunekitError": "core.errors",
     "perplexity": "evaluate",
-    "list_cached_models": "models.loading", "load_model": "models.loading",
-    "run": "pipeline", "save_pruned": "pipeline",
+    "list_cached_models": "core.loading", "load_model": "core.loading",
+    "run": "pruning.pipeline", "save_pruned": "pruning.pipeline",
     "prune": "pruning.run",
 }
 __all__ = ["__version__", *_API]

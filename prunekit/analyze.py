@@ -11,15 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .allocate import ALLOCATORS, allocate
-from .allocate.esd import eigenvalues, fit_power_law, spectral_stats_many
-from .allocate.methods import layer_alphas
-from .data import calibration_windows
-from .models.families import block_linears, get_blocks
-from .profiles import outlier_profile, score_profile
-from .pruning.run import model_summary, resolve_device
-from .metrics import get_metric
-from .outputs import atomic_dir
+from .core.allocation import ALLOCATORS, allocate
+from .core.data import calibration_windows
+from .core.esd import eigenvalues, fit_power_law, layer_alphas, spectral_stats_many
+from .core.families import block_linears, get_blocks, weight_view
+from .core.metric import get_metric
+from .core.offload import resolve_device
+from .core.outputs import atomic_dir
+from .pruning.allocator_inputs import model_summary, outlier_profile, score_profile
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +34,10 @@ def analyze(model, tokenizer, out, target: float = 0.7, calib: str | None = "c4"
     dev = resolve_device(device)
     blocks = get_blocks(model)
     bl = block_linears(model)
-    summary = model_summary(model, bl, frozenset({"weights"}))
+    summary = model_summary(bl)
+    summary.weights = {name: weight_view(m) for d in bl for name, m in d.items()}
     stats = spectral_stats_many(summary.weights, device=dev, xmin_mode=xmin_mode, compat=compat)
-    farms = layer_alphas(summary, "farms", dev, xmin_mode, compat)
+    farms, _ = layer_alphas(summary.layer_weights(), "farms", dev, xmin_mode, compat)
     rows = []
     for l in summary.layers:
         s = stats[l.name]

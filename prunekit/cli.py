@@ -10,8 +10,36 @@ import argparse
 import logging
 import sys
 
-from . import interrupts
-from .errors import PrunekitError
+from .core import interrupts
+
+_startup = interrupts.guard_startup()  # Ctrl-C / SIGTERM while the imports below load: one line, exit 130 / 143
+
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+
+from .analyze import analyze  # noqa: E402
+from .core.allocation import ALLOCATORS  # noqa: E402
+from .core.distributed import init_from_env, rank, shutdown  # noqa: E402
+from .core.errors import PrunekitError  # noqa: E402
+from .core.families import resolve_seqlen  # noqa: E402
+from .core.loading import ensure_default_model, list_cached_models, load_model, model_input_path  # noqa: E402
+from .core.metric import METRICS  # noqa: E402
+from .core.offload import resolve_device  # noqa: E402
+from .core.outputs import (atomic_write_json, atomic_write_text, check_output, check_output_file,  # noqa: E402
+                           committed)
+from .core.rowwise import ROWWISE  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
+from .evaluate.zeroshot import evaluate_tasks  # noqa: E402
+from .pruning.config import load_recipe, make_config  # noqa: E402
+from .pruning.pipeline import run  # noqa: E402
+from .pruning.report import describe_rowwise  # noqa: E402
+from .pruning.save import verify_saved  # noqa: E402
+from .search import METHODS, check_search_params, prepare_search_dir, run_search  # noqa: E402
+from .search.registry import SEARCHES  # noqa: E402
+
+interrupts.end_startup(_startup)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +89,6 @@ def _kv(text: str):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
-    import yaml
-
     return k, yaml.safe_load(v)
 
 
@@ -158,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="where the reload probe runs (cpu | cuda[:N])")
 
     s = sub.add_parser("search", help="search an allocation: dsa | random | tpe | optishear (resumable)")
-    s.add_argument("--method", required=True, choices=["dsa", "random", "tpe", "optishear"])
+    s.add_argument("--method", required=True, choices=list(METHODS))
     s.add_argument("--budget", type=_positive, default=100, help="perplexity evaluations")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--metric", default="wanda")
@@ -186,9 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(a) -> int:
-    from .config import load_recipe, make_config
-    from .pipeline import run
-
     fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
               "reconstruct", "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib",
               "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
@@ -204,12 +227,8 @@ def cmd_prune(a) -> int:
         given["reconstruct_params"] = dict(a.reconstruct_param)
     cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
     report = run(cfg)
-    from .distributed import rank
-
     if rank() != 0:
         return 0
-    from .report.markdown import describe_rowwise
-
     m = report["method"]
     print(f"pruned {report['model']} with {m['metric']} / {m['allocation']} / {m['pattern']}"
           + (f" / rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
@@ -230,11 +249,6 @@ def cmd_prune(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import perplexity
-    from .models.loading import load_model, model_input_path
-    from .outputs import atomic_write_json, check_output_file
-    from .pruning.run import resolve_device, resolve_seqlen
-
     if a.json is not None:  # before the evaluation, not after it
         check_output_file(a.json, [model_input_path(a.model)], "--json file")
     model, tok = load_model(a.model, a.dtype)
@@ -248,8 +262,6 @@ def cmd_eval(a) -> int:
         print(f"{s}: perplexity {r['ppl']:.3f} (seqlen {seqlen}, {r['windows']}/{r['windows_available']} windows, "
               f"{r['tokens']} tokens, {r['kind']})")
     if a.tasks:
-        from .evaluate.zeroshot import evaluate_tasks
-
         names = None if a.tasks == ["all"] else a.tasks
         z = evaluate_tasks(model, tok, names=names, limit=a.limit, batch_size=a.batch_size, device=dev,
                            backend=a.backend)
@@ -265,8 +277,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from .models.loading import ensure_default_model, list_cached_models
-
     if a.fetch_default:
         print(ensure_default_model())
     rows = list_cached_models()
@@ -278,10 +288,6 @@ def cmd_models(a) -> int:
 
 
 def cmd_analyze(a) -> int:
-    from .analyze import analyze
-    from .models.loading import load_model, model_input_path
-    from .outputs import check_output
-
     inputs = [model_input_path(a.model)]
     check_output(a.out, a.overwrite, inputs)
     model, tok = load_model(a.model)
@@ -294,9 +300,6 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from .pruning.run import resolve_device
-    from .save import verify_saved
-
     r = verify_saved(a.model, resolve_device(a.device))
     probe = r["probe"]
     print(f"{a.model}: reloaded with AutoModelForCausalLM; {r['layers']} pruned layers, "
@@ -309,13 +312,6 @@ def cmd_verify(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from pathlib import Path
-
-    import yaml
-
-    from .models.loading import load_model, model_input_path
-    from .outputs import atomic_write_text
-    from .search import check_search_params, prepare_search_dir, run_search
 
     params = check_search_params(a.method, dict(a.param))
     out = prepare_search_dir(a.out, [model_input_path(a.model), a.calib])
@@ -338,19 +334,23 @@ def cmd_search(a) -> int:
     return 0
 
 
-def cmd_methods(a) -> int:
-    from .allocate import ALLOCATORS
-    from .metrics import METRICS
-    from .rowwise import ROWWISE, TRIM_INPUTS
+def _defaults(params) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params().kwargs().items())
 
-    print("metrics:     " + ", ".join(sorted(METRICS)))
-    for name in sorted(METRICS):
-        if METRICS[name].params:
-            params = ", ".join(f"{k}={v}" for k, v in METRICS[name].params.items())
-            print(f"  {name} parameters (--metric-param KEY=VALUE): {params}")
-    print("allocations: " + ", ".join(sorted(ALLOCATORS)))
-    print("rowwise:     " + ", ".join(sorted(ROWWISE)) + f" (trim inputs: {' | '.join(TRIM_INPUTS)})")
-    print("reconstruct: sparsegpt")
+
+def cmd_methods(a) -> int:
+    """Every registered method and its parameters (with defaults), by kind."""
+    kinds = [("metrics", METRICS, "--metric-param"), ("allocations", ALLOCATORS, "--allocation-param"),
+             ("rowwise", ROWWISE, "--rowwise-param"), ("searches", SEARCHES, "--param")]
+    for title, registry, flag in kinds:
+        print(f"{title + ':':<13}" + ", ".join(sorted(registry)))
+        for name in sorted(registry):
+            entry = registry[name]
+            if entry.params.model_fields:
+                auto = getattr(entry, "auto", {})
+                print(f"  {name} parameters ({flag} KEY=VALUE): {_defaults(entry.params)}"
+                      + (f"; 'auto' for {', '.join(auto)}" if auto else ""))
+    print("reconstruct: " + ", ".join(sorted(n for n, m in METRICS.items() if m.solver is not None)))
     return 0
 
 
@@ -367,9 +367,6 @@ def main(argv=None) -> int:
             return e.code if isinstance(e.code, int) else 2
         logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        import torch.distributed as dist
-
-        from .distributed import init_from_env, shutdown
 
         created = not (dist.is_available() and dist.is_initialized()) and init_from_env()
         rc = globals()[COMMANDS[a.cmd]](a)
@@ -380,8 +377,6 @@ def main(argv=None) -> int:
         # a KeyboardInterrupt raised inside a library's import machinery can come out as another error
         # (transformers turns it into "Could not import module ..."): the remembered signal decides
         if isinstance(e, KeyboardInterrupt) or interrupts.requested():
-            from .outputs import committed
-
             how = interrupts.requested() or "SIGINT"
             done = (f"; {', '.join(map(str, committed))} had been written before" if committed
                     else "; no output was written")

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import prunekit.methods  # noqa: F401  (registers every method, as prunekit.pruning does)
+
 SHARED = Path(os.environ.get("PRUNEKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 os.environ.setdefault("PRUNEKIT_DATA_DIR", str(SHARED / "data"))
 STORIES_HF = SHARED / "models" / "stories260K" / "hf"

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from prunekit.allocate import ALLOCATORS, LayerInfo, ModelSummary, allocate, finalize
-from prunekit.allocate.methods import layer_alphas, linear_map_ratios
-from prunekit.errors import PrunekitError
+from prunekit.core.allocation import ALLOCATORS, LayerInfo, ModelSummary, allocate, finalize
+from prunekit.core.allocation import linear_map_ratios
+from prunekit.core.esd import layer_alphas
+from prunekit.core.errors import PrunekitError
 
 SHAPES = {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32),
           "gate": (64, 32), "up": (64, 32), "down": (32, 64)}
@@ -143,7 +144,7 @@ def test_owl_errors(summary):
         allocate("owl", summary, 0.5, M=7)
     with pytest.raises(PrunekitError):
         allocate("owl", ModelSummary(summary.layers), 0.5)
-    with pytest.raises(PrunekitError, match="unknown parameter"):
+    with pytest.raises(PrunekitError, match="owl has no parameter 'lamda'; valid: M, lam"):
         allocate("owl", summary, 0.5, lamda=0.1)
 
 
@@ -173,11 +174,11 @@ def test_equal_alphas_give_uniform(name, granularity):
 def test_alphapruning_formula_and_direction(summary):
     S, eps = 0.5, 0.3
     r = allocate("alphapruning", summary, S, granularity="block", eps=eps)
-    alphas = summary.extra["alpha"]
+    alphas = r.info["alpha"]
     assert set(alphas) == {l.name for l in summary.layers}
     ab = torch.tensor([sum(alphas[f"layers.{b}.{k}"] for k in SHAPES) / len(SHAPES)
                        for b in range(summary.n_blocks)], dtype=torch.float64)
-    assert torch.allclose(ab, torch.tensor(summary.extra["alpha_block"], dtype=torch.float64))
+    assert torch.allclose(ab, torch.tensor(r.info["alpha_block"], dtype=torch.float64))
     rr = 1 - eps + (ab - ab.min()) / (ab.max() - ab.min()) * 2 * eps
     expect = rr * S / rr.mean()  # equal block sizes
     for l in summary.layers:
@@ -188,19 +189,20 @@ def test_alphapruning_formula_and_direction(summary):
 
 
 def test_layer_alphas_helper(summary):
-    a = layer_alphas(summary, "alpha", device="cpu")
-    f = layer_alphas(summary, "farms", device="cpu", grid=3)
-    assert set(a) == set(f) == {l.name for l in summary.layers}
-    assert summary.extra["farms_alpha"] == f and summary.extra["esd"]["layers.0.q"]["alpha"] == a["layers.0.q"]
+    a, stats = layer_alphas(summary.layer_weights(), "alpha", device="cpu")
+    f, none = layer_alphas(summary.layer_weights(), "farms", device="cpu", grid=3)
+    assert set(a) == set(f) == {l.name for l in summary.layers} and none is None
+    assert stats["layers.0.q"]["alpha"] == a["layers.0.q"]
+    assert allocate("farms", summary, 0.5, grid=3, device="cpu").info["farms_alpha"] == f
     assert all(x > 1 for x in list(a.values()) + list(f.values()))
     with pytest.raises(PrunekitError):
         allocate("alphapruning", ModelSummary(summary.layers), 0.5)
 
 
 @pytest.mark.parametrize("alloc,params,msg", [
-    ("owl", {"foo": 1}, "allocation 'owl' has no parameter\\(s\\) 'foo'; valid: M, lam"),
-    ("uniform", {"eps": 0.2}, "allocation 'uniform' has no parameter\\(s\\) 'eps'; valid: none"),
-    ("alphapruning", {"lam": 0.1, "eps": 0.2}, "has no parameter\\(s\\) 'lam'; valid: eps, xmin_mode"),
+    ("owl", {"foo": 1}, "allocation_params: owl has no parameter 'foo'; valid: M, lam"),
+    ("uniform", {"eps": 0.2}, "allocation_params: uniform has no parameter 'eps'; valid: none"),
+    ("alphapruning", {"lam": 0.1, "eps": 0.2}, "has no parameter 'lam'; valid: xmin_mode, .*eps, level"),
     ("mrp", {"step": 2}, "'step'; valid: steps, frac, lam, M")])
 def test_unknown_allocation_parameters_are_refused_by_the_config(alloc, params, msg):
     """Before any calibration pass (OWL's profile, AlphaPruning's ESD fits): the allocator itself would refuse
@@ -209,7 +211,7 @@ def test_unknown_allocation_parameters_are_refused_by_the_config(alloc, params, 
 
     with pytest.raises(prunekit.PrunekitError, match=msg):
         prunekit.make_config(allocation=alloc, allocation_params=params)
-    from prunekit.allocate import allocator_params
+    from prunekit.core.allocation import ALLOCATORS
 
-    assert allocator_params("owl") == ["M", "lam"] and allocator_params("uniform") == []
+    assert list(ALLOCATORS["owl"].params.model_fields) == ["M", "lam"] and not ALLOCATORS["uniform"].params.model_fields
     prunekit.make_config(allocation="owl", allocation_params={"lam": "auto", "M": 5})  # valid names pass

@@ -6,7 +6,7 @@ import torch
 
 import prunekit
 from prunekit.cli import main
-from prunekit.models.families import block_linears, weight_view
+from prunekit.core.families import block_linears, weight_view
 
 from conftest import STORIES_HF, TINY_TEXT, check_exact_row_counts, tiny_model
 
@@ -75,7 +75,7 @@ def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
 
 
 def test_auto_unknown_parameter_is_refused(calib_ids):
-    with pytest.raises(prunekit.PrunekitError, match="no 'auto' grid for alphapruning parameter\\(s\\) \\['xmin_mode'\\]"):
+    with pytest.raises(prunekit.PrunekitError, match="alphapruning xmin_mode must be 'all' or 'peak', got 'auto'"):
         prunekit.prune(tiny_model("llama"), None, {"metric": "wanda", "allocation": "alphapruning",
                                                    "allocation_params": {"xmin_mode": "auto"}}, calib_ids=calib_ids)
     with pytest.raises(prunekit.PrunekitError, match="has no parameter"):  # a name the allocator lacks: config
@@ -116,8 +116,8 @@ def test_default_granularity_is_the_methods_own(calib_ids):
 def test_mrp_schedule_bounds_mean_and_most_redundant_first():
     """MRP with a fake engine whose outlier ratios are fixed: blocks stay in [S - lam, S + lam], the
     weighted mean is exactly S after the schedule, and the most redundant blocks get the most sparsity."""
-    from prunekit.allocate import LayerInfo, ModelSummary
-    from prunekit.allocate.engine_based import mrp
+    from prunekit.core.allocation import LayerInfo, ModelSummary
+    from prunekit.methods.mrp import mrp
 
     layers = [LayerInfo(f"b{b}.l{i}", b, (16 * (i + 1), 32)) for b in range(6) for i in range(2)]
     outliers = [0.05, 0.01, 0.03, 0.02, 0.06, 0.04]  # block 1 is the most redundant, block 4 the least
@@ -127,7 +127,7 @@ def test_mrp_schedule_bounds_mean_and_most_redundant_first():
         seen.append(dict(ratios))
         return outliers
 
-    summary = ModelSummary(layers=layers, extra={"engine": prune_to})
+    summary = ModelSummary(layers=layers, prune_to=prune_to)
     ratios = mrp(summary, 0.7, steps=4, frac=0.5, lam=0.08)
     numel = {l.name: l.numel for l in layers}
     mean = sum(ratios[n] * numel[n] for n in ratios) / sum(numel.values())
@@ -139,7 +139,7 @@ def test_mrp_schedule_bounds_mean_and_most_redundant_first():
     assert all(per_block[a] >= per_block[b] - 1e-12 for a, b in zip(order, order[1:]))
     assert len(seen) == 5 and all(v == pytest.approx(0.62) for v in seen[0].values())
     # one block per step: its increment would overshoot S + lam, so the cap binds and the rest flows on
-    capped = mrp(ModelSummary(layers=layers, extra={"engine": prune_to}), 0.7, steps=4, frac=1 / 6, lam=0.08)
+    capped = mrp(ModelSummary(layers=layers, prune_to=prune_to), 0.7, steps=4, frac=1 / 6, lam=0.08)
     mean = sum(capped[n] * numel[n] for n in capped) / sum(numel.values())
     assert mean == pytest.approx(0.7, abs=1e-12)
     assert all(0.62 - 1e-12 <= r <= 0.78 + 1e-12 for r in capped.values())

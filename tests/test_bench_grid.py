@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.calibrate import iterate_blocks
-from prunekit.models.families import block_linears, get_blocks, weight_view
+from prunekit.core.blocks import iterate_blocks
+from prunekit.core.families import block_linears, get_blocks, weight_view
 
 from conftest import tiny_model
 

@@ -74,22 +74,23 @@ def test_rowwise_skip_from_the_cli(tmp_path, capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
-    from prunekit.allocate import ALLOCATORS
-    from prunekit.metrics import METRICS
-    from prunekit.rowwise import ROWWISE
+    from prunekit.core.allocation import ALLOCATORS
+    from prunekit.core.metric import METRICS
+    from prunekit.core.rowwise import ROWWISE
 
     assert main(["methods"]) == 0
-    out = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in capsys.readouterr().out.splitlines()}
+    text = capsys.readouterr().out
+    out = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in text.splitlines() if not line.startswith(" ")}
     assert set(out["metrics"].replace(",", " ").split()) == set(METRICS)
     assert set(out["allocations"].replace(",", " ").split()) == set(ALLOCATORS)
     assert set(ROWWISE) <= set(out["rowwise"].split(" (")[0].replace(",", " ").split())
-    assert "all" in out["rowwise"] and "sparsegpt" in out["reconstruct"]
+    assert "inputs=last" in text and "sparsegpt" in out["reconstruct"] and "'auto' for eps" in text
 
 
 def test_metric_and_reconstruct_params_from_the_cli(tmp_path, monkeypatch):
     """--metric-param / --reconstruct-param reach SparseGPT (damping and block size seen by the solver) and
     the report records the values used."""
-    from prunekit.metrics import sparsegpt as sg
+    from prunekit.methods import sparsegpt as sg
 
     seen = []
     real_factor, real_sweep = sg.factor_hessian, sg._sweep

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.data import calibration_windows, eval_token_ids, load_documents
-from prunekit.data.sources import C4_EVAL_DOCS
+from prunekit.core.data import calibration_windows, eval_token_ids, load_documents
+from prunekit.core.data import C4_EVAL_DOCS
 
 from conftest import STORIES_HF, TINY_TEXT
 

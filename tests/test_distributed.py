@@ -33,8 +33,8 @@ def _worker(rank, world, init_file, out_dir):
             if rank == 0:
                 torch.save({"masks": rep.masks, "state": model.state_dict()}, os.path.join(out_dir, f"{i}.pt"))
         # a LayerStats shared by several layers (q/k/v) reaches the reduction once per layer: summed once
-        from prunekit.distributed import all_reduce_stats
-        from prunekit.metrics.stats import LayerStats
+        from prunekit.core.distributed import all_reduce_stats
+        from prunekit.core.stats import LayerStats
 
         st = LayerStats(frozenset({"sq_sum", "hessian"}), 3)
         st.update(torch.full((rank + 1, 3), float(rank + 1), dtype=torch.float64))
@@ -44,7 +44,7 @@ def _worker(rank, world, init_file, out_dir):
             torch.save({"count": st.count, "sq_sum": st.sq_sum, "hessian": st.hessian},
                        os.path.join(out_dir, "shared.pt"))
     finally:
-        from prunekit.distributed import shutdown
+        from prunekit.core.distributed import shutdown
 
         shutdown()  # barrier, then destroy (without the barrier a rank aborted now and then at teardown)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.masks import unpack_mask
-from prunekit.models.families import block_linears, get_blocks, weight_view
+from prunekit.core.masks import unpack_mask
+from prunekit.core.families import block_linears, get_blocks, weight_view
 
 from conftest import check_exact_row_counts, tiny_model
 
@@ -202,8 +202,8 @@ def test_mixed_attention_types_get_their_own_masks():
 def test_layers_reading_one_input_share_their_statistics(family, calib_ids, mode, monkeypatch):
     """Layers fed the same input tensor (q/k/v, gate/up) get one LayerStats, accumulated once; every
     layer's statistics still equal the sums over its own input captured from a full-model forward."""
-    from prunekit.calibrate import iterate_blocks
-    from prunekit.metrics.stats import LayerStats
+    from prunekit.core.blocks import iterate_blocks
+    from prunekit.core.stats import LayerStats
 
     model = tiny_model(family).double()
     blocks, layers = get_blocks(model), block_linears(model)
@@ -243,7 +243,7 @@ def test_layers_reading_one_input_share_their_statistics(family, calib_ids, mode
 def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch):
     """q/k/v and gate/up share one factor of H^-1 (4 factorisations per LLaMA block, not 7); the
     result is bit-identical to factoring every layer's Hessian itself (cache emptied before each)."""
-    from prunekit.metrics import sparsegpt as sg
+    from prunekit.methods import sparsegpt as sg
 
     cfg = dict({"metric": "sparsegpt", "sparsity": 0.5}, **mode)
     a, b = tiny_model("llama"), tiny_model("llama")
@@ -252,7 +252,7 @@ def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch
     monkeypatch.setattr(sg, "factor_hessian", lambda *args, **kw: (calls.append(1), real(*args, **kw))[1])
     import dataclasses
 
-    from prunekit.metrics import METRICS
+    from prunekit.core.metric import METRICS
 
     real_solver = sg.sparsegpt_solver
     seen = []
@@ -282,14 +282,14 @@ def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch
                                  {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim", "reconstruct": "sparsegpt"},
                                  {"metric": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}],
                          ids=["unstructured", "trim-mask-reconstructed", "2:4"])
-def test_sparsegpt_triangular_sweep_prunes_like_the_column_loop(calib_ids, cfg, monkeypatch):
-    """The engine with the sweep GPUs use (per-row triangular solves; forced here on the CPU) gives the
+def test_sparsegpt_triangular_sweep_prunes_like_the_column_loop(calib_ids, cfg):
+    """The engine with the sweep GPUs use (per-row triangular solves; asked for here on the CPU) gives the
     CPU's column-loop result: the same masks, weights equal up to float32 rounding."""
     out = {}
+    key = "reconstruct_params" if "reconstruct" in cfg else "metric_params"
     for method in ("columns", "triangular"):
-        monkeypatch.setenv("PRUNEKIT_SPARSEGPT_SWEEP", method)
         model = tiny_model("llama")
-        rep = prunekit.prune(model, None, cfg, calib_ids=calib_ids)
+        rep = prunekit.prune(model, None, dict(cfg, **{key: {"sweep": method}}), calib_ids=calib_ids)
         out[method] = (rep.masks, model.state_dict())
     (ma, sa), (mb, sb) = out["columns"], out["triangular"]
     assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
@@ -301,7 +301,7 @@ def test_lowest_k_selection_equals_a_stable_sort_with_ties():
     """The selection path of _lowest_k_mask (k-th value, then ties in index order) picks exactly what
     sorting each row with ties broken by index does, for every k, on scores full of ties; NaN scores
     and per-row k take the sort path."""
-    from prunekit.masks import _lowest_k_mask
+    from prunekit.core.masks import _lowest_k_mask
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (7, 13), generator=g).float()  # four distinct values: ties everywhere
@@ -324,7 +324,7 @@ def test_row_counts_against_brute_force():
     """row_counts: the layer total is floor(numel * s); every row prunes b = total // rows, and the rows whose
     (b+1)-th lowest score is smallest (ties by row index) prune one more; the exact per-row mask prunes each
     row's lowest scores (stable order) by those counts. Checked against a per-row sort, with heavy ties."""
-    from prunekit.masks import make_mask, row_counts
+    from prunekit.core.masks import make_mask, row_counts
 
     g = torch.Generator().manual_seed(0)
     for rows, cols in ((7, 13), (64, 48), (5, 3), (33, 100)):

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit.cli import main
-from prunekit.data import calibration_windows
-from prunekit.errors import PrunekitError
-from prunekit.masks import unpack_mask
-from prunekit.models.families import block_linears, weight_view
-from prunekit.save import load_masks
+from prunekit.core.data import calibration_windows
+from prunekit.core.errors import PrunekitError
+from prunekit.core.masks import unpack_mask
+from prunekit.core.families import block_linears, weight_view
+from prunekit.pruning.save import load_masks
 
 from conftest import STORIES_HF, TINY_TEXT, tiny_model
 
@@ -167,7 +167,7 @@ def test_overwrite_replaces_atomically(tmp_path):
 
 
 def test_packed_masks_roundtrip():
-    from prunekit.masks import pack_mask
+    from prunekit.core.masks import pack_mask
 
     m = torch.rand(7, 13) > 0.5
     assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
@@ -178,7 +178,7 @@ def test_torch_bit_packing_equals_numpy_packbits(n):
     """pack_bits packs GPU masks on the GPU; here it runs on CPU tensors against numpy's packbits."""
     import numpy as np
 
-    from prunekit.masks import pack_bits
+    from prunekit.core.masks import pack_bits
 
     m = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
     assert torch.equal(pack_bits(m), torch.from_numpy(np.packbits(m.numpy())))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from prunekit.allocate.esd import (
+from prunekit.core.esd import (
     eigenvalues, eigenvalues_many, farms_alpha, farms_eigenvalues, farms_fit, farms_windows, fit_power_law,
     fit_power_law_many, spectral_stats, spectral_stats_many,
 )

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import prunekit
-from prunekit import interrupts
+from prunekit.core import interrupts
 from prunekit.cli import main
-from prunekit.errors import PrunekitError
-from prunekit.outputs import atomic_dir, clean_stale
+from prunekit.core.errors import PrunekitError
+from prunekit.core.outputs import atomic_dir, clean_stale
 
 from conftest import STORIES_HF, TINY_TEXT, tiny_model
 
@@ -182,7 +182,7 @@ def test_target_appearing_during_the_run_is_not_replaced(tmp_path):
 
 def test_two_cli_runs_on_one_new_out(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    import prunekit.pipeline as pipeline
+    import prunekit.pruning.pipeline as pipeline
 
     real = pipeline.prune
 
@@ -358,15 +358,15 @@ def _spawn(args, **kw):
 
 SLOW_SAVE = """
 import sys, time
-import prunekit.save
+import prunekit.pruning.save
 from prunekit.cli import main
-real = prunekit.save.save_masks
+real = prunekit.pruning.save.save_masks
 def slow(*a, **k):  # the model is written into the temporary folder; the kill comes now
     real(*a, **k)
     time.sleep(60)
-prunekit.save.save_masks = slow
-import prunekit.pipeline
-prunekit.pipeline.save_masks = slow
+prunekit.pruning.save.save_masks = slow
+import prunekit.pruning.pipeline
+prunekit.pruning.pipeline.save_masks = slow
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -405,16 +405,11 @@ def test_sigkill_during_save_is_cleaned_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def test_cli_module_starts_without_torch():
-    """The CLI's guard (one line on Ctrl-C) must be in place before the heavy imports start."""
-    code = "import sys, prunekit.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert r.stdout.split() == ["False", "False"], r.stderr
-
-
-def test_sigint_during_startup_is_one_line():
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6, 1.2])
+def test_sigint_during_startup_is_one_line(delay):
+    """From the first import on (the command line's imports take seconds), a stop is one line and exit 130."""
     proc = _spawn(["prune", "--model", str(STORIES_HF), "--out", "/nonexistent/never"])
-    time.sleep(0.6)  # still importing torch / transformers
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 2:  # it got as far as the output check: not the case this test is about
@@ -505,8 +500,9 @@ def test_bad_recipes_are_one_line(tmp_path, capsys):
 
 
 def test_unwritable_or_impossible_outputs_fail_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prunekit.pipeline if hasattr(prunekit, "pipeline") else __import__("prunekit.pipeline").pipeline,
-                        "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    import prunekit.pruning.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     for out, words in ((Path("/proc/prunekit-out"), ["cannot write"]), (tmp_path / ("x" * 300), ["bytes long"])):
         assert prune_cli(STORIES_HF, out) == 2
         one_line_error(capsys, *words)
@@ -517,7 +513,7 @@ def test_unwritable_or_impossible_outputs_fail_before_any_work(tmp_path, capsys,
 
 
 def test_eval_json_checked_before_the_evaluation(tmp_path, capsys, monkeypatch):
-    import prunekit.models.loading as loading
+    import prunekit.core.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["eval", "--model", str(STORIES_HF), "--json", str(tmp_path / "nodir" / "x.json")]) == 2
@@ -530,8 +526,8 @@ def test_eval_json_checked_before_the_evaluation(tmp_path, capsys, monkeypatch):
 
 def test_search_parameters_are_checked_before_any_work(tmp_path, capsys):
     for param, words in (("populaton=4", ["no parameter 'populaton'", "population"]),
-                         ("population=abc", ["population='abc'"]),
-                         ("population=2.5", ["population=2.5"])):
+                         ("population=abc", ["population must be an integer, got 'abc'"]),
+                         ("population=2.5", ["population must be an integer, got 2.5"])):
         assert _search(STORIES_HF, tmp_path / "s", "--param", param) == 2
         one_line_error(capsys, *words)
     assert main(["search", "--method", "tpe", "--budget", "1", "--model", str(STORIES_HF), "--sparsity", "0.5",

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 
-from prunekit.errors import PrunekitError
-from prunekit.layer_removal import (
+from prunekit.core.errors import PrunekitError
+from prunekit.methods.removal import (
     BLOCK_SCORES,
     block_influence,
     compensate_block,
@@ -16,7 +16,7 @@ from prunekit.layer_removal import (
     remove_one_shot,
     residual_writers,
 )
-from prunekit.models.families import get_blocks
+from prunekit.core.families import get_blocks
 
 
 def _logits(model, ids):

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from prunekit.errors import PrunekitError
-from prunekit.masks import make_mask
-from prunekit.metrics import get_metric
-from prunekit.metrics.ace import ace, ace_terms
-from prunekit.metrics.ria import ria
-from prunekit.metrics.sparsegpt import sparsegpt_solve
-from prunekit.metrics.stade import stade, stade_bias_update
-from prunekit.metrics.stats import LayerStats
+from prunekit.core.errors import PrunekitError
+from prunekit.core.masks import make_mask
+from prunekit.core.metric import get_metric
+from prunekit.methods.ace import ace, ace_terms
+from prunekit.methods.ria import ria
+from prunekit.methods.sparsegpt import sparsegpt_solve
+from prunekit.methods.stade import stade, stade_bias_update
+from prunekit.core.stats import LayerStats
 
 ALL = frozenset({"sq_sum", "sum", "hessian"})
 
@@ -186,7 +186,7 @@ def _naive_obs(W, U, mask=None, nm=None, s=None, blocksize=128):
 def test_sparsegpt_sweep_matches_naive_column_by_column_obs(layer, mode, blocksize, method):
     """Both within-block methods (the column loop, and the per-row triangular solve that GPUs use)
     reproduce the textbook sweep: same mask, same weights to float64 rounding."""
-    from prunekit.metrics.sparsegpt import _sweep, inverse_cholesky_upper
+    from prunekit.methods.sparsegpt import _sweep, inverse_cholesky_upper
 
     W, X, st = layer
     W, H = W.double(), st.hessian_mean().double()
@@ -229,7 +229,7 @@ def test_sparsegpt_cholesky_failure_raises_damping(caplog):
     H -= (torch.linalg.eigvalsh(H)[0] + 0.5) * torch.eye(64)  # indefinite: smallest eigenvalue -0.5
     assert float(torch.linalg.eigvalsh(H)[0]) < 0 and (H.diagonal() > 0).all()
     W = torch.randn(16, 64, generator=g)
-    with caplog.at_level(logging.WARNING, logger="prunekit.metrics.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.methods.sparsegpt"):
         W_sg, mask = sparsegpt_solve(W, H, 0.5)
     _assert_clean(W_sg, mask, W, 0.5)
     assert "Cholesky failed" in caplog.text and "succeeded with damping" in caplog.text
@@ -242,7 +242,7 @@ def test_sparsegpt_diagonal_fallback(caplog):
     H -= 10 * H.diagonal().mean() * torch.eye(32)  # hopeless for a single damping try
     H.diagonal().clamp_(min=1e-3)
     W = torch.randn(8, 32, generator=g)
-    with caplog.at_level(logging.WARNING, logger="prunekit.metrics.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.methods.sparsegpt"):
         W_sg, mask = sparsegpt_solve(W, H, 0.5, pattern=(2, 4), max_damp_tries=1)
     assert "diagonal Hessian" in caplog.text
     assert torch.isfinite(W_sg).all() and ((W_sg == 0).reshape(8, -1, 4).sum(-1) == 2).all()
@@ -268,7 +268,7 @@ def test_sparsegpt_rejects_bad_arguments(layer):
 
 
 def test_all_finite_sees_nan_and_both_infinities():
-    from prunekit.metrics.sparsegpt import _all_finite
+    from prunekit.methods.sparsegpt import _all_finite
 
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.randn(9, 7, generator=_gen(2))
@@ -282,7 +282,7 @@ def test_all_finite_sees_nan_and_both_infinities():
 def test_upper_factor_of_inverse_matches_the_textbook_chain(n, monkeypatch):
     """U = J L^-1 J (L: Cholesky factor of the reversed matrix, inverted by recursive halving) is the
     upper Cholesky factor of H^-1: equal in float64 to Cholesky -> inverse -> upper Cholesky."""
-    from prunekit.metrics import sparsegpt as sg
+    from prunekit.methods import sparsegpt as sg
 
     monkeypatch.setattr(sg, "INVERSE_BASE", 4)  # deep recursion, odd halves and
     monkeypatch.setattr(sg, "INVERSE_CHUNK", 3)  # several column chunks at these small sizes
@@ -302,26 +302,22 @@ def test_upper_factor_of_inverse_matches_the_textbook_chain(n, monkeypatch):
     assert sg._upper_factor_of_inverse(H) is None
 
 
-def test_sparsegpt_sweep_method_per_device_and_override(layer, monkeypatch):
-    from prunekit.metrics import sparsegpt as sg
-    from prunekit.metrics.sparsegpt import sweep_method
+def test_sparsegpt_sweep_method_per_device_and_parameter(layer, monkeypatch):
+    from prunekit.methods import sparsegpt as sg
+    from prunekit.methods.sparsegpt import sweep_method
 
     calls = []
     real = sg._block_triangular
     monkeypatch.setattr(sg, "_block_triangular", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.delenv("PRUNEKIT_SPARSEGPT_SWEEP", raising=False)
     assert sweep_method("cpu") == "columns" and sweep_method("cuda") == "triangular"
     assert sweep_method(torch.device("cuda", 0)) == "triangular"
-    monkeypatch.setenv("PRUNEKIT_SPARSEGPT_SWEEP", "Triangular")
-    assert sweep_method("cpu") == "triangular"
-    W, X, st = layer  # the override reaches the solver (one triangular block per 128 columns)
-    sparsegpt_solve(W, st.hessian_mean(), 0.5)
+    W, X, st = layer  # the parameter reaches the solver (one triangular block per 128 columns)
+    sparsegpt_solve(W, st.hessian_mean(), 0.5, sweep="triangular")
     assert len(calls) == 1
-    sparsegpt_solve(W, st.hessian_mean(), 0.5, sweep="columns")  # an explicit method wins
+    sparsegpt_solve(W, st.hessian_mean(), 0.5)  # auto on the CPU: the column loop
     assert len(calls) == 1
-    monkeypatch.setenv("PRUNEKIT_SPARSEGPT_SWEEP", "fast")
-    with pytest.raises(PrunekitError, match="PRUNEKIT_SPARSEGPT_SWEEP"):
-        sweep_method("cpu")
+    with pytest.raises(PrunekitError, match="sweep must be 'auto', 'columns' or 'triangular', got 'fast'"):
+        sparsegpt_solve(W, st.hessian_mean(), 0.5, sweep="fast")
 
 
 # ---------------------------------------------------------------- RIA
@@ -436,7 +432,7 @@ def test_ace_cosine_term_tracks_measured_cosine_loss():
 
 
 def test_feature_sums_in_row_chunks_equal_the_direct_sums(monkeypatch):
-    from prunekit.metrics import stats as stats_mod
+    from prunekit.core import stats as stats_mod
 
     X = correlated_inputs(n=300, d=16, mean=0.5)
     monkeypatch.setattr(stats_mod, "CPU_SUM_ROWS", 7)  # 7 rows per chunk, 43 chunks per update
@@ -451,7 +447,7 @@ def test_fast_hessian_path_is_exact_on_bf16_inputs_and_its_check_rejects_a_round
     """gram()'s GPU path (TF32 chunks + diagonal check), run here on CPU tensors: the chunked product of
     bf16 inputs matches float64; a result rounded to bf16 (what torch.mm(out_dtype=float32) gave on an
     H200) fails the check, which then switches the fast path off."""
-    from prunekit.metrics import stats as stats_mod
+    from prunekit.core import stats as stats_mod
 
     x = (correlated_inputs(n=3000, d=64) * 3).to(torch.bfloat16)
     ref = x.double().t() @ x.double()
@@ -461,7 +457,7 @@ def test_fast_hessian_path_is_exact_on_bf16_inputs_and_its_check_rejects_a_round
     assert stats_mod.checked(x, h) is h and not stats_mod.FAST_GRAM_FAILED
     rounded = h.to(torch.bfloat16).float()
     try:
-        with caplog.at_level(logging.WARNING, logger="prunekit.metrics.stats"):
+        with caplog.at_level(logging.WARNING, logger="prunekit.core.stats"):
             assert stats_mod.checked(x, rounded) is None
         assert stats_mod.FAST_GRAM_FAILED and stats_mod.FAST_GRAM_FAILED[0] > stats_mod.DIAG_TOL
         assert "float32 GEMMs from now on" in caplog.text
@@ -474,7 +470,7 @@ def test_block_upper_gram_equals_the_full_product(monkeypatch, width):
     """gram() computes only the upper block triangle of X^T X and mirrors it: every entry equals the
     float64 product, the result is exactly symmetric, for block widths from 1 column to all of them
     (uneven blocks included); the chunked TF32 path (run on CPU) accumulates the same blocks."""
-    from prunekit.metrics import stats as stats_mod
+    from prunekit.core import stats as stats_mod
 
     monkeypatch.setitem(stats_mod.GRAM_BLOCK, "cpu", width)
     monkeypatch.setattr(stats_mod, "SUM_CHUNK_ELEMENTS", 70 * 64)  # 64 rows per chunk
@@ -489,7 +485,7 @@ def test_block_upper_gram_equals_the_full_product(monkeypatch, width):
 def test_sparsegpt_adapter_factors_only_when_something_is_pruned(monkeypatch):
     """The engine's adapter computes H's factor lazily: not at all when the ratio prunes no weight, once
     for several layers sharing the statistics; a factor of the wrong size is refused."""
-    from prunekit.metrics import sparsegpt as sg
+    from prunekit.methods import sparsegpt as sg
 
     X = correlated_inputs(n=512, d=32)
     st = stats_of(X, needs={"hessian"})
@@ -507,7 +503,7 @@ def test_sparsegpt_adapter_factors_only_when_something_is_pruned(monkeypatch):
 
 
 def test_configured_metric_binds_parameters(layer):
-    from prunekit.metrics import configured_metric
+    from prunekit.core.metric import configured_metric
 
     W, X, st = layer
     assert torch.equal(configured_metric("ria", {"alpha": 2.0}).score(W, st), ria(W, st, alpha=2.0))

@@ -1,4 +1,4 @@
-"""prunekit.offload: a module comes back into its own CPU tensors, with whatever was done to it meanwhile.
+"""prunekit.core.offload: a module comes back into its own CPU tensors, with whatever was done to it meanwhile.
 
 No second device here: the move is simulated by giving every tensor new storage (what ``module.to(cuda)``
 does), the restore path is the one used after a GPU run."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunekit.offload import home_of, on_device, restore
+from prunekit.core.offload import home_of, on_device, restore
 
 
 def _module():
@@ -55,7 +55,7 @@ def test_on_device_is_a_no_op_on_the_same_device_and_recurse_false_keeps_childre
 
 
 def test_device_match_ignores_a_missing_index():
-    from prunekit.offload import on
+    from prunekit.core.offload import on
 
     t = torch.zeros(1)
     assert on(t, torch.device("cpu")) and not on(t, torch.device("cuda")) and not on(t, torch.device("meta"))

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.masks import unpack_mask
-from prunekit.models.families import block_linears, weight_view
+from prunekit.core.masks import unpack_mask
+from prunekit.core.families import block_linears, weight_view
 
 from conftest import tiny_model
 
@@ -52,16 +52,16 @@ def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
                                      ({"rowwise": "trim", "metric": "sparsegpt"}, "chooses its own masks"),
                                      ({"rowwise": "nope"}, "unknown rowwise method"),
                                      ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": 0}},
-                                      "tokens_per_sample must be an integer >= 1"),
+                                      "tokens_per_sample must be >= 1, got 0"),
                                      ({"rowwise": "trim", "rowwise_params": {"tokens_per_sample": "4"}},
-                                      "tokens_per_sample must be an integer >= 1"),
+                                      "tokens_per_sample must be an integer, got '4'"),
                                      ({"rowwise": "trim", "rowwise_params": {"foo": 1}},
-                                      "trim has no parameter 'foo'; valid: eps, inputs, iters, lrs, max_row"),
+                                      "trim has no parameter 'foo'; valid: tokens_per_sample, inputs, lrs"),
                                      ({"rowwise": "trim", "rowwise_params": {"uniform_counts": [1]}}, "no parameter"),
                                      ({"rowwise": "trim", "rowwise_params": {"iters": 2.5}}, "iters must be an integer"),
-                                     ({"rowwise": "trim", "rowwise_params": {"max_row": 1.5}}, r"max_row must be a number in \(0, 1\]"),
-                                     ({"rowwise": "trim", "rowwise_params": {"total": "all"}}, "total must be uniform or layer"),
-                                     ({"rowwise": "trim", "rowwise_params": {"lrs": [0.1, "x"]}}, "lrs must be a list"),
+                                     ({"rowwise": "trim", "rowwise_params": {"max_row": 1.5}}, r"max_row must be <= 1.0, got 1.5"),
+                                     ({"rowwise": "trim", "rowwise_params": {"total": "all"}}, "total must be 'uniform' or 'layer', got 'all'"),
+                                     ({"rowwise": "trim", "rowwise_params": {"lrs": [0.1, "x"]}}, "lrs must be a finite number, got 'x'"),
                                      ({"rowwise_skip": ["*.mlp.up_proj"]}, "set rowwise too"),
                                      ({"reconstruct": "obs"}, "unknown reconstruct"),
                                      ({"pattern": "2:4", "allocation": "owl"}, "has nothing to move")])
@@ -72,7 +72,7 @@ def test_rowwise_config_errors(bad, msg):
 
 def test_trim_tokens_per_sample_reaches_the_statistics(calib_ids, monkeypatch):
     """rowwise_params tokens_per_sample=k gives TRIM k rows of X per calibration sequence (not a TRIM kwarg)."""
-    import prunekit.rowwise as rw
+    import prunekit.methods.trim as rw
 
     seen = []
     orig = rw.trim_row_sparsity
@@ -116,7 +116,7 @@ def test_rowwise_skip_keeps_the_plain_mask_on_matched_layers(calib_ids):
 
 
 def test_misspelt_rowwise_skip_fails_before_any_work():
-    from prunekit.models.families import name_matches
+    from prunekit.core.families import name_matches
 
     assert name_matches("model.layers.0.mlp.down_proj", ["down_proj"])
     assert name_matches("model.layers.0.mlp.down_proj", ["layers.0.*"])
@@ -135,8 +135,8 @@ def test_misspelt_rowwise_skip_fails_before_any_work():
 def test_trim_inputs_all_gathers_the_gram_matrix_not_last_tokens(calib_ids, monkeypatch):
     """rowwise_params inputs=all: the engine gathers 'hessian' (not 'last_tokens') and TRIM gets a factor F
     with F^T F = the layer's X^T X over every calibration token; layer totals stay exact."""
-    import prunekit.rowwise as rw
-    from prunekit.metrics.stats import LayerStats
+    import prunekit.methods.trim as rw
+    from prunekit.core.stats import LayerStats
 
     seen = []
     orig_upd = LayerStats.update
@@ -160,7 +160,7 @@ def test_trim_inputs_all_gathers_the_gram_matrix_not_last_tokens(calib_ids, monk
     assert torch.allclose(grams[0].double(), X.t() @ X, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("params,msg", [({"inputs": "first"}, "inputs must be one of last, all"),
+@pytest.mark.parametrize("params,msg", [({"inputs": "first"}, "inputs must be 'last' or 'all', got 'first'"),
                                         ({"inputs": "all", "tokens_per_sample": 4}, "set one of them")])
 def test_trim_inputs_config_errors(params, msg):
     with pytest.raises(prunekit.PrunekitError, match=msg):

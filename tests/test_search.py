@@ -8,10 +8,10 @@ import torch
 import prunekit
 
 from conftest import tiny_model
-from prunekit.allocate import allocate
+from prunekit.core.allocation import allocate
 from prunekit.search import run_search
 from prunekit.search.fitness import Fitness
-from prunekit.search.program import (MAX_PRE, MAX_TR, POST_OPS, PRE_OPS, REDUCTIONS, TRANSFORMS, BlockScores,
+from prunekit.methods.dsa import (MAX_PRE, MAX_TR, POST_OPS, PRE_OPS, REDUCTIONS, TRANSFORMS, BlockScores,
                                      InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program)
 
 
@@ -24,13 +24,12 @@ def _data(n_calib=6, n_held=4, seqlen=16):
 
 
 def _summary(model, calib):
-    from prunekit.metrics import get_metric
-    from prunekit.models.families import block_linears, get_blocks
-    from prunekit.profiles import score_profile
-    from prunekit.pruning.run import model_summary
+    from prunekit.core.metric import get_metric
+    from prunekit.core.families import block_linears, get_blocks
+    from prunekit.pruning.allocator_inputs import model_summary, score_profile
 
     bl = block_linears(model)
-    s = model_summary(model, bl, frozenset({"scores"}))
+    s = model_summary(bl)
     s.scores = score_profile(model, get_blocks(model), bl, calib, get_metric("wanda"), torch.device("cpu"), None)
     return s
 
@@ -111,7 +110,6 @@ def test_program_mapping_and_invalid_programs():
 # ----------------------------------------------------------------------------- allocator
 def test_dsa_allocator_hits_target_exactly():
     import prunekit
-    from prunekit.search import program  # noqa: F401  (registers 'dsa')
 
     model = tiny_model("llama", layers=4)
     calib, _ = _data()
@@ -262,7 +260,7 @@ def test_resume_after_crash_gives_the_uninterrupted_result(tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- TPE + KV cache
 def test_kv_fake_quantisation():
-    from prunekit.search.tpe import fake_quant, kv_memory_fraction, kv_quant_hooks
+    from prunekit.search.kvquant import fake_quant, kv_memory_fraction, kv_quant_hooks
 
     x = torch.randn(3, 5, 16)
     for bits, tol in ((8, 0.05), (4, 0.5)):
@@ -373,8 +371,8 @@ def test_score_profile_from_the_fitness_statistics_equals_a_calibration_pass(met
     """The search takes DSA's score profile from the cached fitness's dense statistics instead of a second
     calibration pass; both are the metric's scores on the dense model for the same windows (SparseGPT's
     Hessian-only statistics do not cover Wanda's stand-in score, so it keeps the pass)."""
-    from prunekit.metrics import get_metric
-    from prunekit.profiles import score_needs, score_profile, score_profile_from_stats
+    from prunekit.core.metric import get_metric
+    from prunekit.pruning.allocator_inputs import score_needs, score_profile, score_profile_from_stats
 
     model = tiny_model("llama", layers=3)
     calib, held = _data()

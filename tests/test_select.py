@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from prunekit.data.select import embed_windows, kmeans, parse_select, prototype_scores, select_windows
-from prunekit.errors import PrunekitError
+from prunekit.methods.prototype import embed_windows, kmeans, parse_select, prototype_scores, select_windows
+from prunekit.core.errors import PrunekitError
 
 
 def _blobs(seed=0, per=40, blobs=4, outliers=3, d=16):

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prunekit
-from prunekit.models.families import block_linears, weight_view
-from prunekit.save import verify_saved
+from prunekit.core.families import block_linears, weight_view
+from prunekit.pruning.save import verify_saved
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_alpha_fit_on_real_matrices_matches_independent_mle(smol):
     import numpy as np
     from scipy.optimize import minimize_scalar
 
-    from prunekit.allocate.esd import eigenvalues, fit_power_law
+    from prunekit.core.esd import eigenvalues, fit_power_law
 
     model, _ = smol
     names = ["model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.self_attn.k_proj"]

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from prunekit.errors import PrunekitError
-from prunekit.masks import make_mask, row_counts, rowwise_mask, unstructured_mask
-from prunekit.metrics import get_metric
-from prunekit.metrics.stats import LayerStats
-from prunekit.rowwise import (ROWWISE, ROWWISE_NEEDS, apply_rowwise, counts_with_total, project_mean_box,
-                              ratios_from_counts, trim_row_sparsity, trim_update)
+from prunekit.core.errors import PrunekitError
+from prunekit.core.masks import make_mask, row_counts, rowwise_mask, unstructured_mask
+from prunekit.core.metric import get_metric
+from prunekit.core.stats import LayerStats
+from prunekit.core.rowwise import ROWWISE, apply_rowwise, rowwise_needs
+from prunekit.methods.trim import (counts_with_total, project_mean_box, ratios_from_counts, trim_row_sparsity,
+                                   trim_update)
 
 OUT, D_IN, N = 64, 128, 256
 
@@ -176,7 +177,7 @@ def test_registry_hook():
     W, X = layer(4)
     st = stats_of(X)
     assert torch.allclose(st.last_token_inputs(), X)
-    assert "trim" in ROWWISE and ROWWISE_NEEDS["trim"] == {"last_tokens"}
+    assert "trim" in ROWWISE and rowwise_needs("trim") == {"last_tokens"}
     S = get_metric("wanda").score(W, st)
     info = {}
     rows = apply_rowwise("trim", W.half(), S, st, 0.5, info=info)
@@ -256,7 +257,7 @@ def test_tokens_per_sample_takes_evenly_spaced_positions_ending_at_the_last():
 def test_gram_factor_reproduces_the_gram_matrix():
     _, X = layer(7, n=40)  # fewer tokens than features: X^T X is singular (rank 40)
     G = X.double().t() @ X.double()
-    from prunekit.rowwise import gram_factor
+    from prunekit.methods.trim import gram_factor
 
     F = gram_factor(G)
     assert F.shape == (40, D_IN)  # only the non-zero eigenvalues
@@ -269,7 +270,6 @@ def test_inputs_all_scores_on_every_calibration_token(seed):
     """inputs=all: TRIM's objective is the cosine over ALL calibration tokens (from the 'hessian' statistic),
     checked against a naive float64 computation on the stacked tokens; the result is the same search as
     trim_row_sparsity on the stacked tokens and never below uniform on that objective."""
-    from prunekit.rowwise import rowwise_needs
 
     W, X = layer(seed)
     seqs = X.reshape(16, 16, D_IN)  # 16 sequences of 16 tokens: the last token alone is 16 rows

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prunekit.errors import PrunekitError
+from prunekit.core.errors import PrunekitError
 from prunekit.evaluate import zeroshot as zs
 from prunekit.evaluate.tasks import PAPER_TASKS, TASKS, Item, hellaswag_preprocess, load_task, tasks_dir
 

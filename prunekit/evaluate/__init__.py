@@ -1,2 +1,2 @@
-"""Evaluation: perplexity (paper convention) and, later, zero-shot tasks and speed."""
+"""Evaluation: token perplexity (paper convention) and the zero-shot task suite."""
 from .perplexity import perplexity  # noqa: F401

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import PrunekitError
+from ..core.errors import PrunekitError
 
 # the seven tasks whose mean accuracy the pruning papers report (Wanda, SparseGPT, OWL, ...)
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")

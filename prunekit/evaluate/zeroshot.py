@@ -46,7 +46,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import PrunekitError
+from ..core.errors import PrunekitError
+from ..core.families import model_context_length
+from ..core.offload import on_device
 from .tasks import ACC_NORM_REPORTED, PAPER_TASKS, TASKS, Item, tasks_dir
 
 DEFAULT_TASKS = PAPER_TASKS + ("piqa",)
@@ -79,11 +81,10 @@ def encode_pair(tokenizer, context: str, continuation: str,
 
 
 def model_max_length(model, tokenizer=None) -> int:
-    cfg = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(cfg, attr, None) if cfg is not None else None
-        if isinstance(v, int) and v > 0:
-            return v
+    """The model's context length (the architecture family's answer), else the tokenizer's, else 2048."""
+    v = model_context_length(model)
+    if v:
+        return v
     v = getattr(tokenizer, "model_max_length", None)
     if isinstance(v, int) and 0 < v < _HUGE:
         return v
@@ -131,23 +132,6 @@ def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     return results  # type: ignore[return-value]
 
 
-def _on_device(model, device):
-    """Context: run on ``device`` (moving the model there) and move it back afterwards."""
-    class _Ctx:
-        def __enter__(self):
-            self.orig = next(model.parameters()).device
-            self.dev = torch.device(device) if device is not None else self.orig
-            if self.dev != self.orig:
-                model.to(self.dev)
-            return self.dev
-
-        def __exit__(self, *exc):
-            if self.dev != self.orig:
-                model.to(self.orig)
-            return False
-    return _Ctx()
-
-
 def score_items(model, tokenizer, items: Sequence[Item], batch_size: int = 8, device=None,
                 max_length: int | None = None, add_bos_token: bool | None = False,
                 desc: str = "loglik") -> list[list[tuple[float, bool]]]:
@@ -157,7 +141,8 @@ def score_items(model, tokenizer, items: Sequence[Item], batch_size: int = 8, de
         r = it.requests()
         spans.append((len(reqs), len(reqs) + len(r)))
         reqs.extend(r)
-    with _on_device(model, device) as dev:
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    with on_device(model, dev):
         flat = score_requests(model, tokenizer, reqs, batch_size, dev, max_length, add_bos_token, desc)
     return [flat[a:b] for a, b in spans]
 
@@ -263,7 +248,7 @@ def evaluate_tasks_lm_eval(model, tokenizer, names: Iterable[str] | None = None,
     except ImportError as e:
         raise PrunekitError(f"backend 'lm-eval' needs the lm-eval package (pip install lm-eval): {e}") from None
     t0 = time.time()
-    with _on_device(model, device):
+    with on_device(model, device if device is not None else next(model.parameters()).device):
         kw = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "add_bos_token": add_bos_token}
         if max_length:
             kw["max_length"] = max_length

@@ -23,17 +23,20 @@ resumed run is identical to an uninterrupted one. A larger ``budget`` on resume 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..errors import PrunekitError
-from .program import BlockScores, InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program
+from ..core.errors import PrunekitError
+from ..core.registry import Int, Params
+from ..pruning.allocator_inputs import score_profile, score_profile_from_stats, stats_cover_scores
+from . import checkpoint
+from .registry import register_search
+from ..methods.dsa import BlockScores, InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program
 
 DEFAULT_SEEDS = (
     "pre:abslog|red:var|tr:atan,asin|post:none",  # found for LLaMA-1-7B in the DSA paper
@@ -41,16 +44,6 @@ DEFAULT_SEEDS = (
 )
 STATE_VERSION = 1
 UNIFORM = "<uniform>"
-
-
-def atomic_write_json(path: Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state(rng: random.Random):
@@ -121,29 +114,24 @@ class ProgramSearch:
         self.baselines: dict = {}
         self.resumed_from = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume and self.path.exists():
+            checkpoint.start([self.path], resume)
+            if self.path.exists():
                 self._load()
-            elif self.path.exists():
-                self.path.unlink()
 
     # ---- checkpoint --------------------------------------------------------------------------
     def _save(self) -> None:
         if self.path is None:
             return
-        atomic_write_json(self.path, {
+        checkpoint.save_json(self.path, {
             "version": STATE_VERSION, "fingerprint": self.fingerprint, "rng": _rng_state(self.rng),
             "generation": self.generation, "population": self.population, "cache": self.cache,
             "history": self.history, "baselines": self.baselines})
 
     def _load(self) -> None:
-        try:
-            st = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PrunekitError(f"cannot read search checkpoint {self.path}: {e}") from None
-        if st.get("version") != STATE_VERSION or st.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
-            raise PrunekitError(f"checkpoint {self.path} belongs to a different search (method, seed, target, model, "
-                                "data or parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
+        st = checkpoint.load_json(self.path)
+        if st.get("version") != STATE_VERSION:
+            checkpoint.check_fingerprint(None, self.fingerprint, self.path)
+        checkpoint.check_fingerprint(st.get("fingerprint"), self.fingerprint, self.path)
         _set_rng_state(self.rng, st["rng"])
         self.generation, self.population = st["generation"], st["population"]
         self.cache, self.history, self.baselines = st["cache"], st["history"], st.get("baselines", {})
@@ -319,3 +307,37 @@ class ProgramSearch:
 def search_dsa(space: ProgramSpace, fitness, budget: int, out_dir=None, seed: int = 0, resume: bool = True,
                **params) -> dict:
     return ProgramSearch(space, fitness, budget, out_dir, seed, resume, **params).run()
+
+
+def program_space(setup) -> ProgramSpace:
+    """DSA's programs on this model: the block scores come from the statistics the cached fitness already holds
+    for these windows when they cover the metric's score (no second pass), else from one calibration pass."""
+    fit = setup.fitness
+    if fit.stats and all(stats_cover_scores(fit.stats.get(n), fit.metric) for n in fit.layers):
+        setup.summary.scores = score_profile_from_stats(fit.block_layers, fit.stats, fit.metric, setup.seed)
+    else:
+        setup.summary.scores = score_profile(setup.model, fit.blocks, fit.block_layers, setup.calib_ids, fit.metric,
+                                             fit.device, setup.batch_size, setup.seed)
+    return ProgramSpace(setup.summary, setup.target, setup.lam)
+
+
+def program_recipe(res: dict, setup) -> dict:
+    return {"allocation": "dsa", "allocation_params": {"program": res["best"]["program"], "lam": setup.lam},
+            "sparsity": float(setup.target)}
+
+
+class DSAParams(Params):
+    population: Int = Field(16, ge=2)
+    elite: Int = Field(2, ge=0, description="best programs kept unchanged (< population)")
+    tournament: Int = Field(3, ge=1)
+    p_crossover: float = Field(0.7, ge=0, le=1)
+    p_mutation: float = Field(0.9, ge=0, le=1)
+    seed_programs: list[str] = list(DEFAULT_SEEDS)
+    max_tries: Int = Field(50, ge=1)
+
+
+@register_search("dsa", params=DSAParams)
+def run_dsa(setup, budget, out_dir, resume, progress, fingerprint, **params) -> tuple[dict, dict]:
+    res = search_dsa(program_space(setup), setup.fitness, budget, out_dir, setup.seed, resume,
+                     fingerprint=fingerprint, progress=progress, **params)
+    return res, program_recipe(res, setup)

@@ -17,13 +17,24 @@ The model is moved to ``device`` for the search and left *dense* (restored) by :
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
 import torch
 
-from ..errors import PrunekitError
-from ..models.families import block_linears, get_blocks, weight_view
+from ..core.blocks import iterate_blocks
+from ..core.errors import PrunekitError
+from ..core.families import block_linears, get_blocks
+from ..core.metric import configured_metric
+from ..core.nll import nll_of_windows
+from ..core.offload import on_device, resolve_device
+from ..core.snapshot import WeightSnapshot
+from ..pruning.config import make_config
+from ..pruning.layer_pruner import LayerPruner, prune_all
+from ..pruning.plan import stats_needs, stats_options
+from ..pruning.run import check_layer_patterns
+from .kvquant import kv_quant_hooks
 
 
 def ids_digest(t: torch.Tensor | None) -> str | None:
@@ -36,11 +47,6 @@ class Fitness:
     def __init__(self, model, calib_ids: torch.Tensor, heldout_ids: torch.Tensor, metric: str = "wanda",
                  device="auto", batch_size: int | None = None, eval_batch_size: int = 8, mode: str = "cached",
                  prune_kwargs: dict | None = None, seed: int = 0, extra_needs=()):
-        from ..config import make_config
-        from ..metrics import configured_metric
-        from ..pruning.run import check_layer_patterns, resolve_device
-        from ..pruner import stats_needs, stats_options
-
         if mode not in ("cached", "full"):
             raise PrunekitError(f"fitness mode must be 'cached' or 'full', got {mode!r}")
         if heldout_ids is None or len(heldout_ids) == 0:
@@ -58,18 +64,15 @@ class Fitness:
         self.block_layers = block_linears(model, self.cfg.ignore)
         self.layers = {n: m for d in self.block_layers for n, m in d.items()}
         self.block_of = {n: b for b, d in enumerate(self.block_layers) for n in d}
-        self.orig_device = next(model.parameters()).device
-        model.to(self.device)
-        self.snapshot = {n: weight_view(m).detach().clone() for n, m in self.layers.items()}
-        self.biases = {n: (None if m.bias is None else m.bias.detach().clone()) for n, m in self.layers.items()}
+        self._on_device = contextlib.ExitStack()  # the model stays on the device for the search (close() ends it)
+        self._on_device.enter_context(on_device(model, self.device))
+        self.snapshot = WeightSnapshot(self.layers)
         self.applied: dict[str, tuple | None] = {n: None for n in self.layers}  # (metric key, ratio); None = dense
         self.needs = stats_needs(self.metric, self.cfg) | frozenset(extra_needs)
         self.stats: dict = {}
         if mode == "cached" and self.needs:
             if calib_ids is None:
                 raise PrunekitError(f"{metric} needs calibration windows (calib_ids)")
-            from ..calibrate import iterate_blocks
-
             def keep(name, module, st):
                 self.stats[name] = st
 
@@ -82,15 +85,10 @@ class Fitness:
 
     # ------------------------------------------------------------------------------------------
     def _restore(self, names) -> None:
-        with torch.no_grad():
-            for n in names:
-                m = self.layers[n]
-                weight_view(m).copy_(self.snapshot[n])
-                if self.biases[n] is None:
-                    m.bias = None
-                else:
-                    m.bias.data.copy_(self.biases[n])
-                self.applied[n] = None
+        names = list(names)
+        self.snapshot.restore(names)
+        for n in names:
+            self.applied[n] = None
 
     def restore(self) -> None:
         """Back to the dense model."""
@@ -100,8 +98,6 @@ class Fitness:
         """Prune the model in place to ``ratios`` (per layer), starting from the dense weights.
         ``metric``: a :class:`prunekit.metrics.Metric` other than the configured one (OptiShear's meta
         metric), identified by the hashable ``metric_key``."""
-        from ..pruner import LayerPruner, prune_all
-
         missing = [n for n in self.layers if n not in ratios]
         if missing:
             raise PrunekitError(f"no ratio for layer(s) {missing[:3]}...")
@@ -122,8 +118,6 @@ class Fitness:
 
     @torch.no_grad()
     def heldout_ppl(self) -> float:
-        from ..evaluate.perplexity import nll_of_windows
-
         nll = nll_of_windows(self.model, self.heldout_ids, self.device, batch_size=self.eval_batch_size,
                              desc="search: held-out")
         v = float(nll.mean())
@@ -175,8 +169,6 @@ class Fitness:
         else:
             self.apply(ratios, metric, metric_key)
         if kv_bits is not None:
-            from .tpe import kv_quant_hooks
-
             hooks = kv_quant_hooks(self.model, kv_bits)
         try:
             v = self.heldout_ppl() if objective == "ppl" else self.kl_to_dense()
@@ -194,4 +186,4 @@ class Fitness:
     def close(self) -> None:
         """Restore the dense weights and the model's original device."""
         self.restore()
-        self.model.to(self.orig_device)
+        self._on_device.close()

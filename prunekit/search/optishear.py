@@ -33,19 +33,23 @@ whole generations.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import pickle
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..allocate import finalize
-from ..errors import PrunekitError
+from ..core.allocation import finalize
+from ..core.errors import PrunekitError
+from ..core.metric import Metric
+from ..core.registry import Int, Params
+from . import checkpoint
+from .registry import register_search
 
 WNORMS = ("none", "row", "col", "rowcol")
 ACTS = ("l2", "std")
@@ -67,9 +71,7 @@ def decode_meta(x) -> dict:
 
 
 def meta_metric(p: dict):
-    """A :class:`prunekit.metrics.Metric` computing the meta score with parameters ``p``."""
-    from ..metrics import Metric
-
+    """A :class:`prunekit.core.metric.Metric` computing the meta score with parameters ``p``."""
     eps = 1e-12
 
     def score(W, stats):
@@ -102,15 +104,6 @@ def _pareto(F: np.ndarray) -> list[int]:
 
 def _xkey(x) -> str:
     return hashlib.sha1(np.asarray(x, dtype=np.float64).tobytes()).hexdigest()
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 _CLASSES = None
@@ -149,6 +142,16 @@ def _pymoo_classes():
             cls.__module__ = __name__
         _CLASSES = (Space, CentreOffsets)
     return _CLASSES
+
+
+class OptiShearParams(Params):
+    population: Int = Field(12, ge=4)
+    delta: float = Field(0.05, ge=0, description="per-block offsets in [-delta, delta]")
+    span: float = Field(0.05, ge=0, description="sparsity levels S .. S + span")
+    algorithm: Literal["nsga2", "nsga3"] = "nsga2"
+    n_fitness_windows: Int = Field(8, ge=1)
+    fitness_seqlen: Int = Field(128, ge=2)
+    max_ratio: float = Field(0.99, gt=0, lt=1)
 
 
 def search_optishear(fitness, summary, target: float, budget: int, out_dir=None, seed: int = 0, resume: bool = True,
@@ -201,24 +204,19 @@ def search_optishear(fitness, summary, target: float, budget: int, out_dir=None,
 
     params = {"population": population, "delta": delta, "span": span, "algorithm": algorithm,
               "n_fitness_windows": int(div.shape[0]), "fitness_seqlen": int(div.shape[1])}
-    fp = json.loads(json.dumps(dict(fingerprint or {}, method="optishear", seed=seed, target=float(target),
-                                    n_blocks=nb, params=params)))
+    fp = checkpoint.normalized(dict(fingerprint or {}, method="optishear", seed=seed, target=float(target),
+                                    n_blocks=nb, params=params))
     state_path = evals_path = None
     record = {"fingerprint": fp, "evals": {}, "history": []}
     algo = None
     resumed = None
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
         state_path, evals_path = Path(out_dir) / "optishear_state.pkl", Path(out_dir) / "optishear_evals.json"
-        if not resume:
-            for p in (state_path, evals_path):
-                if p.exists():
-                    p.unlink()
-        if evals_path.exists():
-            record = json.loads(evals_path.read_text())
-            if record.get("fingerprint") != fp:
-                raise PrunekitError(f"{evals_path} belongs to a different search (method, seed, target, model, data or "
-                                    "parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
+        checkpoint.start([state_path, evals_path], resume)
+        stored = checkpoint.load_json(evals_path)
+        if stored is not None:
+            checkpoint.check_fingerprint(stored.get("fingerprint"), fp, evals_path)
+            record = stored
             resumed = {"evaluations": len(record["history"])}
         if state_path.exists():
             algo = pickle.loads(state_path.read_bytes())
@@ -232,7 +230,7 @@ def search_optishear(fitness, summary, target: float, budget: int, out_dir=None,
 
     def save_record():
         if evals_path is not None:
-            _atomic_bytes(evals_path, json.dumps(record).encode())
+            checkpoint.save_json(evals_path, record)
 
     t0 = time.time()
     history = record["history"]
@@ -258,7 +256,7 @@ def search_optishear(fitness, summary, target: float, budget: int, out_dir=None,
             Evaluator().eval(StaticProblem(algo.problem, F=np.array(F), G=np.array(G)), pop)
             algo.tell(infills=pop)
             if state_path is not None:
-                _atomic_bytes(state_path, pickle.dumps(algo))
+                checkpoint.save_bytes(state_path, pickle.dumps(algo))
     finally:
         bar.close()
 
@@ -291,3 +289,10 @@ def search_optishear(fitness, summary, target: float, budget: int, out_dir=None,
             # the meta metric is not a registered metric: the recipe carries the ratios (with Wanda) and
             # the meta metric's parameters for reference
             "recipe": {"allocation": "uniform", "sparsity": chosen["block_ratios"], "optishear_metric": meta}}
+
+
+@register_search("optishear", params=OptiShearParams, extra_needs=("sq_sum", "sum"))
+def run_optishear(setup, budget, out_dir, resume, progress, fingerprint, **params) -> tuple[dict, dict]:
+    res = search_optishear(setup.fitness, setup.summary, setup.target, budget, out_dir, setup.seed, resume,
+                           progress=progress, fingerprint=fingerprint, **params)
+    return res, res.pop("recipe")

@@ -7,7 +7,11 @@ rules, the same fitness, checkpointing and resume. Each "generation" is simply t
 """
 from __future__ import annotations
 
-from .dsa import DEFAULT_SEEDS, ProgramSearch, ProgramSpace
+from pydantic import Field
+
+from ..core.registry import Int, Params
+from .dsa import DEFAULT_SEEDS, ProgramSearch, ProgramSpace, program_recipe, program_space
+from .registry import register_search
 
 
 class RandomProgramSearch(ProgramSearch):
@@ -26,3 +30,15 @@ def search_random(space: ProgramSpace, fitness, budget: int, out_dir=None, seed:
                   fingerprint: dict | None = None) -> dict:
     return RandomProgramSearch(space, fitness, budget, out_dir, seed, resume, population=population, elite=0,
                                seed_programs=seed_programs, progress=progress, fingerprint=fingerprint).run()
+
+
+class RandomParams(Params):
+    population: Int = Field(16, ge=2, description="programs per batch")
+    seed_programs: list[str] = list(DEFAULT_SEEDS)
+
+
+@register_search("random", params=RandomParams)
+def run_random(setup, budget, out_dir, resume, progress, fingerprint, **params) -> tuple[dict, dict]:
+    res = search_random(program_space(setup), setup.fitness, budget, out_dir, setup.seed, resume,
+                        fingerprint=fingerprint, progress=progress, **params)
+    return res, program_recipe(res, setup)

@@ -7,16 +7,7 @@ S (our choice: the paper instead discards trials under the target, which wastes 
 result overshoot S). With ``kv=True`` every block's attention gets a KV-cache bit-width in
 ``kv_bits`` (2..8).
 
-KV-cache fake quantisation (:func:`kv_quant_hooks`): forward hooks on the key and value projections
-(``k_proj``/``v_proj``; GPT-2's fused ``c_attn`` and GPT-NeoX's ``query_key_value`` on their key and
-value slices) replace their outputs by ``dequant(quant(x))``: per token and per head (groups of
-``head_dim`` values), asymmetric min-max quantisation to b bits::
-
-    scale = (max - min) / (2^b - 1);  q = clamp(round((x - min) / scale), 0, 2^b - 1);  x~ = q * scale + min
-
-Keys are quantised *before* RoPE (the projection output); a real cache stores keys after RoPE, a
-rotation, so the error is of the same size but not identical (documented approximation).
-Memory: a quantised element costs ``b`` bits plus, per group of ``head_dim`` values, an fp16 scale and
+KV-cache fake quantisation and its memory: :mod:`prunekit.search.kvquant`. Memory: a quantised element costs ``b`` bits plus, per group of ``head_dim`` values, an fp16 scale and
 an fp16 minimum (``32 / head_dim`` bits per element); the fp16 cache costs 16 bits. The memory budget
 ``kv_budget`` is the allowed fraction of the fp16 KV-cache memory (default ``auto``: what a uniform 4-bit cache
 takes, :func:`check_kv_setup`; or a number such as 0.3); trials above it are
@@ -36,104 +27,21 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Literal, Union
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..allocate import finalize
-from ..errors import PrunekitError
-from ..models.families import get_blocks
+from ..core.allocation import finalize
+from ..core.errors import PrunekitError
+from ..core.families import attention_dims, get_blocks, kv_modules
+from ..core.registry import Int, Params
+from . import checkpoint
+from .kvquant import kv_cache_bytes_per_token, kv_memory_fraction
+from .registry import register_search
 
 STUDY = "prunekit-tpe"
-
-
-# ----------------------------------------------------------------------------- KV-cache fake quantisation
-def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Per-group (last dim split into groups of ``group``) asymmetric min-max fake quantisation."""
-    if bits >= 16:
-        return x
-    shape = x.shape
-    xf = x.float().reshape(*shape[:-1], shape[-1] // group, group)
-    lo = xf.amin(-1, keepdim=True)
-    hi = xf.amax(-1, keepdim=True)
-    levels = 2 ** int(bits) - 1
-    scale = (hi - lo) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = ((xf - lo) / safe).round().clamp(0, levels)
-    out = torch.where(scale > 0, q * safe + lo, xf)
-    return out.reshape(shape).to(x.dtype)
-
-
-def _attn_dims(model) -> tuple[int, int, int]:
-    """(head_dim, number of kv heads, number of attention heads)."""
-    c = model.config
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    return int(head_dim), int(kv_heads), int(heads)
-
-
-def kv_modules(model) -> list[list[tuple[str, torch.nn.Module]]]:
-    """Per block, the modules whose outputs hold keys/values, with their kind:
-    ``k``/``v`` (separate projections), ``gpt2`` (fused c_attn: [q | k | v]), ``neox`` (fused per head)."""
-    out = []
-    for b, block in enumerate(get_blocks(model)):
-        found = []
-        for name, m in block.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("k_proj", "v_proj"):
-                found.append((leaf[0], m))
-            elif leaf == "c_attn":
-                found.append(("gpt2", m))
-            elif leaf == "query_key_value":
-                found.append(("neox", m))
-        if not found:
-            raise PrunekitError(f"KV-cache quantisation: no key/value projection found in block {b} "
-                                f"({model.config.model_type})")
-        out.append(found)
-    return out
-
-
-def kv_quant_hooks(model, bits: list[int]) -> list:
-    """Install forward hooks fake-quantising keys and values of block b to ``bits[b]`` bits.
-    Returns the hook handles (call ``.remove()`` on each)."""
-    head_dim, kv_heads, heads = _attn_dims(model)
-    mods = kv_modules(model)
-    if len(bits) != len(mods):
-        raise PrunekitError(f"{len(bits)} KV bit-widths for {len(mods)} blocks")
-    handles = []
-    for b, found in enumerate(mods):
-        nb = int(bits[b])
-        for kind, m in found:
-            if kind in ("k", "v"):
-                hook = lambda mod, a, o, _b=nb: fake_quant(o, _b, head_dim)  # noqa: E731
-            elif kind == "gpt2":
-                def hook(mod, a, o, _b=nb):
-                    d = o.shape[-1] // 3
-                    return torch.cat([o[..., :d], fake_quant(o[..., d:], _b, head_dim)], -1)
-            else:
-                def hook(mod, a, o, _b=nb):
-                    v = o.reshape(*o.shape[:-1], heads, 3, head_dim)
-                    kvq = fake_quant(v[..., 1:, :], _b, head_dim)
-                    return torch.cat([v[..., :1, :], kvq], -2).reshape(o.shape)
-            handles.append(m.register_forward_hook(hook))
-    return handles
-
-
-def kv_memory_fraction(model, bits: list[int]) -> float:
-    """KV-cache memory with these bit-widths / fp16 KV-cache memory (scales and minima included)."""
-    head_dim, _, _ = _attn_dims(model)
-    overhead = 32.0 / head_dim
-    return sum(min(16.0, b + overhead) if b < 16 else 16.0 for b in bits) / (16.0 * len(bits))
-
-
-def kv_cache_bytes_per_token(model, bits: list[int] | None) -> float:
-    head_dim, kv_heads, _ = _attn_dims(model)
-    per_layer = 2 * kv_heads * head_dim  # keys and values
-    if bits is None:
-        return per_layer * len(get_blocks(model)) * 2.0
-    return per_layer * 2.0 * len(bits) * kv_memory_fraction(model, bits)
 
 
 # ----------------------------------------------------------------------------- search
@@ -162,7 +70,7 @@ def check_kv_setup(model, kv: bool, kv_bits, kv_budget) -> float | None:
         kv_budget = max(smallest, kv_memory_fraction(model, [min(max(KV_AUTO_BITS, kmin), kmax)] * nb))
     if kv_budget is not None and not (isinstance(kv_budget, (int, float)) and not isinstance(kv_budget, bool) and smallest <= kv_budget):
         raise PrunekitError(f"kv_budget {kv_budget!r} is below the smallest KV cache of this model ({kmin} bits: "
-                            f"{smallest:.3f} of fp16 at head_dim {_attn_dims(model)[0]}); use kv_budget=auto, a "
+                            f"{smallest:.3f} of fp16 at head_dim {attention_dims(model)[0]}); use kv_budget=auto, a "
                             f"number >= {smallest:.3f}, or kv=false")
     return None if kv_budget is None else float(kv_budget)
 
@@ -185,9 +93,20 @@ def _grid(target: float, delta: float, step: float, max_ratio: float) -> tuple[f
     return round(lo, 10), round(lo + n * step, 10)
 
 
+class TPEParams(Params):
+    n_groups: Int = Field(8, ge=1, description="contiguous groups of blocks, one sparsity each")
+    delta: float = Field(0.05, ge=0, description="group sparsity in [S - delta, S + delta]")
+    step: float = Field(0.025, gt=0, description="grid of the group sparsities")
+    kv: bool = True
+    kv_bits: list[Int] = [2, 8]
+    kv_budget: Union[float, Literal["auto"], None] = "auto"
+    n_startup_trials: Int = Field(10, ge=0)
+    max_ratio: float = Field(0.99, gt=0, lt=1)
+
+
 def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed: int = 0, resume: bool = True,
                n_groups: int = 8, delta: float = 0.05, step: float = 0.025, kv: bool = True,
-               kv_bits: tuple[int, int] = (2, 8), kv_budget: float | str | None = "auto", n_startup_trials: int = 10,
+               kv_bits=(2, 8), kv_budget: float | str | None = "auto", n_startup_trials: int = 10,
                max_ratio: float = 0.99, progress: bool = True, fingerprint: dict | None = None) -> dict:
     try:
         import optuna
@@ -234,21 +153,15 @@ def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed:
     storage = None
     path = None
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
         path = Path(out_dir) / "tpe.db"
-        if not resume and path.exists():
-            path.unlink()
+        checkpoint.start([path], resume)
         storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     study = optuna.create_study(storage=storage, study_name=STUDY, direction="minimize", load_if_exists=True)
-    import json
-
-    fp_json = json.loads(json.dumps(fp))
     old = study.user_attrs.get("fingerprint")
     if old is None:
-        study.set_user_attr("fingerprint", fp_json)
-    elif old != fp_json:
-        raise PrunekitError(f"study {path} belongs to a different search (method, seed, target, model, data or "
-                            "parameters differ); resume with the same settings, start over with --no-resume (resume=False), or use another output folder")
+        study.set_user_attr("fingerprint", checkpoint.normalized(fp))
+    else:
+        checkpoint.check_fingerprint(old, fp, path)
     resumed = None
     if storage is not None:
         sid = storage.get_study_id_from_name(STUDY)
@@ -320,3 +233,14 @@ def search_tpe(fitness, summary, target: float, budget: int, out_dir=None, seed:
             best["kv_cache_bytes_per_token_fp16"] = kv_cache_bytes_per_token(model, None)
     result["best"] = best
     return result
+
+
+@register_search("tpe", params=TPEParams)
+def run_tpe(setup, budget, out_dir, resume, progress, fingerprint, **params) -> tuple[dict, dict]:
+    """(result, recipe): per-block ratios (and the KV-cache bit-widths, applied at inference, not by prune)."""
+    res = search_tpe(setup.fitness, setup.summary, setup.target, budget, out_dir, setup.seed, resume,
+                     progress=progress, fingerprint=fingerprint, **params)
+    recipe = {"allocation": "uniform", "sparsity": res["best"]["block_ratios"] if res["best"] else float(setup.target)}
+    if res["best"] and res["best"].get("kv_bits"):
+        recipe["kv_cache_bits"] = res["best"]["kv_bits"]  # not a prune config key: applied at inference
+    return res, recipe

@@ -1,0 +1,90 @@
+"""The per-layer handler the engine calls: score or solve, choose the mask, reconstruct, zero, record."""
+from __future__ import annotations
+
+import torch
+
+from ..core.blocks import iterate_blocks
+from ..core.families import name_matches, weight_view
+from ..core.masks import make_mask, pack_mask, row_counts
+from ..core.metric import configured_metric
+from ..core.rowwise import apply_rowwise
+from .plan import stats_needs, stats_options
+
+
+class LayerPruner:
+    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), weight
+    reconstruction, bias update, zero, record."""
+
+    def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
+                 reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None,
+                 row_rounding: str = "exact"):
+        self.metric, self.ratios, self.nm = metric, ratios, nm
+        # per-row masks: "exact" hits each layer's ratio to one weight (masks.row_counts), "floor" floors every row
+        self.exact = row_rounding == "exact"
+        self.rowwise, self.rowwise_params = rowwise, rowwise_params or {}
+        # a solver metric (SparseGPT) that rewrites the weights on this metric's mask, its parameters bound in
+        self.reconstructor = (configured_metric(reconstruct, reconstruct_params, "reconstruct_params")
+                              if reconstruct else None)
+        self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
+        self.masks: dict[str, torch.Tensor] = {}
+        self.records: dict[str, dict] = {}
+
+    @classmethod
+    def from_config(cls, cfg, metric, ratios):
+        return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
+                   cfg.reconstruct_params, cfg.row_rounding)
+
+    @torch.no_grad()
+    def __call__(self, name, module, stats):
+        W = weight_view(module)
+        r = self.ratios[name]
+        if r == 0 and self.nm is None:
+            mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        else:
+            Wf = W.float()  # may alias W (fp32 models): solvers work on their own copy
+            Wn = None
+            info = {}
+            if self.metric.solver is not None:
+                Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
+            else:
+                scores = self.metric.score(Wf, stats)
+                if self.rowwise and not name_matches(name, self.rowwise_skip):
+                    # TRIM starts from (and never scores below) the plain mask's per-row counts
+                    uniform = row_counts(scores, r) if self.exact else None
+                    rows = apply_rowwise(self.rowwise, Wf, scores, stats, r, info=info, uniform_counts=uniform,
+                                         **self.rowwise_params)
+                    mask = make_mask(scores, rows)
+                else:
+                    mask = make_mask(scores, r, self.nm, self.metric.group, self.exact)
+                if self.reconstructor is not None:
+                    Wn, mask = self.reconstructor.solver(Wf, stats, r, self.nm, mask, name=name)
+            if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
+                add_bias(module, self.metric.bias_update(Wf, mask, stats))
+            if Wn is not None:
+                W.copy_(Wn.to(W.dtype))
+            W.masked_fill_(mask, 0)
+        self.masks[name] = pack_mask(mask)
+        self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
+        if self.rowwise and info:
+            self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
+
+
+def add_bias(module, delta: torch.Tensor | None) -> None:
+    """Add a per-output correction to the layer's bias, creating a zero bias if it has none."""
+    if delta is None:
+        return
+    if module.bias is None:
+        out = weight_view(module).shape[0]
+        module.bias = torch.nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+    module.bias.data += delta.to(module.bias.dtype).to(module.bias.device)
+
+
+def prune_all(pruner, metric, model, blocks, block_layers, ids, device, cfg, desc):
+    needs = stats_needs(metric, cfg)
+    if needs:
+        iterate_blocks(model, blocks, block_layers, ids, needs, pruner, device,
+                       batch_size=cfg.batch_size, sequential=cfg.sequential, desc=desc, **stats_options(cfg))
+    else:  # weight-only metric: no forward pass needed
+        for d in block_layers:
+            for name, m in d.items():
+                pruner(name, m, None)

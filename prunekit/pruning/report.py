@@ -1,0 +1,131 @@
+"""The report of a prune: a JSON-able dict (the source of truth, ``report.json``) and its markdown rendering."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.allocation import get_allocator
+from ..core.env import machine, versions
+from ..core.metric import configured_metric
+from .save import probe_ids
+
+
+class Report(dict):
+    """The JSON-able report; ``.masks`` holds the bit-packed prune masks (name -> uint8 tensor),
+    ``.probe_ids`` the (token ids, source) of the reload probe (see :mod:`prunekit.pruning.save`) or None."""
+
+    def __init__(self, data: dict, masks: dict | None = None, probe_ids=None):
+        super().__init__(data)
+        self.masks = masks or {}
+        self.probe_ids = probe_ids
+
+
+def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, alloc_extra, timing, device) -> dict:
+    layers = []
+    for b, d in enumerate(block_layers):
+        for name in d:
+            rec = pruner.records[name]
+            layers.append({"name": name, "block": b, "shape": rec["shape"], "target": rec["target"],
+                           "sparsity": rec["pruned"] / rec["numel"], "numel": rec["numel"]})
+            if "rowwise" in rec:  # e.g. TRIM: chosen lr, layer output cosine with and without it
+                layers[-1]["rowwise"] = rec["rowwise"]
+    blocks = []
+    for b in range(len(block_layers)):
+        ls = [l for l in layers if l["block"] == b]
+        num = sum(l["numel"] for l in ls)
+        blocks.append({"block": b, "sparsity": sum(l["sparsity"] * l["numel"] for l in ls) / num if num else 0.0,
+                       "numel": num})
+    prunable = sum(l["numel"] for l in layers)
+    total_params = sum(p.numel() for p in model.parameters())
+    return Report({
+        "model": cfg.model,
+        "architecture": model.config.model_type,
+        "family": family,
+        "method": {"metric": cfg.metric, "pattern": cfg.pattern, "allocation": cfg.allocation,
+                   "allocation_params": cfg.allocation_params,
+                   "granularity": cfg.granularity or get_allocator(cfg.allocation).granularity,
+                   "sequential": cfg.sequential, "rowwise": cfg.rowwise, "row_rounding": cfg.row_rounding,
+                   "rowwise_params": cfg.rowwise_params, "rowwise_skip": cfg.rowwise_skip,
+                   "reconstruct": cfg.reconstruct,
+                   # the values used: the registered defaults with the user's settings over them
+                   "metric_params": configured_metric(cfg.metric, cfg.metric_params).values,
+                   "reconstruct_params": (configured_metric(cfg.reconstruct, cfg.reconstruct_params).values
+                                          if cfg.reconstruct else {})},
+        "target_sparsity": cfg.target(),
+        "protocol": {"calib": cfg.calib if calib_ids is not None else None,
+                     "nsamples": int(calib_ids.shape[0]) if calib_ids is not None else 0,
+                     "seqlen": seqlen, "seed": cfg.seed, "device": str(device),
+                     "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        "params": {"total": total_params, "prunable": prunable},
+        "overall_sparsity": sum(l["sparsity"] * l["numel"] for l in layers) / prunable if prunable else 0.0,
+        "blocks": blocks,
+        "layers": layers,
+        "allocation": alloc_extra,
+        "timing": timing,
+        "versions": versions(),
+        "machine": machine(),
+        "config": cfg.model_dump(),
+    }, masks=pruner.masks, probe_ids=None if calib_ids is None else probe_ids(model, calib_ids))
+
+
+def _fmt(x, nd=4):
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _params(d: dict | None) -> str:
+    """'k=v, k=v' for a method's parameters (in the dict's order); '' for none."""
+    return ", ".join(f"{k}={v}" for k, v in (d or {}).items())
+
+
+def describe_rowwise(m: dict) -> str:
+    """'trim (inputs=all) except up_proj' for a report's method section ('' without a row-wise method);
+    reports written before rowwise_params was recorded give just the name."""
+    if not m.get("rowwise"):
+        return ""
+    params = _params(dict(sorted((m.get("rowwise_params") or {}).items())))
+    return (m["rowwise"] + (f" ({params})" if params else "")
+            + (f" except {', '.join(m['rowwise_skip'])}" if m.get("rowwise_skip") else ""))
+
+
+def report_markdown(r: dict) -> str:
+    m = r["method"]
+    p = r["protocol"]
+    mp, rp = _params(m.get("metric_params")), _params(m.get("reconstruct_params"))
+    lines = [f"# prunekit report: {r['model']}", "",
+             f"- method: metric **{m['metric']}**" + (f" ({mp})" if mp else "")
+             + f", pattern {m['pattern']}, allocation {m['allocation']} "
+             f"({m['granularity']}), sequential={m['sequential']}"
+             + (f", rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
+             + (f", weights reconstructed by {m['reconstruct']}" + (f" ({rp})" if rp else "") if m.get("reconstruct")
+                else ""),
+             f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
+    if "saved" in r:
+        lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
+    lines.append(f"- calibration: {p['calib']} x {p['nsamples']} samples x {p['seqlen']} tokens, seed {p['seed']}, "
+                 f"device {p['device']}, dtype {p['dtype']}")
+    lines.append(f"- parameters: {r['params']['total']:,} total, {r['params']['prunable']:,} prunable")
+    t = r["timing"]
+    lines.append("- time: " + ", ".join(f"{k} {v} s" for k, v in t.items()))
+    if r.get("eval"):
+        lines += ["", "## Perplexity", "", "| dataset | seqlen | windows | dense | pruned |", "|---|---|---|---|---|"]
+        for name, e in r["eval"].items():
+            d, pr = e["dense"], e["pruned"]
+            lines.append(f"| {name} | {pr['seqlen']} | {pr['windows']} of {pr['windows_available']} | "
+                         f"{d['ppl']:.3f} | {pr['ppl']:.3f} |")
+        lines.append("")
+        lines.append("Token perplexity, non-overlapping windows (paper convention), not lm-eval word perplexity.")
+    lines += ["", "## Sparsity per block", "", "| block | sparsity | params |", "|---|---|---|"]
+    lines += [f"| {b['block']} | {b['sparsity']:.4f} | {b['numel']:,} |" for b in r["blocks"]]
+    lines += ["", "## Sparsity per layer", "", "| layer | shape | target | achieved |", "|---|---|---|---|"]
+    lines += [f"| {l['name']} | {l['shape'][0]}x{l['shape'][1]} | {l['target']:.4f} | {l['sparsity']:.4f} |"
+              for l in r["layers"]]
+    v = r["versions"]
+    lines += ["", "## Environment", "", ", ".join(f"{k} {val}" for k, val in v.items()),
+              ", ".join(f"{k}: {val}" for k, val in r["machine"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: str | Path, r: dict) -> None:
+    folder = Path(folder)
+    (folder / "report.json").write_text(json.dumps(r, indent=2, default=str))
+    (folder / "report.md").write_text(report_markdown(r))
