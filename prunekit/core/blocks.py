@@ -55,8 +55,8 @@ def tune_malloc() -> None:
     """Keep freed large buffers in glibc's heap instead of returning them to the OS.
 
     Every block pass allocates activations of hundreds of MB; by default glibc serves them with
-    mmap and unmaps them on free, so each pass pays page faults again (measured on SmolLM2, 64 x
-    512 tokens, 2 CPU cores: 2.6 s -> 2.0 s per block). No effect off glibc.
+    mmap and unmaps them on free, so each pass would pay the page faults again (about a quarter of a
+    SmolLM2 block pass on a CPU). No effect off glibc.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:

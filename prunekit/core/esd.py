@@ -1,6 +1,6 @@
 """Empirical spectral density (ESD) of weight matrices and power-law tail fits (HT-SR metrics).
 
-Pure torch, CPU or CUDA, batched. Conventions (see ``methods.md``, "AlphaPruning" and "FARMS"):
+Pure torch, CPU or CUDA, batched. Conventions (as in AlphaPruning and FARMS):
 
 * eigenvalues of ``W^T W``: ``svdvals(W.float())**2``, **not** divided by N, sorted ascending;
   a matrix of shape (m, n) has ``min(m, n)`` of them. SVDs run in fp32, fits in float64.

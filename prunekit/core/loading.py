@@ -19,6 +19,7 @@ import torch
 
 from .errors import PrunekitError
 from .families import family_of
+from .outputs import rename_noreplace
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,9 @@ def ensure_default_model() -> Path:
         (out / "SOURCE.txt").write_text(
             f"Converted by prunekit from {_SMOL['pip']} ({_SMOL['gguf']}, GGUF Q4_1 dequantised to fp32).\n"
         )
-        try:
-            out.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    return target
+        if not rename_noreplace(out, target) and not (target / "config.json").is_file():
+            raise PrunekitError(f"{target} exists but holds no converted model; remove it and try again")
+    return target  # put in place by this process, or by another that finished first
 
 
 def resolve_model_path(spec: str) -> str:

@@ -47,7 +47,7 @@ def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         # order (identical to the stable sort below; 2.5-6x faster on the CPU for SparseGPT's 128-column
         # blocks and per-row Wanda masks). CPU only: CUDA's kthvalue gives each row one thread block, and
         # SparseGPT selects over one long row per block (11008 x 128 = 1.4 M entries for LLaMA-7B's
-        # gate/up), so GPUs keep the sort (the path timed on the H200 in session 8)
+        # gate/up), so GPUs keep the sort
         t = scores.kthvalue(k, dim=1, keepdim=True).values
         below = scores < t
         tied = scores == t

@@ -45,15 +45,14 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     significand bits of TF32's 10), and products of two are exact in float32, so TF32 loses nothing on
     these inputs; the sums are float32. Every result is checked: its diagonal against the exact float64
     sums of squares (``checked``); if the worst relative error exceeds ``DIAG_TOL``, this and every later
-    call uses the float32 path and a warning says so. (Measured on an H200, torch 2.11: the float32 GEMM
-    of 262k x 11008 runs at 54 TFLOP/s with a relative error of 5e-5 against float64; a bf16 x bf16 GEMM
-    with float32 output, ``torch.mm(..., out_dtype=torch.float32)``, at 656 TFLOP/s but with 1.4e-3, the
-    size of a rounding to bf16: bench/results/hessian_gemm.json. That path is therefore not used.)
+    call uses the float32 path and a warning says so. (A bf16 x bf16 GEMM with float32 output,
+    ``torch.mm(..., out_dtype=torch.float32)``, is about 12x faster on a GPU but its relative error, 1.4e-3
+    against 5e-5, is the size of a rounding to bf16 (bench/results/hessian_gemm.json): it is not used.)
     Elsewhere: float32 GEMMs on ``x.float()``.
 
     Either way only the upper triangle is computed, in column blocks (``_add_upper_``), and mirrored:
-    about 5/8 of a full GEMM's work, and an exactly symmetric result. (Measured on the 2-core CPU,
-    32768 tokens: d=576 0.121 -> 0.092 s, d=1536 0.895 -> 0.622 s; equal to the full GEMM to the bit.)"""
+    about 5/8 of a full GEMM's work (about 30% less time on a CPU), an exactly symmetric result, equal to the
+    full GEMM to the bit."""
     if x.is_cuda and x.dtype in _LOW_PRECISION and not FAST_GRAM_FAILED:
         h = checked(x, _gram_tf32(x))
         if h is not None:
@@ -173,8 +172,7 @@ class LayerStats:
             # in row chunks: float32 temporaries of at most SUM_CHUNK_ELEMENTS (not two float32 copies of x:
             # 2 x 11.5 GB for the down_proj input of 128 x 2048 LLaMA-7B tokens); on a CPU chunks of
             # CPU_SUM_ROWS rows: ``sum(0, dtype=float64)`` first copies its input to float64, and a small
-            # chunk's copy stays in cache (measured on the 2-core CPU, 32768 x 1536: 0.29 s per sum of
-            # squares in one chunk, 0.028 s in 1024-row chunks, same values to 6e-16)
+            # chunk's copy stays in cache (10x faster than one chunk on a CPU, the same values to 6e-16)
             parts = x.split(CPU_SUM_ROWS) if x.device.type == "cpu" else row_chunks(x)
             for part in parts:
                 xf = part.float()

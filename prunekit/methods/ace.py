@@ -1,6 +1,6 @@
 """ACE: activation-cosine-similarity loss estimate plus an activation-variance term.
 
-The method description (``methods.md``) only says: "combines an activation-cosine-similarity loss estimate
+The published description only says: "combines an activation-cosine-similarity loss estimate
 (first-order change of the output direction when W_ij is removed, times a Wanda-like term) with an
 activation-variance term"; the exact formula is unverified. What follows is *prunekit's reading* of that
 description, derived here; it is not a transcription of the authors' formula and may differ from it.

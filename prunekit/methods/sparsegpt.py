@@ -4,7 +4,7 @@ SparseGPT is a *solver*, not only a score: it chooses the mask column block by c
 after each pruned column, updates the not-yet-processed columns so that the layer output on the
 calibration inputs changes as little as possible (Optimal Brain Surgeon with the layer Hessian).
 
-Algorithm (see ``methods.md``), for W of shape (out, in) and H = (2/n) sum_t x_t x_t^T (fp32):
+Algorithm (Frantar & Alistarh 2023), for W of shape (out, in) and H = (2/n) sum_t x_t x_t^T (fp32):
 
 1. dead inputs (H_jj == 0: the feature is 0 on every calibration token) get H_jj = 1 and their weight
    column is zeroed (its value never affects the calibration output);
@@ -42,8 +42,7 @@ solver holds one damped working copy of H (through the engine's adapter this is 
 L^-1, i.e. with ``stats.hessian`` four (in, in) fp32 matrices at the peak (L and L^-1 are released
 before the column sweep, which keeps U only), plus two fp32 copies of W and a bool mask of its size (the
 "triangular" sweep adds one (out, 32, 32) fp32 batch per sub-block: 45 MB for 11008 rows). For a
-4096 x 11008 MLP projection one such matrix is 11008^2 * 4 B = 485 MB. (Before ``overwrite_h``, the
-adapter path held six: a second copy of H and a damped copy per attempt.) Layers that read the same
+4096 x 11008 MLP projection one such matrix is 11008^2 * 4 B = 485 MB. Layers that read the same
 input (q/k/v, gate/up) share one ``LayerStats``, and the engine's adapter keeps the factor U (with the
 dead inputs and H's diagonal: ``HessianFactor``) in its cache until the last of them is solved, so a
 LLaMA block factors 4 Hessians, not 7, at the cost of holding that U between those layers.
@@ -373,7 +372,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
                     percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
                     name: str = "layer", overwrite_h: bool = False,
                     factor: HessianFactor | Callable[[], HessianFactor] | None = None,
-                    sweep: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    sweep: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with SparseGPT; returns (new fp32 weight, bool prune mask, True = pruned).
 
     ``H`` is (2/n) sum x x^T (``LayerStats.hessian_mean()``); ``sparsity`` a float in [0, 1) or a

@@ -5,7 +5,7 @@ A row-wise allocator turns a layer's target sparsity ``s`` into one ratio per ou
 lowest scores). It works on top of any score metric (magnitude, Wanda, RIA, ...); solvers that
 build their own masks (SparseGPT) are not supported.
 
-TRIM (see the "Row-wise" section of the reference notes)
+TRIM (row-wise, iterative, metric-driven allocation)
 --------------------------------------------------------
 X holds the inputs of the last token of each calibration sample, shape (n, d_in) (the paper's
 choice; ``rowwise_params={"tokens_per_sample": k}`` takes k evenly spaced positions ending at the last

@@ -1,6 +1,6 @@
 """OptiShear-style multi-objective search (pymoo NSGA-II, or NSGA-III as in OptiShear v1).
 
-The paper leaves the search space open ("unverified" in methods.md); prunekit's documented choice:
+The paper leaves the search space open; prunekit's documented choice:
 
 Meta metric (per layer, compared per output row or per matrix)::
 
