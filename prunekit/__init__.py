@@ -19,6 +19,7 @@ _API = {
     "list_cached_models": "core.loading", "load_model": "core.loading",
     "run": "pruning.pipeline", "save_pruned": "pruning.pipeline",
     "prune": "pruning.run",
+    "load_pretrained": "pruning.compressed",
 }
 __all__ = ["__version__", *_API]
 

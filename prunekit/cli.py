@@ -27,7 +27,7 @@ from .core.families import resolve_seqlen  # noqa: E402
 from .core.loading import ensure_default_model, list_cached_models, load_model, model_input_path  # noqa: E402
 from .core.metric import METRICS  # noqa: E402
 from .core.offload import resolve_device  # noqa: E402
-from .core.outputs import (atomic_write_json, atomic_write_text, check_output, check_output_file,  # noqa: E402
+from .core.outputs import (atomic_dir, atomic_write_json, atomic_write_text, check_output, check_output_file,  # noqa: E402
                            committed)
 from .core.rowwise import ROWWISE  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
@@ -35,7 +35,9 @@ from .evaluate.zeroshot import evaluate_tasks  # noqa: E402
 from .pruning.config import load_recipe, make_config  # noqa: E402
 from .pruning.pipeline import run  # noqa: E402
 from .pruning.report import describe_rowwise  # noqa: E402
-from .pruning.save import verify_saved  # noqa: E402
+from .pruning.compressed import copy_extras, is_compressed, load_pretrained, same_weights  # noqa: E402
+from .pruning.compressed import compress_folder  # noqa: E402
+from .pruning.verify import verify_saved  # noqa: E402
 from .search import METHODS, check_search_params, prepare_search_dir, run_search  # noqa: E402
 from .search.registry import SEARCHES  # noqa: E402
 
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=_int_at_least(2))
     p.add_argument("--out", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_const", const=True)
+    p.add_argument("--save-format", choices=["dense", "compressed"],
+                   help="dense (default): a plain HF folder with exact zeros; compressed: kept values + packed masks, "
+                        "load with prunekit.load_pretrained")
 
     e = sub.add_parser("eval", help="perplexity of a model")
     e.add_argument("--model", required=True)
@@ -207,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of --metric, as for prune (e.g. alpha=1 for ria); kept in the recipe")
 
+    for name, what in (("compress", "a saved pruned folder in the compressed format (kept values + packed masks)"),
+                       ("decompress", "a compressed folder as a plain HF folder with exact zeros")):
+        c = sub.add_parser(name, help=f"write {what}")
+        c.add_argument("--model", required=True, help="a folder prunekit saved")
+        c.add_argument("--out", required=True)
+        c.add_argument("--overwrite", action="store_true")
+
     sub.add_parser("methods", help="list registered metrics and allocators")
     return ap
 
@@ -215,7 +227,7 @@ def cmd_prune(a) -> int:
     fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
               "reconstruct", "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib",
               "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
-              "eval_max_windows", "eval_seqlen", "out", "overwrite", "row_rounding"]
+              "eval_max_windows", "eval_seqlen", "out", "overwrite", "row_rounding", "save_format"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
     if a.allocation_param:
         given["allocation_params"] = dict(a.allocation_param)
@@ -302,7 +314,8 @@ def cmd_analyze(a) -> int:
 def cmd_verify(a) -> int:
     r = verify_saved(a.model, resolve_device(a.device))
     probe = r["probe"]
-    print(f"{a.model}: reloaded with AutoModelForCausalLM; {r['layers']} pruned layers, "
+    how = "AutoModelForCausalLM" if r["format"] == "dense" else "prunekit.load_pretrained (compressed format)"
+    print(f"{a.model}: reloaded with {how}; {r['layers']} pruned layers, "
           f"sparsity {r['overall_sparsity']:.6f} counted from the weights (target {r['target']:.4f}, as the report "
           f"says); every masked weight is an exact zero; per-row sparsity min {r['row_min']:.4f} max "
           f"{r['row_max']:.4f}; "
@@ -354,8 +367,41 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def cmd_compress(a) -> int:
+    return _convert(a, compress=True)
+
+
+def cmd_decompress(a) -> int:
+    return _convert(a, compress=False)
+
+
+def _convert(a, compress: bool) -> int:
+    """compress / decompress a saved folder; the result must hold exactly the source's weights."""
+    src = Path(a.model)
+    if not (src / "masks.safetensors").is_file():
+        raise PrunekitError(f"{src} is not a prunekit output folder (no masks.safetensors)")
+    if is_compressed(src) == compress:
+        raise PrunekitError(f"{src} is already {'compressed' if compress else 'dense'}")
+    check_output(a.out, a.overwrite, [src])
+    source = load_pretrained(src)
+    with atomic_dir(a.out, a.overwrite, [src]) as tmp:
+        copy_extras(src, tmp)
+        source.save_pretrained(tmp, safe_serialization=True)
+        sizes = compress_folder(tmp) if compress else None
+        if not same_weights(source.state_dict(), load_pretrained(tmp).state_dict()):
+            raise PrunekitError(f"the {a.cmd}ed folder does not hold exactly the source's weights; nothing was written")
+    if sizes:
+        dense, packed = sizes["pruned_dense_bytes"], sizes["pruned_compressed_bytes"]
+        what = f"pruned weights take {packed / 2**20:.2f} MiB instead of {dense / 2**20:.2f} MiB ({packed / dense:.4f})"
+    else:
+        what = "a plain HF folder"
+    print(f"wrote {a.out}: {what}; weights identical to {src}")
+    return 0
+
+
 COMMANDS = {"prune": "cmd_prune", "eval": "cmd_eval", "models": "cmd_models", "methods": "cmd_methods",
-            "verify": "cmd_verify", "analyze": "cmd_analyze", "search": "cmd_search"}
+            "verify": "cmd_verify", "analyze": "cmd_analyze", "search": "cmd_search", "compress": "cmd_compress",
+            "decompress": "cmd_decompress"}
 
 
 def main(argv=None) -> int:

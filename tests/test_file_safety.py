@@ -330,6 +330,7 @@ OUTPUT_KINDS = {
     "prune-comp": ["--metric", "wanda", "--remove-blocks", "1", "--removal", "prune-comp"],
     "bi": ["--metric", "wanda", "--remove-blocks", "1", "--removal", "bi"],
     "calib-select": ["--metric", "wanda", "--calib-select", "prototype:hard", "--calib-pool", "8"],
+    "compressed": ["--metric", "sparsegpt", "--sparsity", "0.7", "--save-format", "compressed"],
 }
 
 

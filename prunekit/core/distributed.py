@@ -15,8 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .stats import LayerStats
 from .families import weight_view
+from .stats import LayerStats
 
 
 def active() -> bool:

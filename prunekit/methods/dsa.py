@@ -41,11 +41,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-
-import torch
-
 from typing import Optional
 
+import torch
 from pydantic import Field
 
 from ..core.allocation import Allocation, ModelSummary, finalize, register_allocator

@@ -52,8 +52,16 @@ from torch import nn
 
 from ..core.blocks import walk_blocks
 from ..core.errors import PrunekitError
-from ..core.families import (block_linears, blocks_path, family_of, find_linears, get_blocks, hidden_size,
-                             stream_sources, weight_view)
+from ..core.families import (
+    block_linears,
+    blocks_path,
+    family_of,
+    find_linears,
+    get_blocks,
+    hidden_size,
+    stream_sources,
+    weight_view,
+)
 from ..core.nll import nll_of_windows
 from ..core.offload import on_device
 from ..core.registry import Registry

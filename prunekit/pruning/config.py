@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 
 from ..core.allocation import check_allocation_params
 from ..core.data import NAMED_SETS
@@ -67,6 +66,9 @@ class PruneConfig(BaseModel):
     eval_seqlen: Optional[int] = None
     out: Optional[str] = None
     overwrite: bool = False
+    save_format: Literal["dense", "compressed"] = Field(
+        "dense", description="dense: a plain HF folder with exact zeros; compressed: kept values + packed masks "
+                             "(load with prunekit.load_pretrained)")
 
     @field_validator("sparsity")
     @classmethod

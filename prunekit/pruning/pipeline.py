@@ -6,17 +6,17 @@ import time
 from pathlib import Path
 
 from ..core import distributed
-from .config import PruneConfig
-from ..evaluate import perplexity
 from ..core.data import NAMED_SETS
 from ..core.errors import PrunekitError
-from ..core.loading import load_model, model_input_path
 from ..core.families import resolve_seqlen
+from ..core.loading import load_model, model_input_path
 from ..core.offload import resolve_device
+from ..core.outputs import atomic_dir, check_output
+from ..evaluate import perplexity
+from .compressed import compress_folder, load_pretrained
+from .config import PruneConfig
 from .report import Report, write_report
 from .run import prune
-from .report import write_report
-from ..core.outputs import atomic_dir, check_output
 from .save import probe_ids, probe_matches, probe_nll, reload_saved, save_masks, sparsity_from_files
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,11 @@ def evaluate_ppl(model, tokenizer, sets, seqlen, max_windows, device) -> dict:
 
 def save_pruned(model, tokenizer, report: Report, cfg: PruneConfig, out, overwrite: bool = False,
                 inputs=()) -> dict:
-    """Write model (safetensors, exact zeros), tokenizer, packed masks, recipe and report atomically.
+    """Write model (safetensors, exact zeros; or the compressed format, ``cfg.save_format``), tokenizer, packed
+    masks, recipe and report atomically.
 
-    Before the folder is put in place it is reloaded with plain ``from_pretrained`` and its probe NLL compared
+    Before the folder is put in place it is reloaded as a user would load it (plain ``from_pretrained``, then,
+    for the compressed format, :func:`~prunekit.pruning.compressed.load_pretrained`) and its probe NLL compared
     with the in-memory model's (``report["probe"]``): a folder that would not reload as the model that was
     evaluated is never written. The sparsity stated in the report is re-counted from the written files.
     ``inputs``: paths the output may not overlap (the model's own folder is added when it is local)."""
@@ -38,6 +40,7 @@ def save_pruned(model, tokenizer, report: Report, cfg: PruneConfig, out, overwri
     check_output(out, overwrite, inputs, exists="later")  # before the probe's forward pass
     ids, source = report.probe_ids if report.probe_ids is not None else probe_ids(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    device = next(model.parameters()).device
     report["probe"] = {"source": source, "tokens": int(ids.numel()), "dtype": dtype,
                        "nll": probe_nll(model, ids), "ids": ids.tolist()}
     with atomic_dir(out, overwrite, inputs) as tmp:
@@ -47,18 +50,25 @@ def save_pruned(model, tokenizer, report: Report, cfg: PruneConfig, out, overwri
         shapes = {l["name"]: l["shape"] for l in report["layers"]}
         save_masks(tmp / "masks.safetensors", report.masks, shapes)
         (tmp / "recipe.yaml").write_text(cfg.to_yaml())
-        reloaded = reload_saved(tmp)
-        nll = probe_nll(reloaded, ids, next(model.parameters()).device)
-        del reloaded
-        if not probe_matches(report["probe"]["nll"], nll, dtype):
-            raise PrunekitError(f"the saved folder does not reload as the pruned model (probe NLL {nll:.6f} after a "
-                                f"plain from_pretrained, {report['probe']['nll']:.6f} in memory); nothing was written")
-        report["probe"]["reloaded_nll"] = nll
+        _check_reload(reload_saved(tmp), ids, device, report["probe"], "a plain from_pretrained")
         report["saved"] = sparsity_from_files(tmp, list(shapes))
         report["saved"]["layers"] = {k: round(v, 6) for k, v in report["saved"]["layers"].items()}
+        report["saved"]["format"] = cfg.save_format
+        if cfg.save_format == "compressed":
+            report["saved"].update(compress_folder(tmp))
+            _check_reload(load_pretrained(tmp), ids, device, report["probe"], "prunekit.load_pretrained")
         write_report(tmp, report)
         plot_allocation(tmp, report)
     return report["saved"]
+
+
+def _check_reload(reloaded, ids, device, probe: dict, how: str) -> None:
+    nll = probe_nll(reloaded, ids, device)
+    del reloaded
+    if not probe_matches(probe["nll"], nll, probe["dtype"]):
+        raise PrunekitError(f"the saved folder does not reload as the pruned model (probe NLL {nll:.6f} after {how}, "
+                            f"{probe['nll']:.6f} in memory); nothing was written")
+    probe["reloaded_nll"] = nll
 
 
 def plot_allocation(folder: Path, report: dict) -> None:

@@ -10,8 +10,16 @@ import torch
 from ..core.allocation import allocate
 from ..core.data import calibration_windows
 from ..core.errors import PrunekitError
-from ..core.families import (block_linears, declare_biases, family_of, get_blocks, name_matches, resolve_seqlen,
-                             unmatched_patterns, weight_view)
+from ..core.families import (
+    block_linears,
+    declare_biases,
+    family_of,
+    get_blocks,
+    name_matches,
+    resolve_seqlen,
+    unmatched_patterns,
+    weight_view,
+)
 from ..core.masks import check_nm_shape
 from ..core.metric import configured_metric
 from ..core.offload import resolve_device
@@ -22,7 +30,7 @@ from .auto import auto_params
 from .config import PruneConfig, make_config
 from .layer_pruner import LayerPruner, prune_all
 from .plan import needs_calibration
-from .report import Report, build_report
+from .report import build_report
 
 log = logging.getLogger(__name__)
 

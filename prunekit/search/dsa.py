@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from ..core.errors import PrunekitError
 from ..core.registry import Int, Params
+from ..methods.dsa import BlockScores, InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program
 from ..pruning.allocator_inputs import score_profile, score_profile_from_stats, stats_cover_scores
 from . import checkpoint
 from .registry import register_search
-from ..methods.dsa import BlockScores, InvalidProgram, Program, crossover, dsa_final_ratios, mutate, random_program
 
 DEFAULT_SEEDS = (
     "pre:abslog|red:var|tr:atan,asin|post:none",  # found for LLaMA-1-7B in the DSA paper

@@ -17,7 +17,7 @@ from ..core.families import model_context_length, resolve_seqlen
 from ..core.metric import get_metric
 from ..core.outputs import atomic_write_json, relation, resolved_path
 from ..pruning.allocator_inputs import model_summary
-from . import dsa, random_search, tpe, optishear  # noqa: F401,I001  (each registers its search method, in this order)
+from . import dsa, optishear, random_search, tpe  # noqa: F401  (each registers its search method)
 from .fitness import Fitness, ids_digest
 from .registry import SEARCHES, SearchSetup
 from .tpe import check_kv_setup
