@@ -1,4 +1,6 @@
-"""CLI wiring of block removal, calibration selection and zero-shot evaluation."""
+"""The command line (prunekit.cli): each subcommand's options reach the code they configure and show up in
+the outputs (block removal, calibration selection, zero-shot evaluation, search, row-wise and metric
+parameters, the methods listing); bad values are refused before any work."""
 import json
 
 from transformers import AutoModelForCausalLM
