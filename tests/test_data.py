@@ -1,5 +1,6 @@
 """Text sources (prunekit.core.data): calibration windows (seeded, each from a single document, never from
-C4's evaluation documents), local file formats, and the WikiText-2 evaluation stream."""
+C4's evaluation documents), local file formats, the WikiText-2 evaluation stream, and a calibration text
+too short for the windows asked for."""
 import json
 
 import pyarrow as pa
@@ -9,6 +10,7 @@ import torch
 
 from prunekit.core.data import calibration_windows, eval_token_ids, load_documents
 from prunekit.core.data import C4_EVAL_DOCS
+from prunekit.core.errors import PrunekitError
 
 from conftest import TINY_TEXT
 
@@ -58,3 +60,10 @@ def test_wikitext_is_rows_joined(gpt2_tokenizer):
     ids = eval_token_ids(gpt2_tokenizer, "wikitext2")
     # MANIFEST: the joined rows are 287,644 GPT-2 tokens
     assert ids.numel() == 287644
+
+
+def test_calibration_text_too_short(tmp_path, gpt2_tokenizer):
+    f = tmp_path / "short.txt"
+    f.write_text("just a few words of text here")
+    with pytest.raises(PrunekitError, match=r"calibration text too short: \d+ tokens for 4 samples x 16 tokens"):
+        calibration_windows(gpt2_tokenizer, str(f), 4, 16)

@@ -1,7 +1,14 @@
 """Masks from scores (prunekit.core.masks): the lowest-k selection and the exact per-row counts against
-brute-force sorts with heavy ties."""
+brute-force sorts with heavy ties, the N:M shape check, and the packed bit format of saved masks."""
 import numpy as np
+import pytest
 import torch
+
+import prunekit
+from prunekit.core.errors import PrunekitError
+from prunekit.core.masks import unpack_mask
+
+from conftest import tiny_model
 
 
 def test_lowest_k_selection_equals_a_stable_sort_with_ties():
@@ -55,3 +62,27 @@ def test_row_counts_against_brute_force():
                 assert int(mask.sum()) == total
                 floor = make_mask(sc, s, exact=False)
                 assert bool((floor.sum(1) == int(cols * s)).all())
+
+
+def test_nm_dimension_not_divisible(calib_ids):
+    model = tiny_model("gpt2", hidden=36)  # 36 % 8 != 0 (GPT-2: no RoPE constraint on the head size)
+    with pytest.raises(PrunekitError, match=r"input dimension 36 is not divisible by M=8"):
+        prunekit.prune(model, None, {"metric": "wanda", "pattern": "4:8"}, calib_ids=calib_ids)
+
+
+def test_packed_masks_roundtrip():
+    from prunekit.core.masks import pack_mask
+
+    m = torch.rand(7, 13) > 0.5
+    assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
+
+
+@pytest.mark.parametrize("n", [1, 8, 91, 4096])
+def test_torch_bit_packing_equals_numpy_packbits(n):
+    """pack_bits packs GPU masks on the GPU; here it runs on CPU tensors against numpy's packbits."""
+    import numpy as np
+
+    from prunekit.core.masks import pack_bits
+
+    m = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+    assert torch.equal(pack_bits(m), torch.from_numpy(np.packbits(m.numpy())))
