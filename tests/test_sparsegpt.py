@@ -12,8 +12,8 @@ import torch
 
 import prunekit
 from prunekit.core.errors import PrunekitError
-from prunekit.core.families import block_linears
-from prunekit.core.masks import make_mask
+from prunekit.core.families import block_linears, weight_view
+from prunekit.core.masks import make_mask, unpack_mask
 from prunekit.core.metric import get_metric
 from prunekit.methods.sparsegpt import sparsegpt_solve
 
@@ -373,3 +373,24 @@ def test_sparsegpt_triangular_sweep_prunes_like_the_column_loop(calib_ids, cfg):
     assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_reconstruct_keeps_the_metric_mask_and_lowers_error(calib_ids):
+    dense = tiny_model("llama", hidden=64)
+    a, b = tiny_model("llama", hidden=64), tiny_model("llama", hidden=64)
+    ra = prunekit.prune(a, None, {"metric": "wanda", "sparsity": 0.5, "sequential": False}, calib_ids=calib_ids)
+    rb = prunekit.prune(b, None, {"metric": "wanda", "sparsity": 0.5, "sequential": False, "reconstruct": "sparsegpt"},
+                        calib_ids=calib_ids)
+    # block 0 sees identical inputs in both runs, so its masks must be identical
+    for n in ra.masks:
+        if ".0." in n:
+            assert torch.equal(ra.masks[n], rb.masks[n])
+    with torch.no_grad():
+        ref = dense(calib_ids).logits
+        err_a = (a(calib_ids).logits - ref).pow(2).mean()
+        err_b = (b(calib_ids).logits - ref).pow(2).mean()
+    assert err_b < err_a
+    for n, packed in rb.masks.items():
+        W = weight_view(dict(b.named_modules())[n])
+        m = unpack_mask(packed, W.shape)
+        assert bool((W[m] == 0).all())

@@ -1,5 +1,6 @@
 """Input statistics (prunekit.core.stats): feature sums in row chunks, the Gram matrix from its upper block
-triangle, and the fast (TF32, chunked) Hessian path with the check that switches it off."""
+triangle, the fast (TF32, chunked) Hessian path with the check that switches it off, and the token
+positions kept for TRIM's last-token inputs."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,11 @@ import logging
 import pytest
 import torch
 
+from prunekit.core.stats import LayerStats
+
 from conftest import correlated_inputs, stats_of
+
+D_IN = 128
 
 
 def test_feature_sums_in_row_chunks_equal_the_direct_sums(monkeypatch):
@@ -59,3 +64,18 @@ def test_block_upper_gram_equals_the_full_product(monkeypatch, width):
         r = ref if h.dtype == torch.float32 else x.to(torch.bfloat16).double().t() @ x.to(torch.bfloat16).double()
         assert torch.equal(h, h.t())
         assert float((h.double() - r).abs().max() / r.abs().max()) < 1e-6
+
+
+def test_tokens_per_sample_takes_evenly_spaced_positions_ending_at_the_last():
+    x = torch.randn(3, 16, D_IN)
+    st = LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=4, max_last_tokens=2)
+    assert st.token_positions(16) == [3, 7, 11, 15]
+    st.update(x)
+    # at most max_last_tokens sequences, k rows each, in (sequence, position) order
+    assert torch.equal(st.last_token_inputs(), x[:2][:, [3, 7, 11, 15]].reshape(-1, D_IN))
+    one = LayerStats(frozenset({"last_tokens"}), D_IN)
+    one.update(x)
+    assert torch.equal(one.last_token_inputs(), x[:, -1])  # default: the paper's last token only
+    assert LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=40).token_positions(5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="tokens_per_sample"):
+        LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=0)
