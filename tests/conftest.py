@@ -120,3 +120,9 @@ def correlated_layer():
     X = correlated_inputs()
     W = torch.randn(64, 128, generator=generator(1))
     return W, X, stats_of(X)
+
+
+def calib_and_heldout(n_calib=6, n_held=4, seqlen=16):
+    """Seeded random token windows for a tiny model: (calibration ids, held-out ids)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (n_calib, seqlen), generator=g), torch.randint(0, 128, (n_held, seqlen), generator=g)
