@@ -161,6 +161,7 @@ def test_kv_fake_quantisation():
     assert kv_memory_fraction(model, [4, 4]) == pytest.approx(8 / 16)
 
 
+@pytest.mark.slow  # four TPE runs, 26 trials in SQLite storage: 2.3-6.5 s here
 def test_tpe_search_resume_is_identical(tmp_path, monkeypatch):
     pytest.importorskip("optuna")
     kw = dict(n_groups=2, n_startup_trials=3, kv_budget=0.5)
