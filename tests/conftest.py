@@ -81,3 +81,48 @@ def check_exact_row_counts(weights: dict, requested: dict, per_row: bool = True)
         if per_row:
             base = total // rows
             assert bool(((z == base) | (z == base + 1)).all()), name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One random linear layer with correlated inputs, for the metric, solver and statistics tests.
+
+ALL_STATS = frozenset({"sq_sum", "sum", "hessian"})
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated_inputs(n=2048, d=128, seed=0, mean=0.0):
+    """Correlated features: a random mixing of fewer latent factors plus feature-specific noise."""
+    import math
+
+    g = generator(seed)
+    latent = torch.randn(n, d // 4, generator=g)
+    mix = torch.randn(d // 4, d, generator=g) / math.sqrt(d // 4)
+    scale = 0.2 + 2.0 * torch.rand(d, generator=g)
+    X = latent @ mix + 0.3 * torch.randn(n, d, generator=g)
+    return X * scale + mean
+
+
+def stats_of(X, needs=ALL_STATS, chunks=4):
+    """The LayerStats of inputs X, fed in several update() calls, as the engine's hooks do."""
+    from prunekit.core.stats import LayerStats
+
+    st = LayerStats(frozenset(needs), X.shape[-1])
+    for part in X.chunk(chunks, 0):
+        st.update(part)
+    return st
+
+
+def correlated_layer():
+    """(W, X, stats): a 64 x 128 weight, 2048 correlated input rows and their statistics."""
+    X = correlated_inputs()
+    W = torch.randn(64, 128, generator=generator(1))
+    return W, X, stats_of(X)
+
+
+def calib_and_heldout(n_calib=6, n_held=4, seqlen=16):
+    """Seeded random token windows for a tiny model: (calibration ids, held-out ids)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (n_calib, seqlen), generator=g), torch.randint(0, 128, (n_held, seqlen), generator=g)

@@ -12,6 +12,8 @@ import prunekit
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test starts two processes that import torch: 5-10 s here
+
 CASES = [{"metric": "wanda", "sparsity": 0.5}, {"metric": "sparsegpt", "sparsity": 0.6},
          {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim"}, {"metric": "stade", "sparsity": 0.5}]
 

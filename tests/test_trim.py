@@ -1,4 +1,6 @@
-"""TRIM row-wise sparsity on small random layers (CPU, about a second)."""
+"""TRIM row-wise sparsity (prunekit.methods.trim): on small random layers, exact totals, bounds, never worse
+than uniform, and the search against a naive reference; through the engine, exact layer totals under any
+allocator, its parameters reaching the statistics (tokens_per_sample, inputs=all), and rowwise_skip."""
 from __future__ import annotations
 
 import math
@@ -6,13 +8,17 @@ import math
 import pytest
 import torch
 
+import prunekit
 from prunekit.core.errors import PrunekitError
+from prunekit.core.families import block_linears, weight_view
 from prunekit.core.masks import make_mask, row_counts, rowwise_mask, unstructured_mask
 from prunekit.core.metric import get_metric
 from prunekit.core.stats import LayerStats
 from prunekit.core.rowwise import ROWWISE, apply_rowwise, rowwise_needs
 from prunekit.methods.trim import (counts_with_total, project_mean_box, ratios_from_counts, trim_row_sparsity,
                                    trim_update)
+
+from conftest import tiny_model
 
 OUT, D_IN, N = 64, 128, 256
 
@@ -239,21 +245,6 @@ def test_matches_naive_reference_search(seed):
     assert info["score"] == pytest.approx(score, abs=1e-6)
 
 
-def test_tokens_per_sample_takes_evenly_spaced_positions_ending_at_the_last():
-    x = torch.randn(3, 16, D_IN)
-    st = LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=4, max_last_tokens=2)
-    assert st.token_positions(16) == [3, 7, 11, 15]
-    st.update(x)
-    # at most max_last_tokens sequences, k rows each, in (sequence, position) order
-    assert torch.equal(st.last_token_inputs(), x[:2][:, [3, 7, 11, 15]].reshape(-1, D_IN))
-    one = LayerStats(frozenset({"last_tokens"}), D_IN)
-    one.update(x)
-    assert torch.equal(one.last_token_inputs(), x[:, -1])  # default: the paper's last token only
-    assert LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=40).token_positions(5) == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="tokens_per_sample"):
-        LayerStats(frozenset({"last_tokens"}), D_IN, tokens_per_sample=0)
-
-
 def test_gram_factor_reproduces_the_gram_matrix():
     _, X = layer(7, n=40)  # fewer tokens than features: X^T X is singular (rank 40)
     G = X.double().t() @ X.double()
@@ -300,3 +291,104 @@ def test_inputs_all_scores_on_every_calibration_token(seed):
     assert torch.equal(rowwise_mask(S, rows0), unstructured_mask(S, 0.6, "row"))
     with pytest.raises(PrunekitError, match="inputs"):
         rowwise_needs("trim", {"inputs": "first"})
+
+
+# ----------------------------------------------------------------------------- through the engine
+
+
+@pytest.mark.parametrize("alloc", ["uniform", "owl"])
+def test_trim_keeps_each_layer_total_exact(calib_ids, alloc):
+    model = tiny_model("llama", hidden=64)
+    report = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim", "allocation": alloc},
+                            calib_ids=calib_ids)
+    for l in report["layers"]:
+        o, i = l["shape"]
+        W = weight_view(dict(model.named_modules())[l["name"]])
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]
+    rows = [weight_view(m).eq(0).sum(1) for d in block_linears(model) for m in d.values()]
+    assert any(int(r.max()) != int(r.min()) for r in rows)  # rows got different sparsities somewhere
+    # the report says why: TRIM's chosen lr and its objective with and without it, never below uniform
+    assert all("rowwise" in l for l in report["layers"])
+    rw = [l["rowwise"] for l in report["layers"]]
+    assert all(r["score"] >= r["score_uniform"] for r in rw)
+    assert any(r["score"] > r["score_uniform"] and r["lr"] != 0 for r in rw)
+
+
+def test_trim_tokens_per_sample_reaches_the_statistics(calib_ids, monkeypatch):
+    """rowwise_params tokens_per_sample=k gives TRIM k rows of X per calibration sequence (not a TRIM kwarg)."""
+    import prunekit.methods.trim as rw
+
+    seen = []
+    orig = rw.trim_row_sparsity
+    monkeypatch.setattr(rw, "trim_row_sparsity", lambda W, S, X, t, **kw: (seen.append(X.shape[0]), orig(W, S, X, t, **kw))[1])
+    model = tiny_model("llama", hidden=64)
+    prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.5, "rowwise": "trim",
+                                 "rowwise_params": {"tokens_per_sample": 3}}, calib_ids=calib_ids)
+    assert seen and all(n == 3 * calib_ids.shape[0] for n in seen)
+
+
+def test_trim_inputs_all_gathers_the_gram_matrix_not_last_tokens(calib_ids, monkeypatch):
+    """rowwise_params inputs=all: the engine gathers 'hessian' (not 'last_tokens') and TRIM gets a factor F
+    with F^T F = the layer's X^T X over every calibration token; layer totals stay exact."""
+    import prunekit.methods.trim as rw
+    from prunekit.core.stats import LayerStats
+
+    seen = []
+    orig_upd = LayerStats.update
+    monkeypatch.setattr(LayerStats, "update", lambda self, x: (seen.append(frozenset(self.needs)), orig_upd(self, x))[1])
+    grams = []
+    orig = rw.gram_factor
+    monkeypatch.setattr(rw, "gram_factor", lambda G: (grams.append(G.clone()), orig(G))[1])
+    model = tiny_model("llama", hidden=64)
+    rep = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim",
+                                       "rowwise_params": {"inputs": "all"}}, calib_ids=calib_ids)
+    assert seen and all("hessian" in n and "last_tokens" not in n for n in seen)
+    assert len(grams) == len(rep["layers"])
+    for l in rep["layers"]:
+        W = weight_view(dict(model.named_modules())[l["name"]])
+        o, i = l["shape"]
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]
+        assert l["rowwise"]["score"] >= l["rowwise"]["score_uniform"]
+    # block 0's first layer (q_proj) sees the embeddings' RMS-normed tokens: its Gram matrix is X^T X of them
+    emb = model.get_input_embeddings()(calib_ids)
+    X = model.model.layers[0].input_layernorm(emb).reshape(-1, emb.shape[-1]).double()
+    assert torch.allclose(grams[0].double(), X.t() @ X, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("params,msg", [({"inputs": "first"}, "inputs must be 'last' or 'all', got 'first'"),
+                                        ({"inputs": "all", "tokens_per_sample": 4}, "set one of them")])
+def test_trim_inputs_config_errors(params, msg):
+    with pytest.raises(prunekit.PrunekitError, match=msg):
+        prunekit.make_config(rowwise="trim", rowwise_params=params)
+
+
+SKIP = ["*.mlp.up_proj", "mlp.gate_proj", "o_proj"]
+
+
+def test_rowwise_skip_keeps_the_plain_mask_on_matched_layers(calib_ids):
+    """Layers matched by rowwise_skip get exactly the metric's own mask (with statistics from the dense block,
+    block 0's layers see identical inputs in both runs, so their masks must be bit-identical to a run without
+    TRIM); every other layer still gets TRIM."""
+    plain, skip = tiny_model("llama", hidden=64), tiny_model("llama", hidden=64)
+    cfg = {"metric": "wanda", "sparsity": 0.6, "sequential": False}
+    rp = prunekit.prune(plain, None, cfg, calib_ids=calib_ids)
+    rs = prunekit.prune(skip, None, {**cfg, "rowwise": "trim", "rowwise_skip": SKIP}, calib_ids=calib_ids)
+    kinds = ("mlp.up_proj", "mlp.gate_proj", "self_attn.o_proj")
+    skipped = [l for l in rs["layers"] if l["name"].endswith(kinds)]
+    assert len(skipped) == 3 * len(rs["blocks"])
+    assert all("rowwise" not in l for l in skipped)
+    assert all("rowwise" in l for l in rs["layers"] if not l["name"].endswith(kinds))
+    moved = False
+    for l in rs["layers"]:
+        W = weight_view(dict(skip.named_modules())[l["name"]])
+        o, i = l["shape"]
+        assert int((W == 0).sum()) == int(o * i * l["target"]), l["name"]  # exact total either way
+        rows = W.eq(0).sum(1)
+        if l["name"].endswith(kinds):
+            base = int(o * i * l["target"]) // o  # the plain exact mask: base or base + 1 per row
+            assert base <= int(rows.min()) <= int(rows.max()) <= base + 1, l["name"]
+            if ".0." in l["name"]:
+                assert torch.equal(rs.masks[l["name"]], rp.masks[l["name"]])
+        elif ".0." in l["name"] and not torch.equal(rs.masks[l["name"]], rp.masks[l["name"]]):
+            moved = True
+    assert moved  # TRIM still changed some non-skipped block-0 layer

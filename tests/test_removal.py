@@ -1,3 +1,5 @@
+"""Block removal (prunekit.methods.removal): block scores, one-shot and Prune&Comp removal with its
+magnitude compensation, tied embeddings, and removed models that reload and generate, on tiny models."""
 import copy
 
 import pytest

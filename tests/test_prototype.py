@@ -1,3 +1,5 @@
+"""Calibration-window selection by prototypes (prunekit.methods.prototype): k-means, prototype scores
+(outliers are hardest), the hard / easy / mixed modes, and window embeddings from hidden states."""
 import pytest
 import torch
 from conftest import tiny_model

@@ -1,4 +1,6 @@
-"""CLI wiring of block removal, calibration selection and zero-shot evaluation."""
+"""The command line (prunekit.cli): each subcommand's options reach the code they configure and show up in
+the outputs (block removal, calibration selection, zero-shot evaluation, search, row-wise and metric
+parameters, the methods listing); bad values are refused before any work, in one line, writing nothing."""
 import json
 
 from transformers import AutoModelForCausalLM
@@ -129,3 +131,11 @@ def test_bad_metric_params_are_refused_before_any_work(capsys):
         assert main(common + args) != 0, args
         err = capsys.readouterr().err
         assert all(w in err for w in words), (args, err)
+
+
+def test_cli_error_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(STORIES_HF), "--metric", "nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown metric 'nope'" in err
+    assert not out.exists()

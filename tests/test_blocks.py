@@ -1,4 +1,7 @@
-"""The engine against a naive, independent re-implementation on tiny random models of every family."""
+"""The calibration engine (prunekit.core.blocks, run through prunekit.prune) against a naive, independent
+re-implementation on tiny random models of every family: Wanda masks in sequential and dense-block mode,
+later blocks fed pruned inputs, stages, N:M groups, per-block ratios, ignored layers, models mixing
+attention types, statistics shared by layers reading one input, exact row rounding."""
 import copy
 
 import numpy as np
@@ -237,117 +240,6 @@ def test_layers_reading_one_input_share_their_statistics(family, calib_ids, mode
         assert len(set(id(got[n]) for n in got)) == 4 * len(layers)
     batches = 1 if "batch_size" not in mode else -(-calib_ids.shape[0] // mode["batch_size"])
     assert len(updates) == len(set(id(got[n]) for n in got)) * batches
-
-
-@pytest.mark.parametrize("mode", [{}, {"batch_size": 2}], ids=["single-pass", "stages"])
-def test_sparsegpt_factors_each_shared_hessian_once(calib_ids, mode, monkeypatch):
-    """q/k/v and gate/up share one factor of H^-1 (4 factorisations per LLaMA block, not 7); the
-    result is bit-identical to factoring every layer's Hessian itself (cache emptied before each)."""
-    from prunekit.methods import sparsegpt as sg
-
-    cfg = dict({"metric": "sparsegpt", "sparsity": 0.5}, **mode)
-    a, b = tiny_model("llama"), tiny_model("llama")
-    calls = []
-    real = sg.factor_hessian
-    monkeypatch.setattr(sg, "factor_hessian", lambda *args, **kw: (calls.append(1), real(*args, **kw))[1])
-    import dataclasses
-
-    from prunekit.core.metric import METRICS
-
-    real_solver = sg.sparsegpt_solver
-    seen = []
-
-    def recorded(W, stats, *args, **kw):
-        seen.append(stats)
-        return real_solver(W, stats, *args, **kw)
-
-    def uncached(W, stats, *args, **kw):
-        stats.cache.clear()
-        return real_solver(W, stats, *args, **kw)
-
-    monkeypatch.setitem(METRICS, "sparsegpt", dataclasses.replace(METRICS["sparsegpt"], solver=recorded))
-    ra = prunekit.prune(a, None, cfg, calib_ids=calib_ids)
-    assert len(calls) == 4 * len(block_linears(a))
-    assert len(seen) == 7 * len(block_linears(a)) and not any(st.cache for st in seen)  # factors released
-    monkeypatch.setitem(METRICS, "sparsegpt", dataclasses.replace(METRICS["sparsegpt"], solver=uncached))
-    rb = prunekit.prune(b, None, cfg, calib_ids=calib_ids)
-    assert len(calls) == 4 * len(block_linears(a)) + 7 * len(block_linears(b))
-    for n in ra.masks:
-        assert torch.equal(ra.masks[n], rb.masks[n]), n
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(va, vb), k
-
-
-@pytest.mark.parametrize("cfg", [{"metric": "sparsegpt", "sparsity": 0.5},
-                                 {"metric": "wanda", "sparsity": 0.6, "rowwise": "trim", "reconstruct": "sparsegpt"},
-                                 {"metric": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}],
-                         ids=["unstructured", "trim-mask-reconstructed", "2:4"])
-def test_sparsegpt_triangular_sweep_prunes_like_the_column_loop(calib_ids, cfg):
-    """The engine with the sweep GPUs use (per-row triangular solves; asked for here on the CPU) gives the
-    CPU's column-loop result: the same masks, weights equal up to float32 rounding."""
-    out = {}
-    key = "reconstruct_params" if "reconstruct" in cfg else "metric_params"
-    for method in ("columns", "triangular"):
-        model = tiny_model("llama")
-        rep = prunekit.prune(model, None, dict(cfg, **{key: {"sweep": method}}), calib_ids=calib_ids)
-        out[method] = (rep.masks, model.state_dict())
-    (ma, sa), (mb, sb) = out["columns"], out["triangular"]
-    assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
-
-
-def test_lowest_k_selection_equals_a_stable_sort_with_ties():
-    """The selection path of _lowest_k_mask (k-th value, then ties in index order) picks exactly what
-    sorting each row with ties broken by index does, for every k, on scores full of ties; NaN scores
-    and per-row k take the sort path."""
-    from prunekit.core.masks import _lowest_k_mask
-
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 4, (7, 13), generator=g).float()  # four distinct values: ties everywhere
-    scores[2] = 1.0
-    scores[3, ::2] = -0.0
-    for k in range(0, 14):
-        ref = np.zeros(scores.shape, dtype=bool)
-        for r in range(scores.shape[0]):
-            for j in sorted(range(scores.shape[1]), key=lambda j: (float(scores[r, j]), j))[:k]:
-                ref[r, j] = True
-        assert torch.equal(_lowest_k_mask(scores, k), torch.from_numpy(ref)), k
-        assert torch.equal(_lowest_k_mask(scores.double(), torch.full((7,), k)), torch.from_numpy(ref)), k
-    with_nan = scores.clone()
-    with_nan[0, 0] = float("nan")
-    got = _lowest_k_mask(with_nan, 5)
-    assert not got[0, 0] and (got.sum(1) == 5).all()
-
-
-def test_row_counts_against_brute_force():
-    """row_counts: the layer total is floor(numel * s); every row prunes b = total // rows, and the rows whose
-    (b+1)-th lowest score is smallest (ties by row index) prune one more; the exact per-row mask prunes each
-    row's lowest scores (stable order) by those counts. Checked against a per-row sort, with heavy ties."""
-    from prunekit.core.masks import make_mask, row_counts
-
-    g = torch.Generator().manual_seed(0)
-    for rows, cols in ((7, 13), (64, 48), (5, 3), (33, 100)):
-        for ties in (False, True):
-            sc = torch.rand(rows, cols, generator=g)
-            if ties:
-                sc = (sc * 4).floor()
-            for s in (0.0, 0.1, 0.37, 0.5, 0.7, 0.93):
-                total = int(rows * cols * s)
-                base, extra = divmod(total, rows)
-                srt = torch.sort(sc, dim=1, stable=True)
-                nxt = [float(srt.values[r, base]) if base < cols else float("inf") for r in range(rows)]
-                more = sorted(range(rows), key=lambda r: (nxt[r], r))[:extra]
-                want = torch.tensor([base + (r in more) for r in range(rows)])
-                assert torch.equal(row_counts(sc, s), want), (rows, cols, ties, s)
-                mask = make_mask(sc, s)
-                ref = torch.zeros(rows, cols, dtype=torch.bool)
-                for r in range(rows):
-                    ref[r, srt.indices[r, :int(want[r])]] = True
-                assert torch.equal(mask, ref), (rows, cols, ties, s)
-                assert int(mask.sum()) == total
-                floor = make_mask(sc, s, exact=False)
-                assert bool((floor.sum(1) == int(cols * s)).all())
 
 
 def test_row_rounding_reaches_the_layer_ratio_where_floor_falls_short(calib_ids):
