@@ -387,6 +387,7 @@ def _kill_during_save(tmp_path, sig, *extra):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_during_save_leaves_nothing_and_keeps_the_old_output(tmp_path, sig):
     out = tmp_path / "o"
@@ -399,6 +400,7 @@ def test_a_stop_during_save_leaves_nothing_and_keeps_the_old_output(tmp_path, si
     assert (out / "previous.txt").read_text() == "the last run's output"
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_is_cleaned_by_the_next_run(tmp_path):
     rc, _ = _kill_during_save(tmp_path, signal.SIGKILL)
     assert rc == -9 and len(list(tmp_path.glob(".o.tmp-*"))) == 1  # what a kill -9 leaves

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit.core.families import block_linears, weight_view
-from prunekit.pruning.save import verify_saved
+from prunekit.pruning.verify import verify_saved
 
 pytestmark = pytest.mark.slow
 
