@@ -13,6 +13,7 @@ from ..core.allocation import LayerInfo, ModelSummary, get_allocator
 from ..core.blocks import iterate_blocks
 from ..core.errors import PrunekitError
 from ..core.families import weight_view
+from ..methods.owl import OUTLIER_MS
 from ..methods.wanda import wanda
 from .layer_pruner import LayerPruner
 from .plan import stats_needs, stats_options
@@ -24,8 +25,9 @@ def _outlier_ratios(scores: list[torch.Tensor], ms) -> dict[float, float]:
     return {float(m): float((a > m * mean).double().mean()) for m in ms}
 
 
-def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, ms=(3.0, 5.0, 7.0, 10.0)):
-    """OWL statistics of the *dense* model: per block, the share of Wanda scores above M x block mean."""
+def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, ms=OUTLIER_MS):
+    """OWL statistics of the *dense* model: per block, the share of Wanda scores above M x block mean, for every M
+    OWL may use (``methods.owl.OUTLIER_MS``: its grid for ``M=auto``)."""
     out = {float(m): [] for m in ms}
     current: list[torch.Tensor] = []
 
