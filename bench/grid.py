@@ -27,8 +27,8 @@ TRIM's row allocation on Wanda scores with SparseGPT's OBS weight reconstruction
 (``reconstruct='sparsegpt'``).
 
 Per-row counts follow the engine's ``row_rounding`` (a run's ``row_rounding`` key; default exact, see
-:func:`prunekit.core.masks.row_counts`). The committed grid_G.json predates exact rounding: its runs floored
-every row (their totals fall up to one weight per row short of the target).
+:func:`prunekit.core.masks.row_counts`); runs stored without the key may have floored every row (the rule of
+the version that made them).
 
 Results: bench/results/grid_G.json (+ .md), written after every pipeline; an interrupted run resumes.
 """
@@ -60,9 +60,9 @@ def grid_runs(reconstruct_levels=(0.7,)) -> list[dict]:
     """The pipelines, 70% first (where pipelines differ most), then 50, 60, 80, then 2:4.
 
     SparseGPT's arms (its own solve, and TRIM mask + SparseGPT reconstruction) run here only at
-    ``reconstruct_levels``: the proxy's dense statistics mislead weight reconstruction (measured: SparseGPT
-    70% uniform 1432 here vs 314 with sequential calibration, protocol S, while Wanda is 1088 vs 1044), so
-    SparseGPT x allocator is measured under protocol S instead (``python -m bench.quality --suite sparsegpt-alloc``)."""
+    ``reconstruct_levels``: the proxy's dense statistics mislead weight reconstruction far more than they
+    mislead a mask (grid_G.md compares SparseGPT and Wanda here and under protocol S), so SparseGPT x
+    allocator is measured under protocol S instead (``python -m bench.quality --suite sparsegpt-alloc``)."""
     runs = []
     for s in (0.7, 0.5, 0.6, 0.8):
         for a in ALLOCATORS:

@@ -1,8 +1,8 @@
 """Does SparseGPT care whether its Hessian is float32-exact or rounded to bf16?
 
-On an H200 (bench/results/hessian_gemm.json), ``torch.mm(x.T, x, out_dtype=torch.float32)`` on bf16 inputs
-came out with a relative error of 1.4e-3 against float64, the size of a rounding to bf16, while the float32
-GEMM had 5e-5 to 8e-5. This benchmark runs SparseGPT on SmolLM2 (protocol S, CPU) twice per sparsity: with
+A fast GPU product of bf16 activations (``torch.mm(x.T, x, out_dtype=torch.float32)``) can be as far from
+float64 as a rounding to bf16 (bench.hessian_gemm measures it). This benchmark runs SparseGPT on SmolLM2
+(protocol S, CPU) twice per sparsity: with
 the float32 Hessian, and with every X^T X product rounded to bf16 (what the GPU measurement looks like),
 and reports the perplexities and the relative error of the rounded Hessian.
 

@@ -1,9 +1,10 @@
 """How much of a protocol-S perplexity is float rounding? The same pipeline on the same 64 calibration windows,
 fed in different orders (only the order of float summations changes), on SmolLM2.
 
-Why: SparseGPT 70% uniform gave 314.46 at commit c4634cf and 357.5 at 0237809 and later, where the only
-change in its path is bit-level (the Cholesky's working copy is damped in place); block 0 came out identical,
-block 1's o_proj differed by 2e-5 and down_proj had 0.025% of its mask flipped (near ties).
+Why: a change that only moves float rounding (a bit-level change in a solver, another summation order) can flip
+near-tied mask entries and, compounded over the blocks, move a high-sparsity perplexity by more than a real
+pipeline difference; this measures how much, so that such differences are read against it (NOTES.md has the
+case that prompted it).
 
     python -m bench.order_noise --metric sparsegpt --sparsity 0.7 --orders 3
     python -m bench.order_noise --model stories260K --orders 2         # a quick check (mind the results file)
