@@ -11,7 +11,9 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS") or REPO / "bench" / "results")
 
 
 def shared_dir() -> Path:
-    """The read-only folder holding data/ and models/: the parent of ``$PRUNEKIT_DATA_DIR`` when that is set
-    (prunekit reads its data there), else ``shared`` next to the repository."""
+    """The read-only folder holding data/ and models/: ``$PRUNEKIT_SHARED`` (as for the tests), else the parent of
+    ``$PRUNEKIT_DATA_DIR`` (prunekit reads its data there), else ``shared`` next to the repository."""
+    if os.environ.get("PRUNEKIT_SHARED"):
+        return Path(os.environ["PRUNEKIT_SHARED"])
     data = os.environ.get("PRUNEKIT_DATA_DIR")
     return Path(data).resolve().parent if data else REPO.parent / "shared"
