@@ -32,10 +32,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench-quality: setup
-	$(PY) bench/quality.py
+	$(PY) -m bench.quality
 
 bench-speed: setup
-	$(PY) bench/speed.py
+	$(PY) -m bench.speed
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,33 +4,32 @@ script's (21.98): the same first windows of WikiText-2 (seqlen 2048) scored thre
   rows-bf16   the same text, weights and compute in bf16 (what a GPU script often does)
   raw-fp32    the text of wiki.test.raw read as is (CRLF lines, no "\\n\\n" joins), float32
 
-    python bench/dense_gap.py --windows 16        # writes bench/results/dense_gap.json
+    python -m bench.dense_gap --windows 16        # writes bench/results/dense_gap.json
+    python -m bench.dense_gap --model stories260K --windows 1 --seqlen 128   # a quick check
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, save_json  # noqa: E402
+from prunekit.core.data import data_dir, eval_token_ids
+from prunekit.evaluate.perplexity import perplexity
 
-import prunekit  # noqa: E402
-from prunekit.core.data import eval_token_ids  # noqa: E402
-from prunekit.evaluate.perplexity import perplexity  # noqa: E402
+from bench.lib.env import environment
+from bench.lib.models import load
+from bench.lib.results import RESULTS, save_results
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
     a = ap.parse_args(argv)
-    model, tok = prunekit.load_model("smollm2")
+    model, tok = load(a.model)
     rows = eval_token_ids(tok, "wikitext2", a.seqlen)
-    raw_path = Path(os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data")) / "wikitext2" / "wiki.test.raw"
+    raw_path = data_dir() / "wikitext2" / "wiki.test.raw"
     raw = torch.tensor(tok(open(raw_path, encoding="utf-8", newline="").read(), add_special_tokens=False).input_ids)
     res = {"windows": a.windows, "seqlen": a.seqlen, "tokens_rows": int(rows.numel()), "tokens_raw": int(raw.numel())}
     for name, ids, dtype in (("rows-fp32", rows, torch.float32), ("raw-fp32", raw, torch.float32),
@@ -39,7 +38,7 @@ def main(argv=None):
         res[name] = perplexity(model, tok, "wikitext2", a.seqlen, a.windows, "cpu", batch_size=1, ids=ids)["ppl"]
         print(name, res[name], flush=True)
     res["environment"] = environment()
-    save_json(RESULTS / "dense_gap.json", res)
+    save_results(RESULTS / "dense_gap.json", res)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
 """Time the ESD power-law fits (AlphaPruning alphas) of every linear matrix of a randomly initialised
 model with given shapes; prints one JSON object.
 
-    python bench/esd_timing.py                 # SmolLM2-135M shapes (30 blocks, 576 / 1536, kv 192)
-    python bench/esd_timing.py --llama7b       # LLaMA-7B shapes (32 blocks, 4096 / 11008), CUDA if available
-    python bench/esd_timing.py --farms         # also time FARMS alphas
+    python -m bench.esd_timing                 # SmolLM2-135M shapes (30 blocks, 576 / 1536, kv 192)
+    python -m bench.esd_timing --llama7b       # LLaMA-7B shapes (32 blocks, 4096 / 11008), CUDA if available
+    python -m bench.esd_timing --farms         # also time FARMS alphas
+    python -m bench.esd_timing --blocks 1 --hidden 64 --mlp 128 --kv 64     # a quick check
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prunekit.core.esd import farms_fit, spectral_stats_many  # noqa: E402
+from prunekit.core.esd import farms_fit, spectral_stats_many
+from prunekit.core.families import block_linears, weight_view
+
+from bench.lib.env import host
+from bench.lib.models import load
+from bench.lib.results import RESULTS, merge_results
+from bench.lib.timing import sync
 
 
 def shapes(blocks: int, hidden: int, mlp: int, kv: int) -> dict[str, tuple[int, int]]:
@@ -25,11 +28,6 @@ def shapes(blocks: int, hidden: int, mlp: int, kv: int) -> dict[str, tuple[int, 
            "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden),
            "mlp.down_proj": (hidden, mlp)}
     return {f"model.layers.{b}.{k}": s for b in range(blocks) for k, s in per.items()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:
@@ -62,10 +60,7 @@ def main(argv=None) -> dict:
     g = torch.Generator(device=device).manual_seed(a.seed)
     t0 = time.perf_counter()
     if a.real:
-        import prunekit
-        from prunekit.core.families import block_linears, weight_view
-
-        model, _ = prunekit.load_model("smollm2")
+        model, _ = load("smollm2")
         weights = {n: weight_view(m).to(device) for dd in block_linears(model) for n, m in dd.items()}
         shp = {n: tuple(w.shape) for n, w in weights.items()}
     else:
@@ -84,7 +79,7 @@ def main(argv=None) -> dict:
         "n_matrices": len(weights), "params": sum(s[0] * s[1] for s in shp.values()),
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else host()["processor"]),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "xmin_mode": a.xmin_mode,
         "init_s": round(t_init, 3), "alpha_s": round(t_alpha, 3),
         "alpha_mean": sum(alphas) / len(alphas), "alpha_min": min(alphas), "alpha_max": max(alphas),
@@ -96,11 +91,8 @@ def main(argv=None) -> dict:
         out.update(farms_s=round(time.perf_counter() - t0, 3), farms_alpha_mean=sum(fa) / len(fa))
     print(json.dumps(out))
     if a.save:
-        res = Path(__file__).resolve().parent / "results" / "esd_timing.json"
-        data = json.loads(res.read_text()) if res.is_file() else {}
-        data[f"{out['model']}|{out['device']}|threads={out['threads']}|farms={a.farms}"] = out
-        res.parent.mkdir(exist_ok=True)
-        res.write_text(json.dumps(data, indent=2))
+        merge_results(RESULTS / "esd_timing.json",
+                      {f"{out['model']}|{out['device']}|threads={out['threads']}|farms={a.farms}": out})
     return out
 
 

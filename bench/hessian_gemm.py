@@ -1,32 +1,30 @@
 """Accuracy and speed of the Hessian product X^T X: float32 GEMM vs bf16 inputs with float32 output.
 
-    python bench/hessian_gemm.py                 # GPU: 128 x 2048 tokens, d = 4096 and 11008 (LLaMA-7B widths)
-    python bench/hessian_gemm.py --tokens 8192   # CPU: float32 path only (no out_dtype kernel on CPU)
+    python -m bench.hessian_gemm                 # GPU: 128 x 2048 tokens, d = 4096 and 11008 (LLaMA-7B widths)
+    python -m bench.hessian_gemm --tokens 8192   # CPU: float32 path only (no out_dtype kernel on CPU)
+    python -m bench.hessian_gemm --tokens 256 --dims 64          # a quick check
 
 Three paths on the same bf16 activations: the float32 GEMM, a bf16 x bf16 GEMM with float32 output
 (``torch.mm(x.T, x, out_dtype=torch.float32)``) and ``prunekit.core.stats.gram`` (TF32 GEMMs on
 float32 row chunks, result checked on its diagonal). Each is measured against a float64 product of those
-inputs (relative Frobenius error, and the worst relative error on the diagonal) and timed. (The first GPU
-run, 2026-11-29, had only the first two: gram() then used the out_dtype GEMM, whose 1.4e-3 error made
-it switch to TF32.) Writes
+inputs (relative Frobenius error, and the worst relative error on the diagonal) and timed. Writes
 bench/results/hessian_gemm.json (merged by key) and prints the rows.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, load_results, save_json, timed  # noqa: E402
+from prunekit.core.stats import gram
 
-from prunekit.core.stats import gram  # noqa: E402
+from bench.lib.env import per_device
+from bench.lib.results import RESULTS, merge_results
+from bench.lib.timing import timed
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--dims", default="4096,11008")
     a = ap.parse_args(argv)
@@ -57,11 +55,7 @@ def main(argv=None):
                   f"diag {diag:.2e}", flush=True)
             del h
         del x, ref
-    out = RESULTS / "hessian_gemm.json"
-    data = load_results(out)
-    data.update(rows)
-    data["environment" + ("_gpu" if cuda else "_cpu")] = environment()
-    save_json(out, data)
+    merge_results(RESULTS / "hessian_gemm.json", {**rows, **per_device(dev)})
 
 
 if __name__ == "__main__":

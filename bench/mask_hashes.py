@@ -3,19 +3,20 @@
 Why: before/after a structural refactor of the package, every pipeline below must save bit-identical masks
 (and, as a stronger check, identical weights: SparseGPT reconstruction, STADE bias corrections, block-removal
 scales). Each pipeline is run ONLY through the command line (``python -m prunekit.cli prune|search`` in a
-subprocess, cwd a temporary folder, the measured source tree first on PYTHONPATH), so this script does not
-depend on the package's internal layout. Subprocesses run one at a time with OMP/MKL threads = 1 (the thread
+subprocess, cwd a temporary folder, the measured source tree first on PYTHONPATH), so the measurement does not
+depend on the measured package's internal layout (this script itself imports only bench.lib, for its record,
+result file and table). Subprocesses run one at a time with OMP/MKL threads = 1 (the thread
 count can change float reduction order) and TOKENIZERS_PARALLELISM=false.
 
 Hashed per pipeline: ``masks`` = sha256 over masks.safetensors (sorted names; name + packed bytes),
 ``weights`` = sha256 over every tensor of the other *.safetensors files (sorted; name + dtype + shape + bytes),
 ``sparsity`` / ``layers`` from report.json (and the found recipe for the search).
 
-    python bench/mask_hashes.py                                 # both suites, this repository's prunekit
-    python bench/mask_hashes.py --suite stories --prunekit /tmp/pk-base   # an old commit from a git worktree
-    python bench/mask_hashes.py --suite stories --out /tmp/mh_new --compare bench/results/mask_hashes.json
+    python -m bench.mask_hashes                                 # both suites, this repository's prunekit
+    python -m bench.mask_hashes --suite stories --prunekit /tmp/pk-base   # an old commit from a git worktree
+    python -m bench.mask_hashes --suite stories --out /tmp/mh_new --compare bench/results/mask_hashes.json
 
-Suites: ``stories`` (stories260K from ../shared, ~30 pipelines, a few seconds each) and ``smollm2`` (three
+Suites: ``stories`` (stories260K from the shared folder, ~30 pipelines, a few seconds each) and ``smollm2`` (three
 protocol-S pipelines, minutes each). Writes <out>.json (merged by pipeline name) and <out>.md; default out
 bench/results/mask_hashes. --compare prints same / masks differ / weights differ only per pipeline and exits 1
 if any masks differ (or a pipeline fails in one file only).
@@ -26,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,7 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import torch
+from safetensors import safe_open
+
+from bench.lib.env import git_commit, host, now
+from bench.lib.paths import REPO, shared_dir
+from bench.lib.results import RESULTS, load_results, save_results
+from bench.lib.tables import document, table
+
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 OUT = "OUT"  # placeholder for the pipeline's temporary folder (commands are recorded with it)
 
@@ -86,8 +93,6 @@ def pipelines(shared: str) -> dict[str, tuple[str, list[list[str]]]]:
 
 
 def sha_masks(folder: Path) -> str:
-    from safetensors import safe_open
-
     h = hashlib.sha256()
     with safe_open(folder / "masks.safetensors", framework="numpy") as f:
         for k in sorted(f.keys()):
@@ -97,9 +102,6 @@ def sha_masks(folder: Path) -> str:
 
 
 def sha_weights(folder: Path) -> str:
-    import torch
-    from safetensors import safe_open
-
     tensors = {}
     for p in sorted(folder.glob("*.safetensors")):
         if p.name != "masks.safetensors":
@@ -114,6 +116,8 @@ def sha_weights(folder: Path) -> str:
 
 
 def sub_env(prunekit: Path, shared: str) -> dict:
+    """The subprocesses' environment: the measured tree first on PYTHONPATH, one thread, the shared data; the
+    SparseGPT sweep switch that trees from before the sweep parameter read is removed."""
     env = {k: v for k, v in os.environ.items() if k != "PRUNEKIT_SPARSEGPT_SWEEP"}
     env.update(THREADS, PRUNEKIT_DATA_DIR=f"{shared}/data",
                PYTHONPATH=os.pathsep.join([str(prunekit)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -128,14 +132,8 @@ def environment(prunekit: Path, shared: str, env: dict, cwd: str) -> dict:
                                   check=True).stdout)
     if not Path(r["prunekit_file"]).resolve().is_relative_to(prunekit):
         sys.exit(f"subprocesses import prunekit from {r['prunekit_file']}, not from {prunekit}")
-    def git(*args):  # read-only (no index refresh)
-        return subprocess.run(["git", "--no-optional-locks", "-C", str(prunekit), *args], capture_output=True,
-                              text=True).stdout.strip()
-
-    dirty = "+dirty" if git("status", "--porcelain", "--", "prunekit") else ""
-    return {"commit": git("rev-parse", "--short", "HEAD") + dirty, "prunekit": str(prunekit), "shared": shared, **r,
-            **THREADS, "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {"commit": git_commit(prunekit, "prunekit"), "prunekit": str(prunekit), "shared": shared, **host(), **r,
+            **THREADS, "date": now()}
 
 
 def run_pipeline(commands: list[list[str]], env: dict, tmp: Path) -> dict:
@@ -157,19 +155,15 @@ def run_pipeline(commands: list[list[str]], env: dict, tmp: Path) -> dict:
     return r
 
 
-def write_md(path: Path, data: dict) -> None:
-    lines = ["# Mask / weight hashes of fixed pruning pipelines (`bench/mask_hashes.py`)", ""]
+def markdown(data: dict) -> str:
+    lines = ["# Mask / weight hashes of fixed pruning pipelines (`python -m bench.mask_hashes`)", ""]
     for suite, e in data["environment"].items():
         lines.append(f"- {suite}: commit {e['commit']}, " + ", ".join(f"{k} {v}" for k, v in e.items()
                                                                   if k != "commit"))
-    lines += ["", "| pipeline | masks sha256 | weights sha256 | sparsity | seconds |", "|---|---|---|---|---|"]
-    for name, r in data["pipelines"].items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'].replace('|', '/')} | | | {r['seconds']} |")
-        else:
-            lines.append(f"| {name} | `{r['masks'][:16]}` | `{r['weights'][:16]}` | {r['sparsity']:.6f} "
-                         f"({r['layers']} layers) | {r['seconds']} |")
-    path.write_text("\n".join(lines) + "\n")
+    rows = [[name, f"failed: {r['error']}", "", "", r["seconds"]] if "error" in r else
+            [name, f"`{r['masks'][:16]}`", f"`{r['weights'][:16]}`", f"{r['sparsity']:.6f} ({r['layers']} layers)",
+             r["seconds"]] for name, r in data["pipelines"].items()]
+    return document(lines + [""] + table(["pipeline", "masks sha256", "weights sha256", "sparsity", "seconds"], rows))
 
 
 def compare(mine: dict, other: dict) -> int:
@@ -191,16 +185,15 @@ def compare(mine: dict, other: dict) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", choices=["stories", "smollm2"], action="append", help="default: both")
-    ap.add_argument("--prunekit", type=Path, default=HERE.parent, help="source tree to measure (default: this repo)")
-    ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"), help="folder holding data/ and models/")
+    ap.add_argument("--prunekit", type=Path, default=REPO, help="source tree to measure (default: this repo)")
+    ap.add_argument("--shared", default=str(shared_dir()), help="folder holding data/ and models/")
     ap.add_argument("--only", nargs="*", help="run only these pipeline names")
-    ap.add_argument("--out", default=str(HERE / "results" / "mask_hashes"), help="output file stem")
+    ap.add_argument("--out", default=str(RESULTS / "mask_hashes"), help="output file stem")
     ap.add_argument("--compare", type=Path, help="another results .json: report same / masks differ per pipeline")
     a = ap.parse_args(argv)
     suites, prunekit, shared = a.suite or ["stories", "smollm2"], a.prunekit.resolve(), str(Path(a.shared).resolve())
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    out = Path(a.out).with_suffix(".json")
+    data = load_results(out)
     data.setdefault("environment", {})
     data.setdefault("pipelines", {})
     if not a.only:  # a full suite run replaces that suite's entries (renamed or removed pipelines go too)
@@ -223,10 +216,9 @@ def main(argv=None) -> int:
             data["pipelines"][name] = r
             print(f"{name:36s} {r.get('masks', '')[:16]:16s} {r.get('weights', '')[:16]:16s} "
                   f"{r.get('sparsity', r.get('error'))} {r['seconds']} s", flush=True)
-            out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-            write_md(out.with_suffix(".md"), data)
+            save_results(out, data, markdown)
     if a.compare:
-        other = json.loads(a.compare.read_text())["pipelines"]
+        other = load_results(a.compare)["pipelines"]
         return compare({k: v for k, v in data["pipelines"].items() if k in todo}, {k: v for k, v in other.items()
                                                                                    if k in todo})
     return 0

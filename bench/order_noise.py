@@ -1,32 +1,42 @@
 """How much of a protocol-S perplexity is float rounding? The same pipeline on the same 64 calibration windows,
 fed in different orders (only the order of float summations changes), on SmolLM2.
 
-Why: SparseGPT 70% uniform gave 314.46 at commit c4634cf and 357.5 at 0237809 and later, where the only
-change in its path is bit-level (the Cholesky's working copy is damped in place); block 0 came out identical,
-block 1's o_proj differed by 2e-5 and down_proj had 0.025% of its mask flipped (near ties).
+Why: a change that only moves float rounding (a bit-level change in a solver, another summation order) can flip
+near-tied mask entries and, compounded over the blocks, move a high-sparsity perplexity by more than a real
+pipeline difference; this measures how much, so that such differences are read against it (NOTES.md has the
+case that prompted it).
 
-    python bench/order_noise.py --metric sparsegpt --sparsity 0.7 --orders 3
+    python -m bench.order_noise --metric sparsegpt --sparsity 0.7 --orders 3
+    python -m bench.order_noise --model stories260K --orders 2         # a quick check (mind the results file)
 Writes bench/results/order_noise.json (merged by key) and .md.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+from bench.lib.env import environment
+from bench.lib.models import ProtocolModel
+from bench.lib.protocols import PROTOCOLS
+from bench.lib.results import RESULTS, load_results, save_results
+from bench.lib.tables import document, table
 
-import prunekit  # noqa: E402
-from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.evaluate.perplexity import perplexity  # noqa: E402
+
+def markdown(data: dict) -> str:
+    lines = ["# Rounding noise: one pipeline, the same calibration windows in different orders (SmolLM2, protocol S)",
+             "", "Order 0 is the protocol's; order k > 0 a seeded permutation of the same 64 windows. Only the order of "
+             "floating-point summations differs between runs.", ""]
+    rows = []
+    for k, r in data.items():
+        v = [r["ppl_by_order"][o] for o in sorted(r["ppl_by_order"], key=int)]
+        rows.append([k, " / ".join(f"{x:.2f}" for x in v), f"{max(v) / min(v):.3f}"])
+    return document(lines + table(["pipeline", "PPL per order", "max / min"], rows))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--metric", default="sparsegpt")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--orders", type=int, default=3, help="order 0 = the protocol's; k > 0: a seeded permutation")
@@ -34,34 +44,20 @@ def main(argv=None):
     proto = PROTOCOLS["S"]
     out = RESULTS / "order_noise.json"
     data = load_results(out)
-    model, tok = prunekit.load_model("smollm2")
-    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    eval_ids = eval_token_ids(tok, "wikitext2", proto["seqlen"])
-    calib = calibration_windows(tok, proto["calib"], proto["nsamples"], proto["seqlen"], proto["seed"])
+    pm = ProtocolModel(a.model, proto)
     key = f"{a.metric}/{a.sparsity:.2f}"
     rec = data.setdefault(key, {"metric": a.metric, "sparsity": a.sparsity, "protocol": proto, "ppl_by_order": {}})
     for k in range(a.orders):
         if str(k) in rec["ppl_by_order"]:
             continue
-        perm = torch.arange(calib.shape[0]) if k == 0 else torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(k))
-        model.load_state_dict(dense)
-        t = time.time()
-        prunekit.prune(model, tok, {"metric": a.metric, "sparsity": a.sparsity, "seqlen": proto["seqlen"], "device": "cpu",
-                                    "nsamples": proto["nsamples"], "calib": proto["calib"], "seed": proto["seed"]},
-                       calib_ids=calib[perm])
-        ppl = perplexity(model, tok, "wikitext2", proto["seqlen"], proto["eval_windows"], "cpu", batch_size=4, ids=eval_ids)["ppl"]
+        n = pm.calib.shape[0]
+        perm = torch.arange(n) if k == 0 else torch.randperm(n, generator=torch.Generator().manual_seed(k))
+        _, seconds = pm.prune({"metric": a.metric, "sparsity": a.sparsity}, calib_ids=pm.calib[perm])
+        ppl = pm.evaluate()["ppl"]
         rec["ppl_by_order"][str(k)] = ppl
-        print(key, "order", k, "ppl", round(ppl, 3), f"{time.time() - t:.0f}s", flush=True)
+        print(key, "order", k, "ppl", round(ppl, 3), f"{seconds:.0f}s", flush=True)
         rec["environment"] = environment()
-        save_json(out, data)
-    lines = ["# Rounding noise: one pipeline, the same calibration windows in different orders (SmolLM2, protocol S)", "",
-             "Order 0 is the protocol's; order k > 0 a seeded permutation of the same 64 windows. Only the order of "
-             "floating-point summations differs between runs.", "",
-             "| pipeline | PPL per order | max / min |", "|---|---|---|"]
-    for k, r in data.items():
-        v = [r["ppl_by_order"][o] for o in sorted(r["ppl_by_order"], key=int)]
-        lines.append(f"| {k} | {' / '.join(f'{x:.2f}' for x in v)} | {max(v) / min(v):.3f} |")
-    (RESULTS / "order_noise.md").write_text("\n".join(lines) + "\n")
+        save_results(out, data, markdown)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,29 @@
-"""Quality benchmark: SmolLM2 perplexity after pruning, for many pipelines.
+"""Quality benchmark: perplexity after pruning (SmolLM2 by default), for many pipelines.
 
-    python bench/quality.py                      # protocol S on CPU (P when a GPU is present)
-    python bench/quality.py --suite core alloc   # pick suites; results are merged into one file
-    python bench/quality.py --protocol S --device cpu --only wanda
+    python -m bench.quality                      # protocol S on CPU (P when a GPU is present)
+    python -m bench.quality --suite core alloc   # pick suites; results are merged into one file
+    python -m bench.quality --protocol S --device cpu --only wanda
 
-Each run restores the dense weights, prunes with prunekit.prune, and evaluates WikiText-2 token
-perplexity on the protocol's windows. Results are written after every run to
-bench/results/quality_<protocol>.json and .md, so an interrupted benchmark keeps what it finished;
-runs already present (same key, same protocol) are skipped unless --redo.
+Each run restores the dense weights, prunes with prunekit.prune, and evaluates token perplexity on the
+protocol's windows (WikiText-2, or C4 for S-c4). Results are written after every run to
+bench/results/quality_<protocol>.json and .md (and the index quality.md, trim_skip.md), so an interrupted
+benchmark keeps what it finished; runs already present (same key, same protocol) are skipped unless --redo.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
-import torch
+import prunekit
+from prunekit.core.offload import resolve_device
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
-
-import prunekit  # noqa: E402
-from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.evaluate.perplexity import perplexity  # noqa: E402
+from bench.lib.env import describe as machine_line
+from bench.lib.env import environment
+from bench.lib.models import ProtocolModel, display_name
+from bench.lib.pipelines import best_per_sparsity, describe, grid_confirm, key_of, rowwise_summary, skip_label
+from bench.lib.protocols import EVAL_SETS, PROTOCOLS, eval_set, select
+from bench.lib.results import RESULTS, Runs, load_results, save_markdown, save_results
+from bench.lib.tables import cell, document, table
 
 
 def suites() -> dict[str, list[dict]]:
@@ -116,8 +116,8 @@ def suites() -> dict[str, list[dict]]:
              {"metric": "wanda", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7},
              {"metric": "sparsegpt", "sparsity": 0.6, "allocation": "alphapruning"},
              {"metric": "sparsegpt", "sparsity": 0.8, "allocation": "alphapruning"}]
-    # per-row rounding (session 11): floor (the reference rule, every stored run before it) vs exact totals,
-    # where floor loses most (70%, uniform and AlphaPruning), on the same commit
+    # per-row rounding: floor (the reference codes' rule) vs exact totals, where floor loses most (70%, uniform
+    # and AlphaPruning), on the same commit
     rounding = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "row_rounding": r}
                 for a in ("uniform", "alphapruning") for r in ("floor", "exact")]
     return {"core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
@@ -127,49 +127,25 @@ def suites() -> dict[str, list[dict]]:
             "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}
 
 
-def grid_confirm(top: int = 2, runs: dict | None = None) -> list[dict]:
-    """The ``top`` best pipelines per sparsity of bench/grid.py's screening grid (``runs``, default: those in
-    grid_G.json), to check under this protocol (sequential calibration, 64 windows) that the proxy's ranking holds."""
-    if runs is None:
-        runs = load_results(RESULTS / "grid_G.json").get("runs", {})
-    runs = {k: r for k, r in runs.items() if not r["config"].get("rowwise_params")}
-    return [r["config"] for krs in by_level(runs).values() for _, r in sorted(krs, key=lambda kr: kr[1]["ppl"])[:top]]
-
-
-def key_of(run: dict) -> str:
-    parts = [run["metric"], f"{run['sparsity']:.2f}", run.get("pattern", "unstructured"),
-             run.get("allocation", "uniform")]
-    if run.get("sequential") is False:
-        parts.append("dense-block-stats")
-    if run.get("rowwise"):
-        parts.append(run["rowwise"] + "".join(f",{k}={v}" for k, v in sorted(run.get("rowwise_params", {}).items()))
-                     + "".join(f",skip={p}" for p in run.get("rowwise_skip", [])))  # full patterns: keys stay unique
-    if run.get("reconstruct"):
-        parts.append("reconstruct-" + run["reconstruct"])
-    if run.get("row_rounding"):  # set explicitly (runs without the key used the default of their commit)
-        parts.append("rows-" + run["row_rounding"])
-    return "/".join(parts)
-
-
 def markdown(data: dict) -> str:
+    """quality_<protocol>.md: every run, then the best pipeline per sparsity."""
     p = data["protocol"]
     env = data["environment"]
-    ev_name, evaluation = EVAL_SETS[p.get("eval", "wikitext2")]
-    lines = [f"# Quality benchmark: SmolLM2-135M-Instruct, protocol {data['protocol_name']}", "",
+    ev_name, evaluation = EVAL_SETS[eval_set(p)]
+    model = data.get("model", "smollm2")  # files without the key were all made on SmolLM2
+    lines = [f"# Quality benchmark: {display_name(model)}, protocol {data['protocol_name']}", "",
              f"Calibration: {p['calib']} (offline mirror: C4 validation documents after the first 1,100), "
              f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: {evaluation}, "
              f"{data['dense']['windows']} windows x {p['seqlen']} tokens "
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
-             f"Machine: {env.get('gpu', env['processor'])}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers "
-             f"{env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
+             f"Machine: {machine_line(env)}.", "",
              f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times "
              + ("on the GPU (one process, nothing else running)" if env.get("gpu") else
                 "on a 2-core machine that other work shared during this benchmark")
              + "; isolated timings are in speed.md. Unless noted, the "
              "engine is sequential (each layer's statistics from inputs after the earlier layers of its block "
-             "were pruned).", "",
-             f"| metric | sparsity | pattern | allocation | notes | {ev_name} PPL | prune time (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "were pruned).", ""]
+    rows = []
     for k, r in sorted(data["runs"].items(), key=lambda kv: (kv[1]["config"]["metric"], kv[1]["config"].get("pattern", "u"),
                                                                kv[1]["config"]["sparsity"], kv[0])):
         c = r["config"]
@@ -178,72 +154,17 @@ def markdown(data: dict) -> str:
                                        f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "",
                                        f"row_rounding {c['row_rounding']} (achieved {r['overall_sparsity']:.5f})"
                                        if c.get("row_rounding") else "") if x)
-        lines.append(f"| {c['metric']} | {c['sparsity']:.2f} | {c.get('pattern', 'unstructured')} | "
-                     f"{c.get('allocation', 'uniform')}{' (' + r['granularity'] + ')' if r.get('granularity') else ''} | "
-                     f"{notes} | {r['ppl']:.3f} | {r['prune_s']:.1f} |")
+        granularity = f" ({r['granularity']})" if r.get("granularity") else ""
+        rows.append([c["metric"], f"{c['sparsity']:.2f}", c.get("pattern", "unstructured"),
+                     c.get("allocation", "uniform") + granularity, notes, f"{r['ppl']:.3f}", f"{r['prune_s']:.1f}"])
+    lines += table(["metric", "sparsity", "pattern", "allocation", "notes", f"{ev_name} PPL", "prune time (s)"], rows)
     lines += ["", "## Best pipeline per sparsity", "",
               f"Lowest {ev_name} perplexity among the runs above, per sparsity and pattern (only what was run: see "
-              "the table for which combinations were).", "",
-              "| sparsity | pattern | best pipeline | PPL | runs compared |", "|---|---|---|---|---|"]
-    for (sp, pat), (k, r, n) in sorted(best_per_sparsity(data).items()):
-        lines.append(f"| {sp:.2f} | {pat} | {describe(r['config'])} | {r['ppl']:.3f} | {n} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-EVAL_SETS = {"wikitext2": ("WikiText-2", "WikiText-2 test (rows joined with \\n\\n)"),
-             "c4": ("C4", "C4 (the first 1,100 validation documents joined with ' ', disjoint from the calibration "
-                    "documents)")}
-
-
-def describe(c: dict) -> str:
-    parts = [c["metric"], c.get("allocation", "uniform")]
-    if c.get("rowwise"):
-        parts.append(c["rowwise"] + "".join(f" {k}={v}" for k, v in sorted(c.get("rowwise_params", {}).items()))
-                     + skip_label(c, " "))
-    if c.get("reconstruct"):
-        parts.append("reconstruct " + c["reconstruct"])
-    if c.get("sequential") is False:
-        parts.append("dense-block stats")
-    if c.get("row_rounding"):
-        parts.append("rows " + c["row_rounding"])
-    return " + ".join(parts)
-
-
-def skip_label(c: dict, sep: str = ",") -> str:
-    """``,skip=up_proj+o_proj`` (last name part of each pattern; for reading, not a key) for a run whose row-wise
-    method leaves some layers out ('' otherwise)."""
-    skip = c.get("rowwise_skip") or []
-    return f"{sep}skip=" + "+".join(p.split(".")[-1] for p in skip) if skip else ""
-
-
-def rowwise_summary(layers: list[dict]) -> dict | None:
-    """TRIM: how often and by how much it beat uniform rows on its own objective (layer output cosine);
-    ``layers``: report layer entries or pruner records (those with a 'rowwise' entry count)."""
-    rw = [l["rowwise"] for l in layers if l.get("rowwise", {}).get("score") is not None]
-    if not rw:
-        return None
-    gains = [r["score"] - r["score_uniform"] for r in rw]
-    return {"layers": len(rw), "improved": sum(g > 0 for g in gains), "mean_cos_gain": sum(gains) / len(gains),
-            "min_cos_gain": min(gains), "negative_lr": sum(r["lr"] < 0 for r in rw)}
-
-
-def by_level(runs: dict) -> dict:
-    """(sparsity, pattern) -> [(key, run), ...] of a results file's runs."""
-    groups: dict = {}
-    for k, r in runs.items():
-        groups.setdefault((r["config"]["sparsity"], r["config"].get("pattern", "unstructured")), []).append((k, r))
-    return groups
-
-
-def best_per_sparsity(data: dict) -> dict:
-    """(sparsity, pattern) -> (key, run, number of runs compared) of the lowest-perplexity run."""
-    return {g: (*min(runs, key=lambda kr: kr[1]["ppl"]), len(runs)) for g, runs in by_level(data["runs"]).items()}
-
-
-def write_reports(pname: str, data: dict) -> None:
-    (RESULTS / f"quality_{pname}.md").write_text(markdown(data))
-    write_index()
+              "the table for which combinations were).", ""]
+    lines += table(["sparsity", "pattern", "best pipeline", "PPL", "runs compared"],
+                   [[f"{sp:.2f}", pat, describe(r["config"]), f"{r['ppl']:.3f}", n]
+                    for (sp, pat), (k, r, n) in sorted(best_per_sparsity(data).items())])
+    return document(lines)
 
 
 def trim_skip_report() -> str:
@@ -251,14 +172,8 @@ def trim_skip_report() -> str:
     protocol file, so same calibration seed and evaluation set, and same TRIM inputs); then every TRIM run on
     all calibration tokens (``inputs=all``) next to its no-TRIM and paper-TRIM twins. A twin that was not run
     shows '-'."""
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: cell(v, ".2f")  # noqa: E731
     change = lambda v, ref: "-" if ref is None else f"{100 * (v / ref - 1):+.1f}%"  # noqa: E731
-    lines = ["# TRIM variants: kept off some layers (`rowwise_skip`), scored on all tokens (`inputs=all`)", "",
-             "Each row: one protocol file (calibration seed, evaluation set). 'change' is vs no TRIM. "
-             "Generated by `bench/quality.py` from the quality_*.json files.", "",
-             "## TRIM kept off some layers", "",
-             "| protocol | eval | seed | metric | sparsity | allocation | reconstruct | TRIM inputs | skipped | no TRIM | "
-             "full TRIM | TRIM skip | change |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tables = {"skip": [], "all": []}
     for f in sorted(RESULTS.glob("quality_*.json")):
         d = load_results(f)
@@ -271,30 +186,34 @@ def trim_skip_report() -> str:
             base = {x: v for x, v in c.items() if x not in ("rowwise", "rowwise_skip", "rowwise_params")}
             ppl = lambda cfg: runs.get(key_of(cfg), {}).get("ppl")  # noqa: E731
             none = ppl(base)
-            head = (f"| {d['protocol_name']} | {p.get('eval', 'wikitext2')} | {p['seed']} | {c['metric']} | "
-                    f"{c['sparsity']:.2f} | {c.get('allocation', 'uniform')} | {c.get('reconstruct') or '-'} | ")
+            head = [d["protocol_name"], eval_set(p), p["seed"], c["metric"], f"{c['sparsity']:.2f}",
+                    c.get("allocation", "uniform"), c.get("reconstruct") or "-"]
             if c.get("rowwise_skip"):
                 full = ppl({x: v for x, v in c.items() if x != "rowwise_skip"})
-                tables["skip"].append(head + f"{inputs} | {skip_label(c, '').removeprefix('skip=')} | {fmt(none)} | "
-                                      f"{fmt(full)} | {r['ppl']:.2f} | {change(r['ppl'], none)} |")
+                tables["skip"].append(head + [inputs, skip_label(c, "").removeprefix("skip="), fmt(none), fmt(full),
+                                              fmt(r["ppl"]), change(r["ppl"], none)])
             else:
                 paper = {**base, "rowwise": c["rowwise"]}
                 skip = [v["ppl"] for v in runs.values() if v["config"].get("rowwise_skip")
                         and key_of({**paper, "rowwise_skip": v["config"]["rowwise_skip"]}) == key_of(v["config"])]
-                tables["all"].append(head + f"{fmt(none)} | {fmt(ppl(paper))} | {fmt(min(skip) if skip else None)} | "
-                                     f"{r['ppl']:.2f} | {change(r['ppl'], none)} |")
-    lines += tables["skip"]
+                tables["all"].append(head + [fmt(none), fmt(ppl(paper)), fmt(min(skip) if skip else None),
+                                             fmt(r["ppl"]), change(r["ppl"], none)])
+    head = ["protocol", "eval", "seed", "metric", "sparsity", "allocation", "reconstruct"]
+    lines = ["# TRIM variants: kept off some layers (`rowwise_skip`), scored on all tokens (`inputs=all`)", "",
+             "Each row: one protocol file (calibration seed, evaluation set). 'change' is vs no TRIM. "
+             "Generated by `python -m bench.quality` from the quality_*.json files.", "",
+             "## TRIM kept off some layers", ""]
+    lines += table(head + ["TRIM inputs", "skipped", "no TRIM", "full TRIM", "TRIM skip", "change"], tables["skip"])
     lines += ["", "## TRIM scored on every calibration token (`--rowwise-param inputs=all`)", "",
               "'TRIM (paper)' = last token of each sequence; 'paper, skip' = its best run with TRIM kept off some "
-              "layers (table above).", "",
-              "| protocol | eval | seed | metric | sparsity | allocation | reconstruct | no TRIM | TRIM (paper) | "
-              "paper, skip | TRIM all tokens | change |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += tables["all"]
-    return "\n".join(lines + [""])
+              "layers (table above).", ""]
+    lines += table(head + ["no TRIM", "TRIM (paper)", "paper, skip", "TRIM all tokens", "change"], tables["all"])
+    return document(lines)
 
 
 def write_index() -> None:
-    """quality.json / quality.md: one index over the protocols' files, with the best pipeline per sparsity."""
+    """quality.json / quality.md: one index over the protocols' files, with the best pipeline per sparsity;
+    and trim_skip.md, made from the same files."""
     index = {}
     for f in sorted(RESULTS.glob("quality_*.json")):
         d = load_results(f)
@@ -305,22 +224,26 @@ def write_index() -> None:
             "runs": len(d["runs"]),
             "best": [{"sparsity": sp, "pattern": pat, "pipeline": describe(r["config"]), "ppl": r["ppl"], "key": k}
                      for (sp, pat), (k, r, n) in sorted(best_per_sparsity(d).items())]}
-    save_json(RESULTS / "quality.json", index)
-    tables = [Path(v["file"]).with_suffix(".md").name for v in index.values()]
-    lines = ["# Quality benchmark index", "", "Full tables: " + ", ".join(f"[{t}]({t})" for t in tables), ""]
+    save_results(RESULTS / "quality.json", index, index_markdown)
+    save_markdown(RESULTS / "trim_skip.md", trim_skip_report())
+
+
+def index_markdown(index: dict) -> str:
+    tables_ = [Path(v["file"]).with_suffix(".md").name for v in index.values()]
+    lines = ["# Quality benchmark index", "", "Full tables: " + ", ".join(f"[{t}]({t})" for t in tables_), ""]
     for name, v in index.items():
-        lines += [f"## Protocol {name}: " + ", ".join(f"{k} {x}" for k, x in v["protocol"].items()), "", f"Dense PPL {v['dense_ppl']:.3f}; {v['runs']} runs.", "",
-                  "| sparsity | pattern | best pipeline | PPL |", "|---|---|---|---|"]
-        lines += [f"| {b['sparsity']:.2f} | {b['pattern']} | {b['pipeline']} | {b['ppl']:.3f} |" for b in v["best"]]
+        lines += [f"## Protocol {name}: " + ", ".join(f"{k} {x}" for k, x in v["protocol"].items()), "",
+                  f"Dense PPL {v['dense_ppl']:.3f}; {v['runs']} runs.", ""]
+        lines += table(["sparsity", "pattern", "best pipeline", "PPL"],
+                       [[f"{b['sparsity']:.2f}", b["pattern"], b["pipeline"], f"{b['ppl']:.3f}"] for b in v["best"]])
         lines.append("")
-    (RESULTS / "quality.md").write_text("\n".join(lines))
-    (RESULTS / "trim_skip.md").write_text(trim_skip_report())
+    return document(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default=None)
-    ap.add_argument("--suite", nargs="*", default=["core"])
+    ap.add_argument("--suite", nargs="*", default=["core"], choices=list(suites()))
     ap.add_argument("--only", help="substring filter on run keys")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--redo", action="store_true")
@@ -328,67 +251,42 @@ def main(argv=None):
                     "quality_<protocol>-seed<N>.json)")
     ap.add_argument("--model", default="smollm2")
     a = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    pname = a.protocol or ("P" if cuda else "S")
-    proto = PROTOCOLS[pname]
+    device = resolve_device(a.device).type
+    pname, proto = select(a.protocol, device)
     if a.seed is not None and a.seed != proto["seed"]:  # another calibration draw: its own results file
         proto, pname = {**proto, "seed": a.seed}, f"{pname}-seed{a.seed}"
-    device = "cuda" if cuda else "cpu"
-    out = RESULTS / f"quality_{pname}.json"
-    data = load_results(out)
-    if data.get("protocol") != proto:
-        data = {"protocol_name": pname, "protocol": proto, "runs": {}}
-    data["environment"] = environment()
+    file = Runs(RESULTS / f"quality_{pname}.json", {"protocol_name": pname, "protocol": proto}, a.redo, markdown)
+    file.data.update(environment=environment(), model=a.model)
 
-    model, tok = prunekit.load_model(a.model)
-    model.to(device)
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    seqlen = proto["seqlen"]
-    eval_set = proto.get("eval", "wikitext2")
-    eval_ids = eval_token_ids(tok, eval_set, seqlen)
-    calib = calibration_windows(tok, proto["calib"], proto["nsamples"], seqlen, proto["seed"])
-
-    def evaluate():
-        return perplexity(model, tok, eval_set, seqlen, proto["eval_windows"], device, batch_size=4, ids=eval_ids)
-
-    if "dense" not in data:
-        data["dense"] = evaluate()
-        save_json(out, data)
-    print(f"dense: {data['dense']['ppl']:.3f}", flush=True)
+    pm = ProtocolModel(a.model, proto, device)
+    if "dense" not in file.data:
+        file.data["dense"] = pm.evaluate()
+        file.save()
+    print(f"dense: {file.data['dense']['ppl']:.3f}", flush=True)
     runs = list({key_of(r): r for s in a.suite for r in suites()[s]}.values())  # a run in two suites runs once
     for run in runs:
         key = key_of(run)
-        if a.only and a.only not in key:
+        if (a.only and a.only not in key) or not file.todo(key):
             continue
-        if key in data["runs"] and not a.redo:
-            continue
-        model.load_state_dict(dense_state)
-        for n, m in model.named_modules():  # drop biases a previous run may have added (STADE)
-            if isinstance(m, torch.nn.Linear) and m.bias is not None and n + ".bias" not in dense_state:
-                m.bias = None
-        cfg = prunekit.make_config(model=a.model, seqlen=seqlen, nsamples=proto["nsamples"], calib=proto["calib"],
-                                   seed=proto["seed"], device=device, **run)
-        t = time.time()
         try:
-            report = prunekit.prune(model, tok, cfg, calib_ids=calib)
+            report, prune_s = pm.prune(run)
         except prunekit.PrunekitError as e:
             print(f"{key}: skipped ({e})", flush=True)
             continue
-        prune_s = time.time() - t
-        ev = evaluate()
-        data["runs"][key] = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
-                             "overall_sparsity": report["overall_sparsity"],
-                             "granularity": report["method"]["granularity"],
-                             "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
-                             # per run: the file's "environment" is the last invocation's
-                             "git": data["environment"].get("git"), "date": data["environment"].get("date")}
+        ev = pm.evaluate()
+        rec = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
+               "overall_sparsity": report["overall_sparsity"], "granularity": report["method"]["granularity"],
+               "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
+               # per run: the file's "environment" is the last invocation's
+               "git": file.data["environment"].get("git"), "date": file.data["environment"].get("date")}
         rw = rowwise_summary(report["layers"])
         if rw:
-            data["runs"][key]["rowwise"] = rw
+            rec["rowwise"] = rw
         print(f"{key}: ppl {ev['ppl']:.3f}  prune {prune_s:.1f}s", flush=True)
-        save_json(out, data)
-        write_reports(pname, data)
-    write_reports(pname, data)
+        file.add(key, rec)
+        write_index()
+    file.save()
+    write_index()
 
 
 if __name__ == "__main__":

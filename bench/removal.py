@@ -1,8 +1,10 @@
 """Block removal and calibration-selection benchmark: SmolLM2 perplexity (WikiText-2).
 
-    python bench/removal.py                          # both parts, protocol S on CPU (P when a GPU is present)
-    python bench/removal.py --parts removal --blocks 2 4 6
-    python bench/removal.py --parts selection --sizes 16 64 --seeds 0 1 2
+    python -m bench.removal                          # both parts, protocol S on CPU (P when a GPU is present)
+    python -m bench.removal --parts removal --blocks 2 4 6
+    python -m bench.removal --parts selection --sizes 16 64 --seeds 0 1 2
+    python -m bench.removal --model stories260K --blocks 1 --sizes 4 --seeds 0 --seqlen 128 --nsamples 8 \
+        --eval-windows 2 --results-dir /tmp/removal_check                    # a quick check of the script
 
 Part "removal": remove k decoder blocks chosen by ShortGPT block influence (BI) on the protocol's
 calibration windows, either in one shot (``remove_one_shot``, ShortGPT) or iteratively with magnitude
@@ -28,23 +30,24 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+import prunekit
+from prunekit.core.families import block_linears, get_blocks, weight_view
+from prunekit.core.offload import resolve_device
+from prunekit.methods.prototype import MODES, embed_windows, select_windows
+from prunekit.methods.removal import prune_and_comp, remove_one_shot
 
-import prunekit  # noqa: E402
-from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.methods.prototype import MODES, embed_windows, select_windows  # noqa: E402
-from prunekit.evaluate.perplexity import perplexity  # noqa: E402
-from prunekit.methods.removal import prune_and_comp, remove_one_shot  # noqa: E402
-from prunekit.core.families import block_linears, get_blocks, weight_view  # noqa: E402
+from bench.lib.env import describe as machine_line
+from bench.lib.env import environment
+from bench.lib.models import Evaluation, calibration, load
+from bench.lib.protocols import PROTOCOLS, select
+from bench.lib.results import RESULTS, Runs
+from bench.lib.tables import document, table
 
 SEL_METRIC = {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"}
 REMOVAL_METHODS = {"bi-one-shot": "BI one-shot", "iterative": "BI iterative, no compensation",
@@ -129,28 +132,24 @@ def removal_section(sec: dict) -> list[str]:
                   "as stored (unique tensors; pruned zeros still counted as stored, their number in 'nonzero')."]
     ks = sorted({r["k"] for r in runs.values()})
     methods = [m for m in REMOVAL_METHODS if any(r["method"] == m for r in runs.values())]
-    lines += ["", "| blocks removed | block-linear sparsity | " + " | ".join(f"{REMOVAL_METHODS[m]} PPL" for m in methods)
-              + " | removed blocks (one-shot) | removed blocks (Prune&Comp, in order) | Prune&Comp scales |",
-              "|---|---|" + "---|" * len(methods) + "---|---|---|"]
     by = {(r["k"], r["method"]): r for r in runs.values()}
+    rows = []
     for k in ks:
-        cells = [f"{by[(k, m)]['ppl']:.3f}" if (k, m) in by else "-" for m in methods]
-        os_ = by.get((k, "bi-one-shot"))
-        pc = by.get((k, "prune-comp"))
-        lines.append(f"| {k} of {B} | {_pct(equal_sparsity(acc, k))} | " + " | ".join(cells) + " | "
-                     f"{os_['removed'] if os_ else '-'} | {pc['removed'] if pc else '-'} | "
-                     f"{', '.join(f'{s:.3f}' for s in pc['scales']) if pc else '-'} |")
+        os_, pc = by.get((k, "bi-one-shot")), by.get((k, "prune-comp"))
+        rows.append([f"{k} of {B}", _pct(equal_sparsity(acc, k))]
+                    + [f"{by[(k, m)]['ppl']:.3f}" if (k, m) in by else "-" for m in methods]
+                    + [os_["removed"] if os_ else "-", pc["removed"] if pc else "-",
+                       ", ".join(f"{s:.3f}" for s in pc["scales"]) if pc else "-"])
+    lines += [""] + table(["blocks removed", "block-linear sparsity"] + [f"{REMOVAL_METHODS[m]} PPL" for m in methods]
+                          + ["removed blocks (one-shot)", "removed blocks (Prune&Comp, in order)", "Prune&Comp scales"],
+                          rows)
     lines += ["", "Wanda prunes floor(sparsity x inputs) weights in each output row, so its achieved sparsity is slightly "
-              "below the target (column 'sparsity achieved').", "",
-              "| blocks removed | method | params (stored) | nonzero params | sparsity achieved | removal / prune time (s) | eval time (s) |",
-              "|---|---|---|---|---|---|---|"]
-    for k in ks:
-        for m in methods:
-            r = by.get((k, m))
-            if r:
-                ach = _pct(r["overall_sparsity"]) if r.get("overall_sparsity") is not None else "-"
-                lines.append(f"| {k} | {REMOVAL_METHODS[m]} | {r['params']:,} | {r['nonzero']:,} | {ach} | {r['time_s']:.1f} | "
-                             f"{r['eval_s']:.1f} |")
+              "below the target (column 'sparsity achieved').", ""]
+    rows = [[k, REMOVAL_METHODS[m], f"{r['params']:,}", f"{r['nonzero']:,}",
+             _pct(r["overall_sparsity"]) if r.get("overall_sparsity") is not None else "-", f"{r['time_s']:.1f}",
+             f"{r['eval_s']:.1f}"] for k in ks for m in methods if (r := by.get((k, m)))]
+    lines += table(["blocks removed", "method", "params (stored)", "nonzero params", "sparsity achieved",
+                    "removal / prune time (s)", "eval time (s)"], rows)
     lines += ["", "**Verdict (block removal).**", ""] + removal_verdict(ks, by, sec["dense"]["ppl"]) + [""]
     return lines
 
@@ -222,17 +221,16 @@ def selection_section(sec: dict) -> list[str]:
              "random = the pool's first n windows (= prunekit's default calibration for that seed); prototype-hard / "
              "-easy / -mixed = select_windows on the pool embedded by the dense model (mean-pooled last hidden "
              "state, centred, k-means with k = round(sqrt(pool)) seeded by the same seed): the n farthest from / nearest "
-             "to their prototype / half each. PPL: mean ± sample standard deviation over seeds, and min - max.", "",
-             "| calibration windows | pool | selection | seeds | PPL mean ± std | min - max | per seed | prune time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "to their prototype / half each. PPL: mean ± sample standard deviation over seeds, and min - max.", ""]
     order = {"random": 0, **{f"prototype-{m}": i + 1 for i, m in enumerate(MODES)}}
+    rows = []
     for (n, pool, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 9))):
         rs = sorted(rs, key=lambda r: r["seed"])
         s = spread([r["ppl"] for r in rs])
-        per_seed = ", ".join("%.2f" % r["ppl"] for r in rs)
-        lines.append(f"| {n} | {pool} | {m} | {', '.join(str(r['seed']) for r in rs)} | {fmt_pm(s)} | "
-                     f"{s['min']:.3f} - {s['max']:.3f} | {per_seed} | "
-                     f"{statistics.fmean(r['prune_s'] for r in rs):.1f} |")
+        rows.append([n, pool, m, ", ".join(str(r["seed"]) for r in rs), fmt_pm(s), f"{s['min']:.3f} - {s['max']:.3f}",
+                     ", ".join("%.2f" % r["ppl"] for r in rs), f"{statistics.fmean(r['prune_s'] for r in rs):.1f}"])
+    lines += table(["calibration windows", "pool", "selection", "seeds", "PPL mean ± std", "min - max", "per seed",
+                    "prune time (s)"], rows)
     lines += ["", "**Verdict (calibration selection).**", ""]
     verdict = []
     for (n, pool, m), rs in sorted(groups.items()):
@@ -271,15 +269,21 @@ def markdown(data: dict) -> str:
                   f"and the equal-parameter Wanda runs; the selection part draws its own pools). Evaluation: {p['eval']}, "
                   f"{sec['dense']['windows']} windows x {p['seqlen']} tokens = {sec['dense']['tokens']} tokens, token "
                   "perplexity (paper convention).", "",
-                  f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, torch "
-                  f"{env['torch']}, transformers {env['transformers']}, prunekit {env['prunekit']} ({env.get('git', '?')}), "
-                  f"{env['date']}{', GPU ' + env['gpu'] if env.get('gpu') else ''}.", "",
+                  f"Machine: {machine_line(env, threads=True)}.", "",
                   f"Dense perplexity: **{sec['dense']['ppl']:.3f}**", ""]
         lines += removal_section(sec) + selection_section(sec)
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+def protocol(name: str | None, device: str, model: str, **overrides) -> tuple[str, dict]:
+    """(section label, protocol): the named protocol (default: the device's) evaluated on WikiText-2, for
+    ``model``, with the ``overrides`` that are not None; a protocol with overrides is stored as NAME-custom."""
+    name, proto = select(name, device)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return name + ("-custom" if overrides else ""), {**proto, "eval": "wikitext2", "model": model, **overrides}
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -303,33 +307,15 @@ def main(argv=None):
     ap.add_argument("--redo", action="store_true")
     a = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    device = a.device if a.device not in ("auto",) else ("cuda" if cuda else "cpu")
-    pname = a.protocol or ("P" if cuda else "S")
-    proto = dict(PROTOCOLS[pname], eval="wikitext2", model=a.model)
-    overrides = {"seqlen": a.seqlen, "eval_windows": a.eval_windows, "nsamples": a.nsamples, "calib": a.calib,
-                 "eval": a.eval}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    proto.update(overrides)
-    label = pname + ("-custom" if overrides else "")
-    out = a.results_dir / "removal.json"
-    md = a.results_dir / "removal.md"
-    data = load_results(out)
-    secs = data.setdefault("protocols", {})
-    sec = secs.get(label)
-    if not sec or sec.get("protocol") != proto:
-        if sec:
-            print(f"protocol {label} changed: its earlier results are replaced", flush=True)
-        sec = secs[label] = {"protocol": proto, "runs": {}}
+    device = resolve_device(a.device).type
+    label, proto = protocol(a.protocol, device, a.model, seqlen=a.seqlen, eval_windows=a.eval_windows,
+                            nsamples=a.nsamples, calib=a.calib, eval=a.eval)
+    file = Runs(a.results_dir / "removal.json", {"protocol": proto}, a.redo, markdown, section=("protocols", label))
+    sec = file.section
     sec["environment"] = environment()
-    seqlen, calib_src, eval_src = proto["seqlen"], proto["calib"], proto["eval"]
+    seqlen, calib_src = proto["seqlen"], proto["calib"]
 
-    def save():
-        save_json(out, data)
-        md.write_text(markdown(data))
-
-    dense, tok = prunekit.load_model(a.model)
-    dense.to(device)
+    dense, tok = load(a.model, device=device)
     acc = param_accounting(dense)
     sec["params"] = acc
     B = acc["blocks"]
@@ -342,22 +328,11 @@ def main(argv=None):
             if (a.pool or 4 * n) < n:
                 ap.error(f"--pool {a.pool} is smaller than size {n}")
 
-    eval_ids = eval_token_ids(tok, eval_src, seqlen)
-
-    def evaluate(model):
-        return perplexity(model, tok, eval_src, seqlen, proto["eval_windows"], device, batch_size=4, ids=eval_ids)
-
+    evaluate = Evaluation(tok, proto, device)
     if "dense" not in sec:
         sec["dense"] = evaluate(dense)
-        save()
+        file.save()
     print(f"dense: {sec['dense']['ppl']:.3f}  ({sec['dense']['windows']} windows)", flush=True)
-
-    def todo(key):
-        return a.redo or key not in sec["runs"]
-
-    def record(key, rec):
-        sec["runs"][key] = rec
-        save()
 
     # ------------------------------------------------------------------ part 1: block removal
     if "removal" in a.parts:
@@ -366,10 +341,10 @@ def main(argv=None):
         for k in a.blocks:
             for method in methods:
                 key = f"removal/k{k}/{method}"
-                if not todo(key):
+                if not file.todo(key):
                     continue
                 if calib is None:
-                    calib = calibration_windows(tok, calib_src, proto["nsamples"], seqlen, proto["seed"])
+                    calib = calibration(tok, proto)
                 model = copy.deepcopy(dense)
                 rec = {"part": "removal", "k": k, "method": method}
                 t = time.time()
@@ -408,7 +383,7 @@ def main(argv=None):
                 print(f"{key}: ppl {rec['ppl']:.3f}  {rec['time_s']:.1f}s"
                       + (f"  removed {rec['removed']}" if "removed" in rec else f"  sparsity {rec['sparsity']:.4f}"),
                       flush=True)
-                record(key, rec)
+                file.add(key, rec)
 
     # ------------------------------------------------------------------ part 2: calibration selection
     if "selection" in a.parts:
@@ -417,13 +392,13 @@ def main(argv=None):
             for seed in a.seeds:
                 methods = ["random"] + [f"prototype-{m}" for m in a.modes]
                 keys = {m: f"selection/n{n}/pool{P}/seed{seed}/{m}" for m in methods}
-                if not any(todo(k) for k in keys.values()):
+                if not any(file.todo(k) for k in keys.values()):
                     continue
-                pool = calibration_windows(tok, calib_src, P, seqlen, seed)
+                pool = calibration(tok, {**proto, "nsamples": P, "seed": seed})
                 X, embed_s = None, None
                 for m in methods:
                     key = keys[m]
-                    if not todo(key):
+                    if not file.todo(key):
                         continue
                     rec = {"part": "selection", "n": n, "pool": P, "seed": seed, "method": m, **SEL_METRIC}
                     if m == "random":
@@ -451,9 +426,9 @@ def main(argv=None):
                     del model
                     gc.collect()
                     print(f"{key}: ppl {rec['ppl']:.3f}  prune {rec['prune_s']:.1f}s", flush=True)
-                    record(key, rec)
-    save()
-    print(f"wrote {out} and {md}", flush=True)
+                    file.add(key, rec)
+    file.save()
+    print(f"wrote {file.path} and its .md", flush=True)
 
 
 if __name__ == "__main__":

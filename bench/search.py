@@ -1,8 +1,9 @@
 """Search benchmark: searched layer-wise allocations vs uniform, OWL and AlphaPruning (Wanda, 70%).
 
-    python bench/search.py                         # SmolLM2, protocol S on CPU (P with CUDA), budget 20
-    python bench/search.py --budget 48 --methods dsa random
-    python bench/search.py --model /path/to/hf --seqlen 64 --calib file.txt --eval file.txt   # tiny test
+    python -m bench.search                         # SmolLM2, protocol S on CPU (P with CUDA), budget 20
+    python -m bench.search --budget 48 --methods dsa random
+    python -m bench.search --model stories260K --seqlen 64 --nsamples 8 --n-heldout 4 --eval-windows 4 \
+        --budget 2 --population 2 --methods dsa --results-dir /tmp/search_check        # tiny test
 
 Every search (``prunekit.search.run_search``: dsa, random, tpe, optishear) gets the same budget of
 fitness evaluations, the same calibration windows (the protocol's) and the same fitness windows:
@@ -34,20 +35,30 @@ import hashlib
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+import prunekit
+from prunekit.core.data import calibration_windows
+from prunekit.core.families import resolve_seqlen
+from prunekit.core.metric import METRICS
+from prunekit.core.nll import nll_of_windows
+from prunekit.core.offload import resolve_device
+from prunekit.pruning.config import PruneConfig
+from prunekit.search import METHODS, run_search
+from prunekit.search.run import HELDOUT_SEED_OFFSET
+from prunekit.search.fitness import Fitness
+from prunekit.search.kvquant import kv_quant_hooks
+from prunekit.search.optishear import meta_metric
 
-import prunekit  # noqa: E402
-from prunekit.pruning.config import PruneConfig  # noqa: E402
-from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.evaluate.perplexity import nll_of_windows, perplexity  # noqa: E402
-from prunekit.search import HELDOUT_SEED_OFFSET, METHODS, run_search  # noqa: E402
+from bench.lib.env import describe as machine_line
+from bench.lib.env import environment
+from bench.lib.models import NAMES, ProtocolModel
+from bench.lib.protocols import PROTOCOLS, select
+from bench.lib.results import RESULTS, load_results, same_settings, save_results
+from bench.lib.tables import cell, document, table
 
 ALLOCATORS = ("uniform", "owl", "alphapruning")
 LABELS = {"dense": "dense", "uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning",
@@ -198,14 +209,6 @@ def plot(data: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- markdown
-def fmt(v, nd=4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf"
-    return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
-
-
 def rel(a: float, b: float) -> str:
     """a vs b in words, a and b perplexities."""
     d = (a - b) / b * 100
@@ -246,11 +249,11 @@ def verdict(data: dict) -> list[str]:
                 r = rel(dsa[key], fin[b][key])
                 outcome.append(f"{'ties with' if r == 'equal' else 'beats' if dsa[key] < fin[b][key] else 'loses to'} "
                                f"{LABELS[b]}")
-                parts.append(f"{LABELS[b]} {fmt(fin[b][key])}: DSA " + ("equal" if r == "equal" else r))
+                parts.append(f"{LABELS[b]} {cell(fin[b][key])}: DSA " + ("equal" if r == "equal" else r))
         if parts:
-            out.append(f"- On {name}, DSA ({fmt(dsa[key])}) **{' and '.join(outcome)}** ({'; '.join(parts)}).")
+            out.append(f"- On {name}, DSA ({cell(dsa[key])}) **{' and '.join(outcome)}** ({'; '.join(parts)}).")
         if "uniform" in fin:
-            out.append(f"  Against uniform ({fmt(fin['uniform'][key])}): {rel(dsa[key], fin['uniform'][key])}.")
+            out.append(f"  Against uniform ({cell(fin['uniform'][key])}): {rel(dsa[key], fin['uniform'][key])}.")
     rnd = srch.get("random")
     if rnd and rnd.get("final"):
         rr = rnd["final"]["recipe"]
@@ -258,9 +261,9 @@ def verdict(data: dict) -> list[str]:
         fd, fr = d["best"]["fitness"], r["best"]["fitness"]
         word = "DSA better" if fd < fr else ("DSA not better" if fd > fr else "equal")
         out.append(f"- Same budget ({d['evaluations']} vs {r['evaluations']} evaluations): DSA's best search fitness "
-                   f"{fmt(fd)} vs random programs {fmt(fr)} ({word}); "
-                   f"after the final prune: held-out {fmt(dsa['heldout_ppl'])} vs {fmt(rr['heldout_ppl'])}, "
-                   f"{data['settings']['eval_name']} {fmt(dsa['wikitext_ppl'])} vs {fmt(rr['wikitext_ppl'])} "
+                   f"{cell(fd)} vs random programs {cell(fr)} ({word}); "
+                   f"after the final prune: held-out {cell(dsa['heldout_ppl'])} vs {cell(rr['heldout_ppl'])}, "
+                   f"{data['settings']['eval_name']} {cell(dsa['wikitext_ppl'])} vs {cell(rr['wikitext_ppl'])} "
                    f"(DSA {rel(dsa['wikitext_ppl'], rr['wikitext_ppl'])}).")
         pop = d.get("params", {}).get("population")
         if pop and data["budget"] <= pop:
@@ -279,7 +282,7 @@ def verdict(data: dict) -> list[str]:
                     later[name] = (fits[len(fits) // 2], fits[0], len(fits))
             if len(later) == 2:
                 out.append("  After the first generation: " + "; ".join(
-                    f"{k} median fitness {fmt(v[0])}, best {fmt(v[1])} ({v[2]} evaluations)" for k, v in later.items())
+                    f"{k} median fitness {cell(v[0])}, best {cell(v[1])} ({v[2]} evaluations)" for k, v in later.items())
                     + (": DSA's offspring are clearly better than random programs on the median."
                        if later["DSA"][0] < 0.9 * later["random"][0] else
                        ": medians within 10%, no clear sign at this budget that evolution beats random sampling."))
@@ -300,11 +303,9 @@ def markdown(data: dict) -> str:
              f"windows for every search and every final prune). Search fitness windows (\"held-out\"): "
              f"{s['n_heldout']} x {s['heldout_seqlen']} tokens from {s['calib_name']}, seed "
              f"{s['calib_seed'] + HELDOUT_SEED_OFFSET} (another draw than calibration). Final evaluation: "
-             f"{s['eval_name']}, {fmt(data.get('final', {}).get('dense', {}).get('wikitext_windows'))} windows x "
+             f"{s['eval_name']}, {cell(data.get('final', {}).get('dense', {}).get('wikitext_windows'))} windows x "
              f"{s['seqlen']} tokens, token perplexity. Search seed {s['seed']}, fitness mode {s['mode']}.", "",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
-             + (f", {env['gpu']}" if env.get("gpu") else "") + f", torch {env['torch']}, prunekit "
-             f"{env['prunekit']} ({env.get('git', '?')}), {env['date']}.", "",
+             f"Machine: {machine_line(env, threads=True)}.", "",
              "Search budgets: every method gets the same number of fitness evaluations "
              f"({data['budget']}); dense and uniform baselines are evaluated outside the budget; OptiShear rounds "
              "the budget up to whole generations and its evaluations are KL divergences on calibration windows "
@@ -313,32 +314,32 @@ def markdown(data: dict) -> str:
              "Parameters: " + "; ".join(
                  f"{m} {json.dumps(r.get('params', {}))}" for m, r in data.get("searches", {}).items()
                  if r.get("params"))
-             + ".", "",
-             "| allocation | search evals | search fitness (held-out PPL) | held-out PPL (final prune) | "
-             f"{s['eval_name']} PPL | search time (s) | prune time (s) |",
-             "|---|---|---|---|---|---|---|"]
+             + ".", ""]
+    rows = []
     for key, label, ev, r in final_rows(data):
         fit = "-"
         evals = "-"
         secs = "-"
         if r is not None:
             evals = str(r.get("evaluations", "-"))
-            secs = fmt(r.get("bench_seconds"), 4)
+            secs = cell(r.get("bench_seconds"))
             m = key.split("/")[0]
             b = r.get("best") or {}
             if m == "optishear":
-                fit = f"{fmt(b.get('heldout_ppl'))} (chosen by KL {fmt(b.get('kl'))})" if key.endswith("meta") else "-"
+                fit = f"{cell(b.get('heldout_ppl'))} (chosen by KL {cell(b.get('kl'))})" if key.endswith("meta") else "-"
             elif m == "tpe":
                 if not b.get("kv_bits"):
-                    fit = fmt(b.get("fitness"))
+                    fit = cell(b.get("fitness"))
                 elif key.endswith("kv"):
-                    fit = fmt(b.get("fitness")) + " (with KV bits)"
+                    fit = cell(b.get("fitness")) + " (with KV bits)"
             else:
-                fit = fmt(b.get("fitness"))
+                fit = cell(b.get("fitness"))
         elif key in data.get("proxy", {}):
-            fit = fmt(data["proxy"][key])
-        lines.append(f"| {label} | {evals} | {fit} | {fmt(ev.get('heldout_ppl'))} | {fmt(ev.get('wikitext_ppl'))} | "
-                     f"{secs} | {fmt(ev.get('prune_s'), 4)} |")
+            fit = cell(data["proxy"][key])
+        rows.append([label, evals, fit, cell(ev.get("heldout_ppl")), cell(ev.get("wikitext_ppl")), secs,
+                     cell(ev.get("prune_s"))])
+    lines += table(["allocation", "search evals", "search fitness (held-out PPL)", "held-out PPL (final prune)",
+                    f"{s['eval_name']} PPL", "search time (s)", "prune time (s)"], rows)
     lines += ["", "Search fitness of uniform/OWL/AlphaPruning: their ratios scored exactly as a search candidate "
               "(same proxy), for comparison with the searches' fitness column.", ""]
     for m, r in data.get("searches", {}).items():
@@ -350,14 +351,14 @@ def markdown(data: dict) -> str:
                 "random": f"program `{b.get('program')}` ({b.get('readable')})",
                 "tpe": f"group sparsities {[round(x, 4) for x in b.get('group_sparsity') or []]}, "
                        f"KV bits {b.get('kv_bits')} "
-                       f"(KV memory {fmt(b.get('kv_fraction'))} of fp16)",
+                       f"(KV memory {cell(b.get('kv_fraction'))} of fp16)",
                 "optishear": f"meta metric {b.get('meta_metric')}"}.get(m, "")
         br = b.get("block_ratios")
         lines.append(f"- {LABELS[m]}: {desc}; block ratios "
                      f"{[round(x, 3) for x in br] if br else '-'}; {r.get('evaluations')} evaluations in "
-                     f"{fmt(r.get('seconds'), 4)} s of search ({fmt(r.get('bench_seconds'), 4)} s with setup).")
-    lines += ["", "## Verdict", ""] + verdict(data) + ["", "![fitness vs evaluations](search_curve.png)", ""]
-    return "\n".join(lines)
+                     f"{cell(r.get('seconds'))} s of search ({cell(r.get('bench_seconds'))} s with setup).")
+    lines += ["", "## Verdict", ""] + verdict(data) + ["", "![fitness vs evaluations](search_curve.png)"]
+    return document(lines)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -393,60 +394,39 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    pname = a.protocol or ("P" if cuda else "S")
-    proto = dict(PROTOCOLS[pname])
-    device = "cuda" if cuda else "cpu"
-    seqlen = a.seqlen or proto["seqlen"]
-    nsamples = a.nsamples or proto["nsamples"]
-    eval_windows = proto["eval_windows"] if a.eval_windows is None else (a.eval_windows or None)
-    calib_src = a.calib or proto["calib"]
-    cseed = proto["seed"]
+    device = resolve_device(a.device).type
+    pname, proto = select(a.protocol, device)
+    proto.update(seqlen=a.seqlen or proto["seqlen"], nsamples=a.nsamples or proto["nsamples"],
+                 calib=a.calib or proto["calib"], eval=a.eval,
+                 eval_windows=proto["eval_windows"] if a.eval_windows is None else (a.eval_windows or None))
+    seqlen, nsamples, calib_src, cseed, eval_windows = (proto[k] for k in ("seqlen", "nsamples", "calib", "seed",
+                                                                            "eval_windows"))
     results = Path(a.results_dir)
-    out_json, out_md, out_png = results / "search.json", results / "search.md", results / "search_curve.png"
+    out_json, out_png = results / "search.json", results / "search_curve.png"
 
-    log(f"loading {a.model}")
-    model, tok = prunekit.load_model(a.model)
-    model.to(device)
-    model.eval()
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    hl = min(a.heldout_seqlen, ctx) if ctx else a.heldout_seqlen
+    log(f"loading {a.model}; data: calibration {nsamples} x {seqlen} from {calib_src}, eval {a.eval}")
+    pm = ProtocolModel(a.model, proto, device, a.batch_size)
+    model, tok, calib = pm.model, pm.tok, pm.calib
+    hl = resolve_seqlen(model, None, default=a.heldout_seqlen)  # held-out windows no longer than the context
     settings = {"schema": SCHEMA, "model": a.model, "protocol": pname, "seqlen": seqlen, "nsamples": nsamples,
                 "calib": calib_src, "calib_name": Path(calib_src).name, "calib_seed": cseed, "eval": a.eval,
                 "eval_name": "WikiText-2" if a.eval == "wikitext2" else Path(a.eval).name,
                 "eval_windows": eval_windows, "sparsity": a.sparsity, "metric": a.metric, "seed": a.seed,
                 "n_heldout": a.n_heldout, "heldout_seqlen": hl, "mode": a.mode, "device": device}
-    data = {} if a.fresh else load_results(out_json)
-    if data.get("settings") != settings:
-        if data:
-            log(f"{out_json}: stored results are for other settings; starting a new file")
-        data = {"settings": settings, "final": {}, "proxy": {}, "searches": {}}
+    data = same_settings({} if a.fresh else load_results(out_json), {"settings": settings},
+                         {"final": {}, "proxy": {}, "searches": {}})
     data.update(budget=a.budget, methods=a.methods, environment=environment(),
-                model_name="SmolLM2-135M-Instruct" if a.model == "smollm2" else slug(a.model))
+                model_name=NAMES.get(a.model) or slug(a.model))
     ckpt_root = Path(a.out_dir) / f"{slug(a.model)}-{pname}-{short_hash(settings)}"
 
     def save():
-        save_json(out_json, data)
-        out_md.write_text(markdown(data))
+        save_results(out_json, data, markdown)
         try:
             plot(data, out_png)
         except Exception as e:  # a plotting problem must not lose the benchmark
             log(f"plot failed: {type(e).__name__}: {e}")
 
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def restore():
-        model.load_state_dict(dense_state)
-        for n, m in model.named_modules():  # drop biases a metric may have added (STADE)
-            if isinstance(m, torch.nn.Linear) and m.bias is not None and n + ".bias" not in dense_state:
-                m.bias = None
-
-    log(f"data: calibration {nsamples} x {seqlen} from {calib_src}, held-out {a.n_heldout} x {hl}, eval {a.eval}")
-    calib = calibration_windows(tok, calib_src, nsamples, seqlen, cseed)
     heldout = calibration_windows(tok, calib_src, a.n_heldout, hl, cseed + HELDOUT_SEED_OFFSET)
-    eval_ids = eval_token_ids(tok, a.eval, seqlen)
-    base_cfg = {"model": a.model, "metric": a.metric, "seqlen": seqlen, "nsamples": nsamples, "calib": calib_src,
-                "seed": cseed, "device": device}
 
     @torch.no_grad()
     def heldout_ppl() -> float:
@@ -455,22 +435,17 @@ def main(argv=None):
 
     def evaluate(cfg: dict | None, kv_bits=None) -> dict:
         """Prune the dense model with ``cfg`` (None: dense), evaluate held-out and final PPL."""
-        restore()
+        pm.dense.restore()
         rec = {}
         if cfg is not None:
-            t = time.time()
-            report = prunekit.prune(model, tok, prunekit.make_config(**{**base_cfg, **cfg}), calib_ids=calib)
-            rec.update(prune_s=round(time.time() - t, 2), overall_sparsity=report["overall_sparsity"],
+            report, seconds = pm.prune({"metric": a.metric, **cfg})
+            rec.update(prune_s=round(seconds, 2), overall_sparsity=report["overall_sparsity"],
                        block_sparsity=[round(b["sparsity"], 4) for b in report["blocks"]],
                        layer_ratios={l["name"]: l["target"] for l in report["layers"]})
-        hooks = []
-        if kv_bits:
-            from prunekit.search.tpe import kv_quant_hooks
-
-            hooks = kv_quant_hooks(model, kv_bits)
+        hooks = kv_quant_hooks(model, kv_bits) if kv_bits else []
         try:
             rec["heldout_ppl"] = heldout_ppl()
-            ev = perplexity(model, tok, a.eval, seqlen, eval_windows, device, batch_size=a.batch_size, ids=eval_ids)
+            ev = pm.evaluate()
         finally:
             for h in hooks:
                 h.remove()
@@ -478,7 +453,7 @@ def main(argv=None):
                    eval_s=ev["seconds"])
         if kv_bits:
             rec["kv_bits"] = list(kv_bits)
-        restore()
+        pm.dense.restore()
         return rec
 
     # 1. dense and the allocator baselines, pruned for real --------------------------------------
@@ -494,8 +469,6 @@ def main(argv=None):
 
     # 2. the allocators' ratios scored exactly like a search candidate (for the curve) -------------
     if any(k not in data["proxy"] for k in ("dense",) + ALLOCATORS):
-        from prunekit.search.fitness import Fitness
-
         log(f"search fitness of uniform / OWL / AlphaPruning ({a.mode} mode, as the searches score candidates)")
         fit = Fitness(model, calib, heldout, a.metric, device, None, mode=a.mode)
         try:
@@ -505,7 +478,7 @@ def main(argv=None):
                 data["proxy"][k] = float(fit.evaluate({n: float(ratios[n]) for n in fit.layers}))
         finally:
             fit.close()
-        restore()
+        pm.dense.restore()
         log("proxy: " + ", ".join(f"{k} {v:.4g}" for k, v in data["proxy"].items()))
         save()
 
@@ -525,10 +498,10 @@ def main(argv=None):
             except (prunekit.PrunekitError, ImportError) as e:
                 log(f"search {m} failed: {e}")
                 data["searches"][m] = {"error": str(e), "budget": a.budget, "bench_params": params}
-                restore()
+                pm.dense.restore()
                 save()
                 continue
-            restore()
+            pm.dense.restore()
             r["bench_seconds"] = round(time.time() - t, 2)
             r["bench_params"] = params
             r["budget"] = a.budget
@@ -536,7 +509,7 @@ def main(argv=None):
             data["searches"][m] = r
             b = r.get("best") or {}
             log(f"search: {m}: {r['evaluations']} evaluations, best fitness "
-                f"{fmt(b.get('fitness', b.get('heldout_ppl')))} in {r['bench_seconds']:.0f} s")
+                f"{cell(b.get('fitness', b.get('heldout_ppl')))} in {r['bench_seconds']:.0f} s")
             save()
         if not r.get("best") or (m in ("dsa", "random") and not r["best"].get("program")):
             continue
@@ -546,9 +519,6 @@ def main(argv=None):
         if m == "tpe" and r["recipe"].get("kv_cache_bits"):
             todo.append(("kv", recipe, r["recipe"]["kv_cache_bits"]))
         if m == "optishear" and not a.no_meta:
-            from prunekit.core.metric import METRICS
-            from prunekit.search.optishear import meta_metric
-
             name = "optishear-found"
             METRICS[name] = dataclasses.replace(meta_metric(r["best"]["meta_metric"]), name=name)
             todo.append(("meta", {**recipe, "metric": name}, None))
@@ -560,7 +530,7 @@ def main(argv=None):
                 ev = evaluate(cfg, kv)
             except prunekit.PrunekitError as e:
                 log(f"final {m} ({variant}) failed: {e}")
-                restore()
+                pm.dense.restore()
                 continue
             ev["config"] = cfg
             if kv:
@@ -570,8 +540,8 @@ def main(argv=None):
                 f"{ev['wikitext_ppl']:.4g}")
             save()
     save()
-    log(f"wrote {out_json}, {out_md}, {out_png}")
-    print(out_md.read_text())
+    log(f"wrote {out_json}, its .md and {out_png}")
+    print(out_json.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

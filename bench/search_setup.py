@@ -1,7 +1,8 @@
 """Set-up cost of an allocation search (everything before and around the candidates' evaluations).
 
-    python bench/search_setup.py --label now
-    PYTHONPATH=/tmp/base python bench/search_setup.py --label base     # an older prunekit, same script
+    python -m bench.search_setup --label now
+    PYTHONPATH=/tmp/base:. python -P -m bench.search_setup --label base  # an older prunekit, same script
+    python -m bench.search_setup --label check --model stories260K          # a quick check (mind the results file)
 
 DSA on SmolLM2 at 70% with Wanda, protocol S calibration (64 x 512 C4, seed 0), 16 x 256 held-out windows,
 budget 2 (population 2: the two seed programs), fitness mode cached. Records the wall time of model
@@ -14,52 +15,42 @@ label) and .md.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+from prunekit.search import run_search
+
+from bench.lib.env import environment
+from bench.lib.models import load
+from bench.lib.protocols import PROTOCOLS
+from bench.lib.results import RESULTS, load_results, save_results
+from bench.lib.tables import document, table
 
 
-def report(data: dict) -> str:
+def markdown(data: dict) -> str:
     """search_setup.md from the results file."""
-    lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "",
-             f"Protocol: {data['protocol']}.", "",
-             "| label | commit | load s | run_search s | of which search loop s | set-up s "
-             "| fitness of the candidates |",
-             "|---|---|---|---|---|---|---|"]
-    for label, r in data["runs"].items():
-        lines.append(f"| {label} | {r['environment']['git']} | {r['load_s']} | {r['run_search_s']} | "
-                     f"{r['search_loop_s']} | {r['setup_s']} | {', '.join(f'{f:.4g}' for f in r['fitness'])} |")
+    lines = ["# Search set-up cost (SmolLM2, DSA, Wanda 70%)", "", f"Protocol: {data['protocol']}.", ""]
+    lines += table(["label", "commit", "load s", "run_search s", "of which search loop s", "set-up s",
+                    "fitness of the candidates"],
+                   [[label, r["environment"]["git"], r["load_s"], r["run_search_s"], r["search_loop_s"], r["setup_s"],
+                     ", ".join(f"{f:.4g}" for f in r["fitness"])] for label, r in data["runs"].items()])
     lines += [""] + [f"- {label}: {r['note']}" for label, r in data["runs"].items() if r.get("note")]
     for label, r in data["runs"].items():
         lines += ["", f"{label}: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items())]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--budget", type=int, default=2)
     ap.add_argument("--note", default="", help="a remark printed under the table (e.g. what else differs)")
     a = ap.parse_args(argv)
-
-    import prunekit
-    from prunekit.core.loading import load_model
-    from prunekit.search import run_search
-
     proto = PROTOCOLS["S"]
-    env = environment()
-    pk = Path(prunekit.__file__).resolve().parent
-    env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=pk).stdout.strip()
-    env["prunekit_path"] = str(pk)
+    env = environment()  # its git: the checkout of the imported prunekit
     t0 = time.time()
-    model, tok = load_model(a.model)
+    model, tok = load(a.model)
     t1 = time.time()
     with tempfile.TemporaryDirectory() as out:
         res = run_search(model, tok, "dsa", a.budget, 0.7, metric="wanda", out_dir=out, seed=proto["seed"],
@@ -78,10 +69,8 @@ def main(argv=None):
                         "calibration": (f"{proto['calib']} {proto['nsamples']} x {proto['seqlen']}, "
                                         f"seed {proto['seed']}"),
                         "heldout": "16 x 256", "mode": "cached", "device": "cpu"}
-    save_json(path, data)
-    md = report(data)
-    (RESULTS / "search_setup.md").write_text(md)
-    print(md)
+    save_results(path, data, markdown)
+    print(markdown(data))
 
 
 if __name__ == "__main__":

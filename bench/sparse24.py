@@ -1,7 +1,7 @@
 """2:4 speed: dense vs torch's semi-structured sparse tensors for linear layers (GPU only).
 
-    python bench/sparse24.py                           # LLaMA-7B shapes and SmolLM2 shapes
-    python bench/sparse24.py --model runs/x-2of4       # the linear layers of a saved 2:4 model
+    python -m bench.sparse24                           # LLaMA-7B shapes and SmolLM2 shapes
+    python -m bench.sparse24 --model runs/x-2of4       # the linear layers of a saved 2:4 model
 
 For each weight shape, fp16 and bf16, prefill (2048 tokens) and decode (1, 8, 32 tokens) inputs: median
 time of ``F.linear`` with the dense weight and with ``to_sparse_semi_structured(W)``. Writes
@@ -12,56 +12,51 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.sparse import to_sparse_semi_structured
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, save_json  # noqa: E402
+from prunekit.core.families import block_linears, weight_view
+
+from bench.lib.env import environment
+from bench.lib.models import load
+from bench.lib.results import RESULTS, save_results
+from bench.lib.tables import document, table
+from bench.lib.timing import cuda_median_ms
 
 SHAPES = {"llama7b q/o (4096x4096)": (4096, 4096), "llama7b gate/up (11008x4096)": (11008, 4096),
           "llama7b down (4096x11008)": (4096, 11008), "smollm2 gate/up (1536x576)": (1536, 576)}
 
 
-def timeit(fn, reps=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def shapes_of_model(path):
-    from prunekit.core.families import block_linears, weight_view
-    from prunekit.core.loading import load_model
-
-    model, _ = load_model(path)
+def shapes_of_model(spec: str) -> dict:
+    """The weight shapes of the first block's linear layers of a model."""
+    model, _ = load(spec)
     out = {}
-    for d in block_linears(model)[:1]:
-        for n, m in d.items():
-            W = weight_view(m)
-            out[n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] + f" ({W.shape[0]}x{W.shape[1]})"] = tuple(W.shape)
+    for n, m in block_linears(model)[0].items():
+        W = weight_view(m)
+        out[n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] + f" ({W.shape[0]}x{W.shape[1]})"] = tuple(W.shape)
     return out
 
 
+def markdown(data: dict) -> str:
+    env = data["environment"]
+    lines = ["# 2:4 semi-structured sparse vs dense linear layers", "", f"{env.get('gpu')}, torch {env['torch']}, "
+             f"median of 50 CUDA-event timings. tokens = rows of the input (2048: prefill; 1-32: decode).", ""]
+    rows = [[r["shape"], r["dtype"], r["tokens"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}", f"{r['speedup']:.2f}x"]
+            if r.get("dense_ms") else [r["shape"], r["dtype"], r.get("tokens", "-"), "-", "-", f"error: {r.get('error')}"]
+            for r in data["rows"]]
+    return document(lines + table(["weight", "dtype", "tokens", "dense ms", "2:4 ms", "speed-up"], rows))
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 1, 8, 32])
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/sparse24.py needs a CUDA GPU (semi-structured sparse kernels); nothing measured on CPU")
+        print("bench.sparse24 needs a CUDA GPU (semi-structured sparse kernels); nothing measured on CPU")
         return 0
-    from torch.sparse import to_sparse_semi_structured
-
     shapes = shapes_of_model(a.model) if a.model else SHAPES
     rows = []
     for name, (o, i) in shapes.items():
@@ -77,8 +72,8 @@ def main(argv=None):
             for t in a.tokens:
                 x = torch.randn(t, i, device="cuda", dtype=dtype)
                 try:
-                    dense = timeit(lambda: F.linear(x, W))
-                    sparse = timeit(lambda: F.linear(x, Ws))
+                    dense = cuda_median_ms(lambda: F.linear(x, W))
+                    sparse = cuda_median_ms(lambda: F.linear(x, Ws))
                     err = None
                 except Exception as e:
                     dense = sparse = None
@@ -87,18 +82,7 @@ def main(argv=None):
                              "dense_ms": dense, "sparse_ms": sparse,
                              "speedup": (dense / sparse) if dense and sparse else None, "error": err})
                 print(rows[-1], flush=True)
-    env = environment()
-    save_json(RESULTS / "sparse24.json", {"environment": env, "rows": rows})
-    lines = ["# 2:4 semi-structured sparse vs dense linear layers", "", f"{env.get('gpu')}, torch {env['torch']}, "
-             f"median of 50 CUDA-event timings. tokens = rows of the input (2048: prefill; 1-32: decode).", "",
-             "| weight | dtype | tokens | dense ms | 2:4 ms | speed-up |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("dense_ms"):
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "
-                         f"{r['speedup']:.2f}x |")
-        else:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('tokens', '-')} | - | - | error: {r.get('error')} |")
-    (RESULTS / "sparse24.md").write_text("\n".join(lines) + "\n")
+    save_results(RESULTS / "sparse24.json", {"environment": environment(), "rows": rows}, markdown)
     return 0
 
 

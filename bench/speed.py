@@ -1,56 +1,47 @@
 """Speed and memory benchmark of a prune.
 
-    python bench/speed.py                       # SmolLM2, Wanda 50%, protocol S (64 x 512), CPU
-    python bench/speed.py --model llama7b-random --device cuda      # 7B-shaped random LLaMA, 128 x 2048
-    python bench/speed.py --model llama7b-random --blocks 2 --nsamples 4 --seqlen 256   # same path, small, CPU
+    python -m bench.speed                       # SmolLM2, Wanda 50%, protocol S (64 x 512), CPU
+    python -m bench.speed --model llama7b-random --device cuda      # 7B-shaped random LLaMA, 128 x 2048
+    python -m bench.speed --model llama7b-random --blocks 2 --nsamples 4 --seqlen 256   # same path, small, CPU
+    python -m bench.speed --model stories260K --metric sparsegpt,wanda --phases sparsegpt --sweep columns
 
 Reports wall time of ``prunekit.prune`` (model already loaded), peak memory (RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU), and, on GPU, the floor of 2 x params x calibration tokens
-FLOPs at the GPU's dense bf16 peak. Writes bench/results/speed.json (merged by key) and speed.md.
+FLOPs at the GPU's dense bf16 peak. ``--sweep`` chooses SparseGPT's within-block solve (its ``sweep`` metric
+parameter; ``auto``: triangular on CUDA, the column loop on the CPU). Writes bench/results/speed.json (merged by
+key), speed.md and scale.md (the measured peaks next to the on-paper 7B / 70B projection).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, load_results, save_json  # noqa: E402
+import prunekit
+from prunekit.core import stats as stats_mod
+from prunekit.core.families import get_blocks
+from prunekit.core.offload import resolve_device
+from prunekit.methods.sparsegpt import sweep_method
 
-import prunekit  # noqa: E402
+from bench.lib.env import environment
+from bench.lib.models import RANDOM_LLAMA, calibration, dense_snapshot, load
+from bench.lib.protocols import PROTOCOLS, config_fields
+from bench.lib.results import RESULTS, load_results, merge_results, save_markdown
+from bench.lib.tables import document, table
+from bench.lib.timing import peak_rss_gib, phase_timer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets
+SPEED = RESULTS / "speed.json"
 
-
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def random_llama(blocks: int, dtype, hidden=4096, mlp=11008, heads=32, vocab=32000):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks, num_attention_heads=heads,
-                      num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model = model.to_empty(device="cpu")
-    # drawn on the GPU when there is one (7B normals on one CPU thread take minutes), then copied to the CPU
-    gen_dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=gen_dev).manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.fill_(1.0)
-            else:
-                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32, device=gen_dev) * 0.02).to(dtype))
-    model.model.rotary_emb.__init__(cfg)  # buffers were left empty by to_empty
-    model.eval()
-    return model
+# the engine's phases timed by --phases: (module, function, label); SparseGPT's factor of H^-1 is computed once
+# per shared Hessian (factor_hessian) before sparsegpt_solve gets it, so the two are separate phases (records of
+# older versions name other phases: the labels are stored as they were measured)
+PHASES = (("prunekit.core.stats", "gram", "statistics: X^T X (Hessian)"),
+          ("prunekit.methods.sparsegpt", "factor_hessian",
+           "SparseGPT factor of H^-1 (reversed Cholesky, triangular inverse)"),
+          ("prunekit.methods.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
+          ("prunekit.pruning.layer_pruner", "pack_mask", "mask packing"))
 
 
 # (hidden, intermediate, kv width, blocks, vocab) of the shapes projected on paper
@@ -83,155 +74,99 @@ def projection(hidden, inter, kv, blocks, vocab, tokens, gpu_gib=80.0, dtype_byt
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", help="smollm2 | llama7b-random | any model spec")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 | stories260K | llama7b-random | any model spec")
     ap.add_argument("--metric", default="wanda", help="one metric or a comma-separated list (one process)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--nsamples", type=int)
-    ap.add_argument("--seqlen", type=int)
+    ap.add_argument("--nsamples", type=int, help="default: protocol S's (P's for llama7b-random)")
+    ap.add_argument("--seqlen", type=int, help="default: protocol S's (P's for llama7b-random)")
     ap.add_argument("--blocks", type=int, default=32, help="for llama7b-random")
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help="default: the model's (llama7b-random: bf16 with a GPU, else fp32)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--phases", default="", help="comma-separated metrics that get one more, instrumented run "
                     "(time per phase), right after their plain run")
+    ap.add_argument("--sweep", choices=("auto", "columns", "triangular"), default="auto",
+                    help="SparseGPT's within-block solve (metric parameter sweep); auto: the device's default")
     a = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    device = "cuda" if cuda else "cpu"
-    big = a.model == "llama7b-random"
-    nsamples = a.nsamples or (128 if big else 64)
-    seqlen = a.seqlen or (2048 if big else 512)
+    device = resolve_device(a.device).type
+    cuda = device == "cuda"
+    big = a.model == RANDOM_LLAMA
+    proto = PROTOCOLS["P" if big else "S"]
+    proto = {**proto, "nsamples": a.nsamples or proto["nsamples"], "seqlen": a.seqlen or proto["seqlen"]}
     t = time.time()
-    if big:
-        dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
-        model, tok = random_llama(a.blocks, dtype), None
-        calib = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    else:
-        model, tok = prunekit.load_model(a.model, a.dtype or "auto")
-        from prunekit.core.data import calibration_windows
-
-        calib = calibration_windows(tok, "c4", nsamples, seqlen, 0)
+    model, tok = load(a.model, a.dtype or "auto", blocks=a.blocks)
+    calib = calibration(tok, proto)
     load_s = time.time() - t
-    params = sum(p.numel() for p in model.parameters())
-    block_params = sum(p.numel() for p in prunekit.core.families.get_blocks(model).parameters())
-    rss_before = rss_gib()
-    metrics = a.metric.split(",")
+    rss_before = peak_rss_gib()
     phased = [m for m in a.phases.split(",") if m]
-    runs = [(m, instr) for m in metrics for instr in ((False, True) if m in phased else (False,))]
-    dense = {k: v.clone() for k, v in model.state_dict().items()} if len(runs) > 1 else None
+    runs = [(m, instr) for m in a.metric.split(",") for instr in ((False, True) if m in phased else (False,))]
+    dense = dense_snapshot(model) if len(runs) > 1 else None
     for metric, instrumented in runs:
         if dense is not None:
-            model.load_state_dict(dense)  # every run starts from the dense weights
+            dense.restore()  # every run starts from the dense weights
+        cfg = {"metric": metric, "sparsity": a.sparsity, "device": device, **config_fields(proto),
+               **({"metric_params": {"sweep": a.sweep}} if metric == "sparsegpt" else {})}
         times, phases = [], {}
         for _ in range(1 if instrumented else a.repeat):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
-            with timed_phases(phases, cuda, instrumented):
+            with phase_timer(phases, PHASES, cuda, instrumented):
                 t = time.time()
-                report = prunekit.prune(model, tok, {"metric": metric, "sparsity": a.sparsity, "device": device,
-                                                     "nsamples": nsamples, "seqlen": seqlen}, calib_ids=calib)
+                report = prunekit.prune(model, tok, cfg, calib_ids=calib)
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.time() - t)
+        key = run_key(a, metric, device, proto)
         if instrumented:
-            record_phases(a, big, metric, device, nsamples, seqlen, times[0], phases)
+            record_phases(key, times[0], phases)
         else:
-            record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times,
-                   rss_before, report, dense is not None)
+            record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense is not None)
 
 
-# since edae39d the engine's SparseGPT adapter factors H^-1 (factor_hessian, once per shared Hessian) before
-# it calls sparsegpt_solve with the factor, so the two are separate phases; records made before that commit
-# carry "SparseGPT solve (Cholesky + sweep)" with the Cholesky nested inside it; records made before session 10
-# carry "SparseGPT factor of H^-1 (Cholesky, inverse, Cholesky)", the textbook chain then used
-PHASES = (("prunekit.core.stats", "gram", "statistics: X^T X (Hessian)"),
-          ("prunekit.methods.sparsegpt", "factor_hessian",
-           "SparseGPT factor of H^-1 (reversed Cholesky, triangular inverse)"),
-          ("prunekit.methods.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
-          ("prunekit.pruning.layer_pruner", "pack_mask", "mask packing"))
+def model_label(a) -> str:
+    return a.model + (f" ({a.blocks} blocks)" if a.model == RANDOM_LLAMA else "")
 
 
-@contextlib.contextmanager
-def timed_phases(acc: dict, cuda: bool, on: bool):
-    """Time the engine's phases by wrapping their functions (a GPU sync before and after each call, so
-    an instrumented run is a little slower than a plain one; the remainder is the forward passes,
-    block transfers and the rest). Each phase's time is exclusive: a wrapped call made inside another
-    (the SparseGPT factor is computed lazily inside ``sparsegpt_solve``) counts for its own phase only."""
-    if not on:
-        yield
-        return
-    import importlib
-
-    saved, inner = [], []  # inner: per open wrapped call, the time spent in wrapped calls nested in it
-    for mod_name, fn_name, label in PHASES:
-        mod = importlib.import_module(mod_name)
-        fn = getattr(mod, fn_name)
-
-        def wrapped(*args, _fn=fn, _label=label, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            inner.append(0.0)
-            t = time.time()
-            try:
-                out = _fn(*args, **kw)
-                if cuda:
-                    torch.cuda.synchronize()
-            finally:
-                dt = time.time() - t
-                nested = inner.pop()
-                acc[_label] = acc.get(_label, 0.0) + dt - nested
-                if inner:
-                    inner[-1] += dt
-            return out
-        saved.append((mod, fn_name, fn))
-        setattr(mod, fn_name, wrapped)
-    try:
-        yield
-    finally:
-        for mod, fn_name, fn in saved:
-            setattr(mod, fn_name, fn)
+def run_key(a, metric: str, device: str, proto: dict) -> str:
+    """One run's key in speed.json (the plain run's record; an instrumented run adds its phases to it). A forced
+    SparseGPT sweep method is part of the key (the default's runs keep the key they always had)."""
+    sweep = f"|sweep={a.sweep}" if metric == "sparsegpt" and a.sweep != "auto" else ""
+    return f"{model_label(a)}|{metric}|{a.sparsity}|{device}|{proto['nsamples']}x{proto['seqlen']}{sweep}"
 
 
-def model_label(a, big: bool) -> str:
-    return a.model + (f" ({a.blocks} blocks)" if big else "")
+def save(data: dict) -> None:
+    merge_results(SPEED, data, markdown)
+    save_markdown(RESULTS / "scale.md", scale_markdown(load_results(SPEED)))
 
 
-def run_key(a, big: bool, metric: str, device: str, nsamples: int, seqlen: int) -> str:
-    """One run's key in speed.json (the plain run's record; an instrumented run adds its phases to it)."""
-    return f"{model_label(a, big)}|{metric}|{a.sparsity}|{device}|{nsamples}x{seqlen}"
-
-
-def record_phases(a, big, metric, device, nsamples, seqlen, total, phases) -> None:
-    out = RESULTS / "speed.json"
-    data = load_results(out)
-    key = run_key(a, big, metric, device, nsamples, seqlen)
+def record_phases(key: str, total: float, phases: dict) -> None:
+    data = load_results(SPEED)
     if key in data:
+        rest = total - sum(v for k, v in phases.items() if not k.startswith(" "))
         data[key]["phases_s"] = {"instrumented_total": round(total, 2), **{k: round(v, 2) for k, v in phases.items()},
-                                 "rest (forward passes, block transfers, masks, bookkeeping)":
-                                     round(total - sum(v for k, v in phases.items() if not k.startswith(" ")), 2)}
-        save_json(out, data)
-        write_markdown(data)
+                                 "rest (forward passes, block transfers, masks, bookkeeping)": round(rest, 2)}
+        save({key: data[key]})
     print(key, "phases", phases, "total", round(total, 2))
 
 
-def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_params, load_s, times, rss_before,
-           report, dense_kept: bool) -> None:
-    res = {"model": model_label(a, big), "metric": metric,
+def record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense_kept: bool) -> None:
+    cuda = device == "cuda"
+    nsamples, seqlen = proto["nsamples"], proto["seqlen"]
+    blocks = get_blocks(model)
+    block_params = sum(p.numel() for p in blocks.parameters())
+    res = {"model": model_label(a), "metric": metric,
            "sparsity": a.sparsity, "device": device, "dtype": str(next(model.parameters()).dtype),
            "nsamples": nsamples, "seqlen": seqlen, "calibration_tokens": nsamples * seqlen,
-           "params": params, "block_params": block_params, "load_s": round(load_s, 2),
-           "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
-           "peak_rss_gib": round(rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
+           "params": sum(p.numel() for p in model.parameters()), "block_params": block_params,
+           "load_s": round(load_s, 2), "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
+           "peak_rss_gib": round(peak_rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
            "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
-           "dense_copy_in_rss": dense_kept}  # a copy of the dense weights, kept to restore them between runs
-    if "sparsegpt" in metric:
-        from prunekit.methods.sparsegpt import sweep_method
-
-        res["sparsegpt_sweep"] = sweep_method(device)  # how each 128-column block is solved
-    if cuda and "sparsegpt" in metric:
-        from prunekit.core import stats as stats_mod
-
+           "dense_copy_in_rss": dense_kept}  # a copy of the dense layer weights, kept to restore them between runs
+    if metric == "sparsegpt":  # how each 128-column block is solved
+        res["sparsegpt_sweep"] = sweep_method(device) if a.sweep == "auto" else a.sweep
+    if cuda and metric == "sparsegpt":
         low = res["dtype"] in ("torch.bfloat16", "torch.float16")
         res["hessian_gemm"] = ("fp32 x fp32" if not low else "TF32 row chunks, diagonal-checked"
                                if not stats_mod.FAST_GRAM_FAILED else
@@ -246,40 +181,36 @@ def record(a, big, metric, cuda, device, model, nsamples, seqlen, params, block_
             res["flops_floor_s"] = round(floor, 2)
             res["x_floor"] = round(min(times) / floor, 2)
             res["peak_tflops_assumed"] = peak
-        one_block = block_params / len(prunekit.core.families.get_blocks(model)) * model.dtype.itemsize
-        res["one_block_gib"] = round(one_block / 2**30, 3)
+        res["one_block_gib"] = round(block_params / len(blocks) * model.dtype.itemsize / 2**30, 3)
         res["hidden_states_gib"] = round(nsamples * seqlen * model.config.hidden_size * model.dtype.itemsize / 2**30, 2)
-    if big:  # the same formula on paper for 7B (checked against the measurement when a GPU is lent) and 70B
-        tokens = nsamples * seqlen
-        for key, (_, shape) in LLAMA_SHAPES.items():
-            res[f"projection_{key}"] = projection(*shape, tokens)
+    if a.model == RANDOM_LLAMA:  # the same formula on paper for 7B (checked against a GPU measurement) and 70B
+        for shape_key, (_, shape) in LLAMA_SHAPES.items():
+            res[f"projection_{shape_key}"] = projection(*shape, nsamples * seqlen)
     res["environment"] = environment()
-    key = run_key(a, big, metric, device, nsamples, seqlen)
-    out = RESULTS / "speed.json"
-    data = load_results(out)
-    data[key] = res
-    save_json(out, data)
-    write_markdown(data)
+    save({key: res})
     print(res)
 
 
-def write_markdown(data: dict) -> None:
+def machine_cell(env: dict) -> str:
+    return f"{env.get('gpu', env['processor'])}, {env['cpu_count']} CPUs"
+
+
+def markdown(data: dict) -> str:
     lines = ["# Speed benchmark", "", "Wall time of `prunekit.prune` with the model already loaded (min over repeats); "
-             "peak RSS is the process high-water mark (model included).", "",
-             "| model | metric | device | calibration | prune s | peak RSS GiB | peak GPU GiB | x FLOPs floor | machine |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for k, r in data.items():
-        lines.append(f"| {r['model']} | {r['metric']} {r['sparsity']} | {r['device']} | {r['nsamples']} x {r['seqlen']} | "
-                     f"{r['prune_s']} | {r['peak_rss_gib']} | {r.get('peak_gpu_gib', '-')} | {r.get('x_floor', '-')} | "
-                     f"{r['environment'].get('gpu', r['environment']['processor'])}, {r['environment']['cpu_count']} CPUs, "
-                     f"torch {r['environment']['torch']} |")
+             "peak RSS is the process high-water mark (model included).", ""]
+    lines += table(["model", "metric", "device", "calibration", "prune s", "peak RSS GiB", "peak GPU GiB",
+                    "x FLOPs floor", "machine"],
+                   [[r["model"], f"{r['metric']} {r['sparsity']}" + (f" ({r['sparsegpt_sweep']})" if "|sweep=" in k
+                                                                      else ""),
+                     r["device"], f"{r['nsamples']} x {r['seqlen']}", r["prune_s"], r["peak_rss_gib"],
+                     r.get("peak_gpu_gib", "-"), r.get("x_floor", "-"),
+                     f"{machine_cell(r['environment'])}, torch {r['environment']['torch']}"] for k, r in data.items()])
     for k, r in data.items():
         if "phases_s" in r:
             lines += ["", f"Phases of `{k}` (a second, instrumented run: GPU synchronised around each phase):", ""]
             lines += [f"- {name.strip()}{' (inside the solve)' if name.startswith(' ') else ''}: {v} s"
                       for name, v in r["phases_s"].items()]
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
-    write_scale(data)
+    return document(lines)
 
 
 def gpu_check(data: dict) -> str:
@@ -296,37 +227,31 @@ def gpu_check(data: dict) -> str:
             "which the projection leaves out.")
 
 
-def write_scale(data: dict) -> None:
-    """bench/results/scale.md: measured peaks (CPU RSS, GPU when lent) and the on-paper GPU peak for 7B and
-    70B LLaMA shapes at protocol P (128 x 2048 calibration tokens, bf16, 80 GiB GPU)."""
+def scale_markdown(data: dict) -> str:
+    """scale.md: measured peaks (CPU RSS, GPU when lent) and the on-paper GPU peak for 7B and 70B LLaMA shapes at
+    protocol P (128 x 2048 calibration tokens, bf16, 80 GiB GPU)."""
     lines = ["# Scale: memory peaks and the 7B / 70B projection", "",
              "## Measured", "",
              "Peak RSS is the process high-water mark (model, calibration hidden states and statistics included); "
-             "peak GPU is `torch.cuda.max_memory_allocated`.", "",
-             "| model | params | metric | device | calibration | prune s | peak RSS GiB | peak GPU GiB | machine |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in data.values():
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['metric']} {r['sparsity']} | {r['device']} | "
-                     f"{r['nsamples']} x {r['seqlen']} | {r['prune_s']} | {r['peak_rss_gib']} | "
-                     f"{r.get('peak_gpu_gib', '-')} | {r['environment'].get('gpu', r['environment']['processor'])}, "
-                     f"{r['environment']['cpu_count']} CPUs, {r['environment']['date']} |")
-    tokens = 128 * 2048
-    lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)", "",
-              "Weights stay on the CPU; the GPU holds one block, the calibration batch's activations (at most 40% of "
+             "peak GPU is `torch.cuda.max_memory_allocated`.", ""]
+    lines += table(["model", "params", "metric", "device", "calibration", "prune s", "peak RSS GiB", "peak GPU GiB",
+                    "machine"],
+                   [[r["model"], f"{r['params'] / 1e6:.0f} M", f"{r['metric']} {r['sparsity']}", r["device"],
+                     f"{r['nsamples']} x {r['seqlen']}", r["prune_s"], r["peak_rss_gib"], r.get("peak_gpu_gib", "-"),
+                     f"{machine_cell(r['environment'])}, {r['environment']['date']}"] for r in data.values()])
+    lines += ["", "## On paper: GPU peak of the block-by-block engine, protocol P (128 x 2048 tokens, bf16, 80 GiB GPU)",
+              "", "Weights stay on the CPU; the GPU holds one block, the calibration batch's activations (at most 40% of "
               "the GPU: the automatic batch size), the embeddings / lm_head while block 0's inputs are captured, and "
               "one layer's fp32 statistics (SparseGPT: while solving the largest layer, four fp32 Hessian-sized "
               "matrices and two fp32 weight copies, as measured on CPU in sparsegpt_memory.md). Formula: "
-              "`projection()` in bench/speed.py. " + gpu_check(data), "",
-              "| shape | one block GiB | activations GiB | non-block GiB | SparseGPT Hessian GiB | SparseGPT solve GiB | "
-              "peak Wanda GiB | peak SparseGPT GiB | CPU hidden states GiB | CPU weights GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, shape in LLAMA_SHAPES.values():
-        p = projection(*shape, tokens)
-        lines.append(f"| {name} | {p['block_gib']} | {p['activations_gib']} | {p['non_block_gib']} | "
-                     f"{p['sparsegpt_hessian_gib']} | {p['sparsegpt_solve_gib']} | {p['peak_wanda_gib']} | "
-                     f"{p['peak_sparsegpt_gib']} | "
-                     f"{p['cpu_hidden_states_gib']} | {p['cpu_weights_gib']} |")
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+              "`projection()` in bench/speed.py. " + gpu_check(data), ""]
+    keys = ("block_gib", "activations_gib", "non_block_gib", "sparsegpt_hessian_gib", "sparsegpt_solve_gib",
+            "peak_wanda_gib", "peak_sparsegpt_gib", "cpu_hidden_states_gib", "cpu_weights_gib")
+    lines += table(["shape", "one block GiB", "activations GiB", "non-block GiB", "SparseGPT Hessian GiB",
+                    "SparseGPT solve GiB", "peak Wanda GiB", "peak SparseGPT GiB", "CPU hidden states GiB",
+                    "CPU weights GiB"],
+                   [[name] + [projection(*shape, 128 * 2048)[k] for k in keys] for name, shape in LLAMA_SHAPES.values()])
+    return document(lines)
 
 
 if __name__ == "__main__":

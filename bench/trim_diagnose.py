@@ -1,6 +1,8 @@
 """Why does TRIM's per-layer gain become an end-to-end loss on SmolLM2? Layer-level diagnosis.
 
-    python bench/trim_diagnose.py                    # SmolLM2, Wanda at 50% and 70%, uniform vs TRIM
+    python -m bench.trim_diagnose                    # SmolLM2, Wanda at 50% and 70%, uniform vs TRIM
+    python -m bench.trim_diagnose --ablate 0.7 --arms none all all-up_proj   # end to end, protocol G
+    python -m bench.trim_diagnose --model stories260K --nsamples 8 --seqlen 128 --heldout 4   # quick check
 
 For every prunable layer of the dense model, prune its weights from dense calibration statistics (the
 same 64 x 512 C4 windows as protocol S) twice: Wanda with the uniform per-row ratio, and Wanda with TRIM's
@@ -25,23 +27,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOLS, RESULTS, environment, load_results, save_json  # noqa: E402
+from prunekit.core.blocks import iterate_blocks
+from prunekit.core.data import eval_token_ids
+from prunekit.core.families import block_linears, get_blocks, weight_view
+from prunekit.core.masks import rowwise_mask, unstructured_mask
+from prunekit.core.offload import resolve_device
+from prunekit.methods.trim import gram_factor, trim_row_sparsity
+from prunekit.methods.wanda import wanda
 
-import prunekit  # noqa: E402
-from prunekit.core.blocks import iterate_blocks  # noqa: E402
-from prunekit.core.data import calibration_windows, eval_token_ids  # noqa: E402
-from prunekit.evaluate.perplexity import perplexity  # noqa: E402
-from prunekit.core.masks import rowwise_mask, unstructured_mask  # noqa: E402
-from prunekit.methods.wanda import wanda  # noqa: E402
-from prunekit.core.families import block_linears, get_blocks, weight_view  # noqa: E402
-from prunekit.methods.trim import gram_factor, trim_row_sparsity  # noqa: E402
+from bench.lib.dense_stats import DenseStats
+from bench.lib.env import environment
+from bench.lib.models import Evaluation, calibration, load
+from bench.lib.protocols import PROTOCOLS
+from bench.lib.results import RESULTS, load_results, save_results
+from bench.lib.tables import document, table
 
 SETS = ("calib", "c4_new", "wiki")
 TOKENS = 8  # TRIM rows per calibration sequence for the second TRIM arm
@@ -163,15 +166,11 @@ def markdown(data: dict) -> str:
              f"Arms: 'trim' = the paper's X (last token of each sequence, {p['nsamples']} rows); 'trim_k{TOKENS}' = "
              f"{TOKENS} evenly spaced positions per sequence ({TOKENS * p['nsamples']} rows); 'trim_all' = every "
              f"calibration token ({p['nsamples']} x {p['seqlen']}, through a square-root factor of X^T X; "
-             "`--rowwise-param inputs=all`): its own objective is cos_calib.", "",
-             "| sparsity, arm | measure | TRIM better | median change | sum uniform | sum TRIM |",
-             "|---|---|---|---|---|---|"]
-    for s, summ in data["summary"].items():
-        for meas, v in summ.items():
-            if not isinstance(v, dict) or "trim_better" not in v:
-                continue
-            lines.append(f"| {s} | {meas} | {v['trim_better']}/{v['layers']} | {v['median_change']:+.1%} | "
-                         f"{v['sum_uniform']:.4g} | {v['sum_trim']:.4g} |")
+             "`--rowwise-param inputs=all`): its own objective is cos_calib.", ""]
+    lines += table(["sparsity, arm", "measure", "TRIM better", "median change", "sum uniform", "sum TRIM"],
+                   [[s, meas, f"{v['trim_better']}/{v['layers']}", f"{v['median_change']:+.1%}",
+                     f"{v['sum_uniform']:.4g}", f"{v['sum_trim']:.4g}"] for s, summ in data["summary"].items() for meas, v in summ.items()
+                    if isinstance(v, dict) and "trim_better" in v])
     lines += ["", "Per layer type (WikiText-2 all-token error, TRIM better / layers moved):", ""]
     for s, summ in data["summary"].items():
         kinds = ", ".join(f"{k} {v['err_wiki_trim_better']}/{v['layers']}" for k, v in summ["by_kind"].items())
@@ -183,12 +182,12 @@ def markdown(data: dict) -> str:
         lines += ["", f"## End to end: TRIM on some layer kinds only (Wanda {ab['sparsity']:.0%} uniform, "
                   f"WikiText-2 windows {off}-{off + ab['eval_windows'] - 1})", "",
                   "Protocol G (bench/grid.py): pruned from the same dense statistics; TRIM with the paper's X on the "
-                  "named kinds ('all-a-b' = all but a and b), plain per-row Wanda elsewhere.", "",
-                  "| TRIM on | PPL | vs none |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.1f} | {v / base - 1:+.1%} |" for k, v in ab["ppl"].items()]
+                  "named kinds ('all-a-b' = all but a and b), plain per-row Wanda elsewhere.", ""]
+        lines += table(["TRIM on", "PPL", "vs none"],
+                       [[k, f"{v:.1f}", f"{v / base - 1:+.1%}"] for k, v in ab["ppl"].items()])
     lines += ["", "## Reading", "", data.get("reading", "(see NOTES.md)"), "",
               f"Environment: {data['environment']}", f"Seconds: {data['seconds']}"]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 def kind_of(name: str) -> str:
@@ -211,13 +210,7 @@ def arm_kinds(arm: str, kinds: list[str]) -> set[str]:
 def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device, arms=None, offset: int = 0) -> dict:
     """End to end, protocol G (bench/grid.py's dense-statistics proxy): Wanda at ``sparsity`` (uniform) with
     TRIM (the paper's X) on some layer kinds (default: one kind at a time), plain per-row Wanda elsewhere."""
-    from grid import DenseStats
-    from prunekit.core.masks import parse_pattern
-    from prunekit.core.metric import get_metric
-    from prunekit.pruning.layer_pruner import LayerPruner
-
-    seqlen = proto["seqlen"]
-    eval_ids = eval_token_ids(tok, "wikitext2", seqlen)[offset * seqlen:]  # windows offset, offset + 1, ...
+    evaluate = Evaluation(tok, {**proto, "eval": "wikitext2", "eval_windows": eval_windows}, device, offset=offset)
     kinds = sorted({kind_of(n) for d in block_linears(model) for n in d})
     arms = arms or ["none", *kinds, "all"]
     on_of = {arm: arm_kinds(arm, kinds) for arm in arms}  # bad names fail here, before the statistics pass
@@ -225,13 +218,10 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
     ratios = cache.ratios("uniform", sparsity)
     out = {"sparsity": sparsity, "eval_windows": eval_windows, "eval_offset": offset, "ppl": {}}
     for arm in arms:
-        cache.restore()
         # the engine's own switch: TRIM everywhere except the kinds this arm leaves off (plain per-row Wanda there)
-        pruner = LayerPruner(get_metric("wanda"), ratios, parse_pattern("unstructured"), "trim",
-                             rowwise_skip=sorted(set(kinds) - on_of[arm]), row_rounding="floor")  # as stored
-        for n, m in cache.layers.items():
-            pruner(n, m, cache.with_tokens(cache.stats[n], 1))
-        ppl = perplexity(model, tok, "wikitext2", seqlen, eval_windows, device, batch_size=4, ids=eval_ids)["ppl"]
+        cache.prune({"metric": "wanda", "sparsity": sparsity, "rowwise": "trim", "row_rounding": "floor",  # as stored
+                     "rowwise_skip": sorted(set(kinds) - on_of[arm])}, ratios)
+        ppl = evaluate(model)["ppl"]
         out["ppl"][arm] = ppl
         print(f"TRIM on {arm}: ppl {ppl:.1f}", flush=True)
     cache.restore()
@@ -239,10 +229,12 @@ def ablate(model, tok, calib, proto, sparsity: float, eval_windows: int, device,
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.7])
     ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, help="calibration windows (default: protocol S's)")
+    ap.add_argument("--seqlen", type=int, help="window length (default: protocol S's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ablate", type=float, default=None, metavar="SPARSITY",
                     help="instead: end-to-end PPL (protocol G) with TRIM on one layer kind at a time")
@@ -253,33 +245,32 @@ def main(argv=None):
                     help="with --ablate: evaluate on WikiText-2 windows from this index on (a check on windows "
                          "that did not pick the arms)")
     a = ap.parse_args(argv)
+    device = resolve_device(a.device).type
     proto = dict(PROTOCOLS["S"], heldout=a.heldout, heldout_seed=1)
+    proto.update({k: v for k, v in (("nsamples", a.nsamples), ("seqlen", a.seqlen)) if v})
+    out = RESULTS / "trim_diagnose.json"
     t0 = time.time()
-    model, tok = prunekit.load_model(a.model)
-    model.to(a.device)
-    seqlen = proto["seqlen"]
-    calib = calibration_windows(tok, proto["calib"], proto["nsamples"], seqlen, proto["seed"])
+    model, tok = load(a.model, device=device)
+    calib = calibration(tok, proto)
     if a.ablate is not None:
-        out = RESULTS / "trim_diagnose.json"
         data = load_results(out)
         for k, v in (("protocol", proto), ("summary", {}), ("environment", environment()), ("seconds", None)):
             data.setdefault(k, v)
-        res = ablate(model, tok, calib, proto, a.ablate, a.eval_windows, a.device, a.arms, a.eval_offset)
+        res = ablate(model, tok, calib, proto, a.ablate, a.eval_windows, device, a.arms, a.eval_offset)
         key = f"{a.ablate:.2f}" + (f" windows {a.eval_offset}-{a.eval_offset + a.eval_windows - 1}" if a.eval_offset else "")
         prev = data.setdefault("ablation", {}).get(key, {})
         if prev.get("eval_windows") == a.eval_windows:  # same setting: add the new arms to the earlier ones
             res["ppl"] = {**prev["ppl"], **res["ppl"]}
         data["ablation"][key] = dict(res, environment=environment(), seconds=round(time.time() - t0, 1))
-        save_json(out, data)
-        (RESULTS / "trim_diagnose.md").write_text(markdown(data))
+        save_results(out, data, markdown)
         return
-    c4_new = calibration_windows(tok, proto["calib"], a.heldout, seqlen, proto["heldout_seed"])
-    ids = eval_token_ids(tok, "wikitext2", seqlen)
-    wiki = ids[: a.heldout * seqlen].view(a.heldout, seqlen)
-    stats = gather(model, calib, {"sq_sum", "hessian", "last_tokens"}, a.device, tokens_per_sample=TOKENS)
+    seqlen = proto["seqlen"]
+    c4_new = calibration(tok, {**proto, "nsamples": a.heldout, "seed": proto["heldout_seed"]})
+    wiki = eval_token_ids(tok, "wikitext2", seqlen)[: a.heldout * seqlen].view(a.heldout, seqlen)
+    stats = gather(model, calib, {"sq_sum", "hessian", "last_tokens"}, device, tokens_per_sample=TOKENS)
     hess = {"calib": {n: st.hessian for n, st in stats.items()}}
     for name, x in (("c4_new", c4_new), ("wiki", wiki)):
-        hess[name] = {n: st.hessian for n, st in gather(model, x, {"hessian"}, a.device).items()}
+        hess[name] = {n: st.hessian for n, st in gather(model, x, {"hessian"}, device).items()}
     data = {"protocol": proto, "environment": environment(), "layers": {}, "summary": {}}
     for s in a.sparsity:
         rows = diagnose(model, stats, hess, s)
@@ -291,11 +282,10 @@ def main(argv=None):
                   flush=True)
     data["seconds"] = round(time.time() - t0, 1)
     data["layers"] = {s: slim(rows) for s, rows in data["layers"].items()}
-    old = load_results(RESULTS / "trim_diagnose.json")
+    old = load_results(out)
     if "ablation" in old:
         data["ablation"] = old["ablation"]
-    save_json(RESULTS / "trim_diagnose.json", data)
-    (RESULTS / "trim_diagnose.md").write_text(markdown(data))
+    save_results(out, data, markdown)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,20 @@
-"""bench/grid.py's screening proxy is what it says: dense statistics, gathered once, reused per pipeline."""
-import sys
-from pathlib import Path
-
+"""bench.grid's screening proxy is what it says: dense statistics, gathered once, reused per pipeline."""
 import torch
 
 import prunekit
 from prunekit.core.blocks import iterate_blocks
 from prunekit.core.families import block_linears, get_blocks, weight_view
 
+from bench import grid
+from bench.lib.dense_stats import DenseStats
+from bench.lib.pipelines import describe, grid_confirm, key_of
+from bench.lib.results import RESULTS, load_results
 from conftest import tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import grid  # noqa: E402
 
 
 def test_grid_cache_matches_the_engine_and_restores(calib_ids):
     model = tiny_model("llama", hidden=64)
-    cache = grid.DenseStats(model, calib_ids, "cpu", batch_size=3, tokens_per_sample=4)
+    cache = DenseStats(model, calib_ids, "cpu", batch_size=3, tokens_per_sample=4)
     block0 = list(block_linears(model)[0])
     for metric, s in (("wanda", 0.5), ("sparsegpt", 0.5), ("wanda", 0.7)):  # 0.7: exact per-row rounding
         cache.prune({"metric": metric, "sparsity": s}, cache.ratios("uniform", s))
@@ -45,14 +43,12 @@ def test_grid_cache_matches_the_engine_and_restores(calib_ids):
 
 
 def test_grid_report_renders_the_committed_results():
-    from common import RESULTS, load_results
-
     data = load_results(RESULTS / "grid_G.json")
     md = grid.report_tables(data)
     S = load_results(RESULTS / "quality_S.json").get("runs", {})
     # every proxy top pipeline that was re-run under protocol S has a row in the confirm table, with its S number
-    confirmed = [c for c in grid.grid_confirm() if grid.key_of(c) in S]
+    confirmed = [c for c in grid_confirm() if key_of(c) in S]
     assert confirmed and "## Proxy vs protocol S" in md
     for c in confirmed:
-        row = f"| {grid.describe(c)} | {data['runs'][grid.key_of(c)]['ppl']:.1f} | {S[grid.key_of(c)]['ppl']:.1f} |"
+        row = f"| {describe(c)} | {data['runs'][key_of(c)]['ppl']:.1f} | {S[key_of(c)]['ppl']:.1f} |"
         assert row in md, row

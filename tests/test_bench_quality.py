@@ -1,16 +1,14 @@
-"""bench/quality.py's TRIM-skip table pairs each run with its own file's twins (same seed, same evaluation set)."""
+"""bench.quality's TRIM-skip table pairs each run with its own file's twins (same seed, same evaluation set)."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import quality  # noqa: E402
+from bench import quality
+from bench.lib.pipelines import describe, key_of
 
 
 def _file(path, name, seed, ev, runs):
     proto = {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": seed, **({"eval": ev} if ev else {})}
     path.write_text(json.dumps({"protocol_name": name, "protocol": proto,
-                                "runs": {quality.key_of(c): {"config": c, "ppl": p} for c, p in runs}}))
+                                "runs": {key_of(c): {"config": c, "ppl": p} for c, p in runs}}))
 
 
 def test_trim_skip_report_pairs_twins_within_one_protocol_file(tmp_path, monkeypatch):
@@ -44,4 +42,4 @@ def test_trim_skip_report_pairs_twins_within_one_protocol_file(tmp_path, monkeyp
 def test_skip_patterns_with_the_same_last_part_get_different_keys():
     a = {"metric": "wanda", "sparsity": 0.7, "rowwise": "trim", "rowwise_skip": ["*.mlp.up_proj"]}
     b = {**a, "rowwise_skip": ["layers.0.mlp.up_proj"]}
-    assert quality.key_of(a) != quality.key_of(b) and quality.describe(a) == quality.describe(b)
+    assert key_of(a) != key_of(b) and describe(a) == describe(b)

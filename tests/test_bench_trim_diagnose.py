@@ -1,14 +1,9 @@
-"""bench/trim_diagnose.py measures what it says: all-token output errors from X^T X, TRIM's own rows."""
-import sys
-from pathlib import Path
-
+"""bench.trim_diagnose measures what it says: all-token output errors from X^T X, TRIM's own rows."""
 import pytest
 import torch
 
+from bench import trim_diagnose as td
 from conftest import tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import trim_diagnose as td  # noqa: E402
 
 
 def test_output_measures_equal_direct_computation():

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Device call 1 (carry .device/part-aa and .device/wheels; see prepare.sh): keep GGUF part 1 and the wheels
-# on the machine for call 2, then the Hessian GEMM check, SparseGPT's factor of H^-1 (bench/sparsegpt_factor.py)
-# and its sweep methods on 7B layer shapes
-# (bench/sweep_speed.py) and the 7B-shaped SparseGPT / Wanda timing (PRUNEKIT_SPARSEGPT_SWEEP=columns|triangular
-# in the environment forces a sweep method).
+# on the machine for call 2, then the Hessian GEMM check, SparseGPT's factor of H^-1 (bench.sparsegpt_factor)
+# and its sweep methods on 7B layer shapes (bench.sweep_speed) and the 7B-shaped SparseGPT / Wanda timing
+# (SWEEP=columns|triangular in the environment forces SparseGPT's sweep method, its metric parameter; default
+# auto: the device's).
 #   BENCH_GIT=$(git rev-parse --short HEAD) bash bench/device/gpu_7b.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,14 +13,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${THESS:-90}" python3 bench/hessian_gemm.py 2>&1 | tee "$OUT/hessian_gemm.log"
-timeout "${TFACTOR:-90}" python3 bench/sparsegpt_factor.py --reps 2 2>&1 | tee "$OUT/sparsegpt_factor.log"
-if ! timeout "${TSWEEP:-120}" python3 bench/sweep_speed.py 2>&1 | tee "$OUT/sweep_speed.log"; then
-  echo "sweep_speed.py failed: the 7B run uses the column loop (PRUNEKIT_SPARSEGPT_SWEEP=columns)"
-  export PRUNEKIT_SPARSEGPT_SWEEP=columns
+SWEEP=${SWEEP:-auto}
+timeout "${THESS:-90}" python3 -m bench.hessian_gemm 2>&1 | tee "$OUT/hessian_gemm.log"
+timeout "${TFACTOR:-90}" python3 -m bench.sparsegpt_factor --reps 2 2>&1 | tee "$OUT/sparsegpt_factor.log"
+if ! timeout "${TSWEEP:-120}" python3 -m bench.sweep_speed 2>&1 | tee "$OUT/sweep_speed.log"; then
+  echo "bench.sweep_speed failed: the 7B run uses the column loop (--sweep columns)"
+  SWEEP=columns
 fi
-timeout "${T7B:-420}" python3 bench/speed.py --model llama7b-random --device cuda --metric sparsegpt,wanda \
-  --phases sparsegpt 2>&1 | tr '\r' '\n' | tee "$OUT/speed7b.log" | grep -v 'block/s'
+timeout "${T7B:-420}" python3 -m bench.speed --model llama7b-random --device cuda --metric sparsegpt,wanda \
+  --phases sparsegpt --sweep "$SWEEP" 2>&1 | tr '\r' '\n' | tee "$OUT/speed7b.log" | grep -v 'block/s'
 cp bench/results/speed.json bench/results/speed.md bench/results/scale.md bench/results/hessian_gemm.json \
   bench/results/sweep_speed.json bench/results/sweep_speed.md bench/results/sparsegpt_factor.json \
   bench/results/sparsegpt_factor.md "$OUT/"

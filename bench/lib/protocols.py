@@ -1,0 +1,35 @@
+"""The benchmark protocols: calibration windows, evaluation windows and evaluation text, by name.
+
+A protocol is a plain dict stored as is in every results file (a file made under another protocol is not
+merged with a new run, see :mod:`bench.lib.results`), so existing keys and values must not change."""
+from __future__ import annotations
+
+PROTOCOLS = {
+    # CPU: seqlen 512, 64 C4 calibration windows, the first 64 WikiText-2 windows
+    "S": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0},
+    # GPU: the papers' protocol, full WikiText-2 test split
+    "P": {"seqlen": 2048, "nsamples": 128, "eval_windows": None, "calib": "c4", "seed": 0},
+    # S, evaluated on C4 instead: 64 windows of the first 1,100 C4 validation documents (calibration draws from
+    # the documents after them), a held-out check on a second text source
+    "S-c4": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0, "eval": "c4"},
+}
+
+# evaluation set -> (short name, how its text is built)
+EVAL_SETS = {"wikitext2": ("WikiText-2", "WikiText-2 test (rows joined with \\n\\n)"),
+             "c4": ("C4", "C4 (the first 1,100 validation documents joined with ' ', disjoint from the calibration "
+                    "documents)")}
+
+
+def eval_set(proto: dict) -> str:
+    return proto.get("eval", "wikitext2")
+
+
+def config_fields(proto: dict) -> dict:
+    """The prunekit config fields a protocol fixes: calibration source, windows, their length, the seed."""
+    return {k: proto[k] for k in ("calib", "nsamples", "seqlen", "seed")}
+
+
+def select(name: str | None, device: str) -> tuple[str, dict]:
+    """(name, a copy of the protocol): ``name``, or the device's default (P on a GPU, S on the CPU)."""
+    name = name or ("P" if device.startswith("cuda") else "S")
+    return name, dict(PROTOCOLS[name])

@@ -1,0 +1,87 @@
+"""Timing and peak memory of what a benchmark measures."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import resource
+import time
+
+import torch
+
+
+def sync(device) -> None:
+    """Wait for the GPU's queued work (nothing on the CPU), so that a wall-clock reading covers it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, cuda: bool, reps: int = 3):
+    """(result, seconds per call) of fn: one warm-up call, then the mean of ``reps`` calls (GPU synchronised)."""
+    device = "cuda" if cuda else "cpu"
+    out = fn()
+    sync(device)
+    t = time.time()
+    for _ in range(reps):
+        out = fn()
+    sync(device)
+    return out, (time.time() - t) / reps
+
+
+def cuda_median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn`` on the GPU, from CUDA events around each call (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_rss_gib() -> float:
+    """The process's resident-memory high-water mark (it never goes down: one measurement per process)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@contextlib.contextmanager
+def phase_timer(acc: dict, phases, cuda: bool, on: bool = True):
+    """Add to ``acc[label]`` the seconds spent in each of ``phases`` ((module, function, label) triples) by
+    wrapping those functions for the duration (a GPU sync before and after each call, so a timed run is a
+    little slower than a plain one). Each phase's time is exclusive: a wrapped call made inside another (the
+    SparseGPT factor computed lazily inside the solve) counts for its own phase only."""
+    if not on:
+        yield
+        return
+    saved, inner = [], []  # inner: per open wrapped call, the time spent in wrapped calls nested in it
+    for mod_name, fn_name, label in phases:
+        mod = importlib.import_module(mod_name)
+        fn = getattr(mod, fn_name)
+
+        def wrapped(*args, _fn=fn, _label=label, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            inner.append(0.0)
+            t = time.time()
+            try:
+                out = _fn(*args, **kw)
+                if cuda:
+                    torch.cuda.synchronize()
+            finally:
+                dt = time.time() - t
+                nested = inner.pop()
+                acc[_label] = acc.get(_label, 0.0) + dt - nested
+                if inner:
+                    inner[-1] += dt
+            return out
+        saved.append((mod, fn_name, fn))
+        setattr(mod, fn_name, wrapped)
+    try:
+        yield
+    finally:
+        for mod, fn_name, fn in saved:
+            setattr(mod, fn_name, fn)
