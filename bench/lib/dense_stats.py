@@ -21,7 +21,7 @@ from prunekit.core.families import block_linears, get_blocks, weight_view
 from prunekit.core.metric import configured_metric
 from prunekit.core.snapshot import WeightSnapshot
 from prunekit.methods.wanda import wanda
-from prunekit.pruning.allocator_inputs import _outlier_ratios, model_summary
+from prunekit.pruning.allocator_inputs import model_summary, outlier_ratios
 from prunekit.pruning.config import make_config
 from prunekit.pruning.layer_pruner import LayerPruner
 
@@ -54,7 +54,7 @@ class DenseStats:
         out = {float(m): [] for m in ms}
         for d in self.block_layers:
             scores = [wanda(self.snapshot.weights[n].float(), self.stats[n]).flatten() for n in d]
-            for m, v in _outlier_ratios(scores, ms).items():
+            for m, v in outlier_ratios(scores, ms).items():
                 out[m].append(v)
         return out
 

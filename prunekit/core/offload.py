@@ -10,7 +10,7 @@ Moving a module to the compute device for a while, and back into its own CPU mem
 
 ``module.to(device)`` followed by ``module.to("cpu")`` allocates fresh CPU tensors on the way back. On a
 GPU machine that first-touches (page-faults) every byte of them: copying a LLaMA-7B block back into new
-pageable memory runs at about 0.5 GB/s (bench/profile_engine.py), a third of a 7B SparseGPT prune's
+pageable memory runs at about 0.5 GB/s (bench.profile_engine), a third of a 7B SparseGPT prune's
 time. ``on_device`` keeps the original
 CPU tensors alive while the module is away and copies the results back into them, so nothing is
 allocated or faulted on the way back.

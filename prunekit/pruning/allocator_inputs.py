@@ -19,7 +19,8 @@ from .layer_pruner import LayerPruner
 from .plan import stats_needs, stats_options
 
 
-def _outlier_ratios(scores: list[torch.Tensor], ms) -> dict[float, float]:
+def outlier_ratios(scores: list[torch.Tensor], ms) -> dict[float, float]:
+    """Per M, the share of ``scores`` (a block's, concatenated) above M x their mean."""
     a = torch.cat(scores)
     mean = a.mean()
     return {float(m): float((a > m * mean).double().mean()) for m in ms}
@@ -35,7 +36,7 @@ def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, 
         current.append(wanda(weight_view(module).float(), stats).flatten())
 
     def done(b):
-        for m, v in _outlier_ratios(current, ms).items():
+        for m, v in outlier_ratios(current, ms).items():
             out[m].append(v)
         current.clear()
 
@@ -117,7 +118,7 @@ def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric)
             current.append(wanda(weight_view(module).float(), stats).flatten())
 
         def done(b):
-            result.append(_outlier_ratios(current, (M,))[float(M)])
+            result.append(outlier_ratios(current, (M,))[float(M)])
             current.clear()
 
         iterate_blocks(model, blocks, block_layers, sub, stats_needs(metric, cfg) | {"sq_sum"}, handle, device,
