@@ -120,7 +120,29 @@ def suites() -> dict[str, list[dict]]:
     # and AlphaPruning), on the same commit
     rounding = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "row_rounding": r}
                 for a in ("uniform", "alphapruning") for r in ("floor", "exact")]
-    return {"core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
+    # across models (protocols qwen05 and smollm2-32): priority order, so an interrupted run keeps the most telling rows
+    w, sg = "wanda", "sparsegpt"
+    crossmodel = [{"metric": m, "sparsity": s} for s in (0.5, 0.7) for m in (w, sg)]
+    crossmodel += [{"metric": m, "sparsity": 0.5, "pattern": "2:4"} for m in (w, sg)]
+    crossmodel += [{"metric": w, "sparsity": 0.7, "allocation": "alphapruning"},
+                   {"metric": w, "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": "auto"}},
+                   {"metric": w, "sparsity": 0.7, "allocation": "owl"},
+                   {"metric": sg, "sparsity": 0.7, "allocation": "alphapruning"},
+                   {"metric": w, "sparsity": 0.7, "allocation": "farms"},
+                   {"metric": w, "sparsity": 0.7, "allocation": "owl", "allocation_params": {"lam": "auto"}},
+                   {"metric": sg, "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": "auto"}},
+                   {"metric": sg, "sparsity": 0.7, "allocation": "owl"},
+                   {"metric": sg, "sparsity": 0.7, "allocation": "farms"},
+                   {"metric": w, "sparsity": 0.7, "allocation": "farms", "allocation_params": {"eps": "auto"}},
+                   {"metric": w, "sparsity": 0.7, "rowwise": "trim"}]
+    crossmodel += [{"metric": m, "sparsity": s, **pat} for m in ("ria", "ace")
+                   for s, pat in ((0.5, {}), (0.7, {}), (0.5, {"pattern": "2:4"}))]
+    crossmodel += [{"metric": w, "sparsity": 0.5, "rowwise": "trim"}]
+    # the 70% rows again at another calibration seed (--seed 1)
+    crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7 and r["metric"] in (w, sg)
+                        and r.get("allocation", "uniform") in ("uniform", "alphapruning", "owl")
+                        and not r.get("allocation_params")]
+    return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
             "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
@@ -249,16 +271,19 @@ def main(argv=None):
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--seed", type=int, help="calibration seed other than the protocol's (results in "
                     "quality_<protocol>-seed<N>.json)")
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default=None, help="default: the protocol's model, else smollm2")
     a = ap.parse_args(argv)
     device = resolve_device(a.device).type
     pname, proto = select(a.protocol, device)
+    if a.model and proto.get("model") and a.model != proto["model"]:
+        ap.error(f"protocol {pname} is for {proto['model']}; leave --model out")
+    model = a.model or proto.get("model", "smollm2")
     if a.seed is not None and a.seed != proto["seed"]:  # another calibration draw: its own results file
         proto, pname = {**proto, "seed": a.seed}, f"{pname}-seed{a.seed}"
     file = Runs(RESULTS / f"quality_{pname}.json", {"protocol_name": pname, "protocol": proto}, a.redo, markdown)
-    file.data.update(environment=environment(), model=a.model)
+    file.data.update(environment=environment(), model=model)
 
-    pm = ProtocolModel(a.model, proto, device)
+    pm = ProtocolModel(model, proto, device)
     if "dense" not in file.data:
         file.data["dense"] = pm.evaluate()
         file.save()

@@ -28,7 +28,7 @@ from .protocols import config_fields, eval_set
 
 RANDOM_LLAMA = "llama7b-random"
 LLAMA_VOCAB = 32000
-NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 
 
 def display_name(spec: str) -> str:

@@ -10,6 +10,10 @@ def key_of(run: dict) -> str:
     """The run's key in a results file (every field that changes the result; stable across versions)."""
     parts = [run["metric"], f"{run['sparsity']:.2f}", run.get("pattern", "unstructured"),
              run.get("allocation", "uniform")]
+    for field in ("metric_params", "allocation_params"):  # only when set: keys of runs without them stay as they were
+        if run.get(field):
+            parts[-1 if field == "allocation_params" else 0] += "".join(f",{k}={v}" for k, v in
+                                                                        sorted(run[field].items()))
     if run.get("sequential") is False:
         parts.append("dense-block-stats")
     if run.get("rowwise"):

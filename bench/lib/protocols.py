@@ -12,6 +12,12 @@ PROTOCOLS = {
     # S, evaluated on C4 instead: 64 windows of the first 1,100 C4 validation documents (calibration draws from
     # the documents after them), a held-out check on a second text source
     "S-c4": {"seqlen": 512, "nsamples": 64, "eval_windows": 64, "calib": "c4", "seed": 0, "eval": "c4"},
+    # across models (CPU): Qwen2.5-Coder-0.5B (630 M parameters, ~4x SmolLM2's time per token) with 32 C4 windows of
+    # 512 tokens and the first 32 WikiText-2 windows, so a pipeline takes minutes; SmolLM2 under the same windows,
+    # for the side-by-side table. A protocol that names a model is that model's file.
+    "qwen05": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0,
+               "model": "qwen2.5-coder-0.5b"},
+    "smollm2-32": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0, "model": "smollm2"},
 }
 
 # evaluation set -> (short name, how its text is built)
