@@ -262,11 +262,16 @@ def index_markdown(index: dict) -> str:
     return document(lines)
 
 
+def only_matches(only: str, key: str) -> bool:
+    """--only: a substring of the run key, or the whole key when it ends with '$'."""
+    return key == only[:-1] if only.endswith("$") else only in key
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default=None)
     ap.add_argument("--suite", nargs="*", default=["core"], choices=list(suites()))
-    ap.add_argument("--only", help="substring filter on run keys")
+    ap.add_argument("--only", help="substring filter on run keys; a whole key when it ends with $")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--seed", type=int, help="calibration seed other than the protocol's (results in "
@@ -291,7 +296,7 @@ def main(argv=None):
     runs = list({key_of(r): r for s in a.suite for r in suites()[s]}.values())  # a run in two suites runs once
     for run in runs:
         key = key_of(run)
-        if (a.only and a.only not in key) or not file.todo(key):
+        if (a.only and not only_matches(a.only, key)) or not file.todo(key):
             continue
         try:
             report, prune_s = pm.prune(run)
