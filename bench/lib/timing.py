@@ -43,6 +43,17 @@ def cuda_median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def rss_gib() -> float:
+    """The process's resident memory now (Linux /proc; the peak where that is unreadable)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return peak_rss_gib()
+
+
 def peak_rss_gib() -> float:
     """The process's resident-memory high-water mark (it never goes down: one measurement per process)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
