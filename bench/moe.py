@@ -152,7 +152,8 @@ def markdown(data: dict) -> str:
         rows.append([LABELS[key], cell(r.get("sparsity"), ".4f"), cell(r.get("prunable_share"), ".3f"),
                      f"{r['params_after'] / 1e6:.1f} M" if "params_after" in r else f"{r['params'] / 1e6:.1f} M",
                      cell(r["ppl"], ".3f"), cell(r.get("prune_s"), ".1f"), cell(r["rss_loaded_gib"], ".2f"),
-                     cell(r["peak_rss_gib"], ".2f"), cell(r.get("experts_without_tokens")),
+                     cell(r["peak_rss_gib"], ".2f"), cell(r["peak_rss_gib"] - r["rss_loaded_gib"], ".2f"),
+                     cell(r.get("experts_without_tokens")),
                      "-" if "expert_ratio_range" not in r else "{:.3f}..{:.3f}".format(*r["expert_ratio_range"])])
     env = data.get("environment")
     return document([
@@ -172,12 +173,17 @@ def markdown(data: dict) -> str:
         f"on the first {p['eval_windows']} WikiText-2 windows of {p['seqlen']} tokens (token perplexity). Each "
         "pipeline runs in its own process: time is prunekit's prune (calibration, allocation, removal included), "
         "memory the process's RSS once the model is loaded and its peak (on the CPU the whole model is in memory; "
-        "the engine moves one block at a time to the compute device). Sparsity is over the prunable weights; "
-        "'share' is the share of the blocks' parameters the run pruned over. Expert ratios: the range of the "
-        "experts' target sparsity (allocation across experts, eps 0.3).",
+        "the engine moves one block at a time to the compute device, so what a prune adds, 'peak - loaded', is one "
+        "block's activations and statistics plus the data; the dense model's peak, 5.3 GiB for a 0.5 GiB model, is "
+        "mostly the C4 and WikiText-2 text read in the same process). RSS counts the loaded checkpoint's file pages: "
+        "expert removal copies the kept experts while those pages stay mapped, hence its higher peak. Sparsity is "
+        "over the prunable weights; 'share' is the share of the blocks' parameters the run pruned over. Expert "
+        "ratios: the range of the experts' target sparsity (allocation across experts, eps 0.3). The machine's two "
+        "cores were shared with other work: the same Wanda prune took 48 to 106 s in different rows (see "
+        "`timing` in moe.json: the allocation rows' profile pass is `allocation_s`, removal's is `data_s`).",
         "",
         *table(["pipeline", "sparsity", "share", "params", "PPL", "prune s", "RSS loaded GiB", "peak RSS GiB",
-                "experts w/o tokens", "expert ratios"], rows),
+                "peak - loaded GiB", "experts w/o tokens", "expert ratios"], rows),
         "",
         f"Environment: {describe(env)}." if env else "",
     ])
