@@ -34,7 +34,7 @@ import prunekit
 from prunekit.core.data import eval_token_ids
 
 from bench.lib.env import describe, environment
-from bench.lib.models import Evaluation, calibration, model_path
+from bench.lib.models import Evaluation, calibration, display_name, model_path
 from bench.lib.protocols import PROTOCOLS, config_fields
 from bench.lib.results import RESULTS, Runs
 from bench.lib.tables import cell, document, table
@@ -157,7 +157,7 @@ def markdown(data: dict) -> str:
                      "-" if "expert_ratio_range" not in r else "{:.3f}..{:.3f}".format(*r["expert_ratio_range"])])
     env = data.get("environment")
     return document([
-        f"# Mixture of experts: {data['model']} upcycled to a Mixtral ({up.get('experts')} experts, top {up.get('top_k')})",
+        f"# Mixture of experts: {display_name(data['model'])} upcycled to a Mixtral ({up.get('experts')} experts, top {up.get('top_k')})",
         "",
         "No real MoE model is obtainable on this machine; this one is built by `bench.lib.upcycle`: every block's MLP "
         f"copied into {up.get('experts')} experts, top-{up.get('top_k')} routing whose weights Mixtral normalises to "
@@ -172,15 +172,17 @@ def markdown(data: dict) -> str:
         f"Protocol `moe` (CPU): calibration {p['nsamples']} x {p['seqlen']} C4 tokens (seed {p['seed']}); perplexity "
         f"on the first {p['eval_windows']} WikiText-2 windows of {p['seqlen']} tokens (token perplexity). Each "
         "pipeline runs in its own process: time is prunekit's prune (calibration, allocation, removal included), "
-        "memory the process's RSS once the model is loaded and its peak (on the CPU the whole model is in memory; "
-        "the engine moves one block at a time to the compute device, so what a prune adds, 'peak - loaded', is one "
-        "block's activations and statistics plus the data; the dense model's peak, 5.3 GiB for a 0.5 GiB model, is "
-        "mostly the C4 and WikiText-2 text read in the same process). RSS counts the loaded checkpoint's file pages: "
-        "expert removal copies the kept experts while those pages stay mapped, hence its higher peak. Sparsity is "
-        "over the prunable weights; 'share' is the share of the blocks' parameters the run pruned over. Expert "
-        "ratios: the range of the experts' target sparsity (allocation across experts, eps 0.3). The machine's two "
-        "cores were shared with other work: the same Wanda prune took 48 to 106 s in different rows (see "
-        "`timing` in moe.json: the allocation rows' profile pass is `allocation_s`, removal's is `data_s`).",
+        "memory the process's RSS once the model is loaded and its peak (Linux VmHWM). On the CPU the whole model "
+        "is in memory and the engine moves one block at a time to the compute device, so what a prune adds, 'peak - "
+        "loaded', is one block's activations and statistics plus the calibration and evaluation data: 0.3-1.3 GiB "
+        "for the 2.6 GiB MoE, the same order as for the 0.5 GiB dense model (1.2-1.4 GiB, mostly data and the "
+        "evaluation's logits). RSS counts the loaded checkpoint's file pages (hence 'loaded' varies between "
+        "5.3 and 5.9 GiB): expert removal copies the kept experts while those pages stay mapped, hence its higher "
+        "peak. Sparsity is over the prunable weights; 'share' is the share of the blocks' parameters the run pruned "
+        "over. Expert ratios: the range of the experts' target sparsity (allocation across experts, eps 0.3). The "
+        "machine's two cores were shared with other work, so times vary: the same Wanda pass over the MoE took 79, "
+        "101 and 96 s in the three Wanda 50% rows (`timing` in moe.json; the allocation rows' profile pass is "
+        "`allocation_s`, 25-38 s, removal's is `data_s`, 30-42 s).",
         "",
         *table(["pipeline", "sparsity", "share", "params", "PPL", "prune s", "RSS loaded GiB", "peak RSS GiB",
                 "peak - loaded GiB", "experts w/o tokens", "expert ratios"], rows),
