@@ -33,6 +33,7 @@ from .core.outputs import (atomic_dir, atomic_write_json, atomic_write_text, che
 from .core.rowwise import ROWWISE  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .evaluate.zeroshot import evaluate_tasks  # noqa: E402
+from .methods.experts import EXPERT_SCORES, ExpertAllocationParams  # noqa: E402
 from .pruning.config import load_recipe, make_config  # noqa: E402
 from .pruning.pipeline import run  # noqa: E402
 from .pruning.report import describe_rowwise  # noqa: E402
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-blocks", type=_natural, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
     p.add_argument("--removal-score", choices=["bi", "magnitude", "taylor", "ppl"])
+    p.add_argument("--remove-experts", type=_natural, metavar="K",
+                   help="mixture of experts: remove the K lowest-scoring experts of every MoE layer before pruning")
+    p.add_argument("--expert-score", help="score of the experts --remove-experts drops: reap (default), frequency, gate")
+    p.add_argument("--expert-allocation", help="sparsity across each MoE layer's experts: uniform (default) or a "
+                                               "score (reap, frequency, gate): rarely used experts prune more")
+    p.add_argument("--expert-allocation-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="eps=0.2: the experts' ratios span [1 - eps, 1 + eps] x the layer's")
     p.add_argument("--calib-select", help="prototype:hard | prototype:easy | prototype:mixed")
     p.add_argument("--calib-pool", type=_positive, metavar="N", help="candidate windows for --calib-select")
     p.add_argument("--calib", help="calibration source: c4, wikitext2, or a .txt/.jsonl/.parquet file")
@@ -229,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_prune(a) -> int:
     fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
-              "reconstruct", "remove_blocks", "removal", "removal_score", "calib_select", "calib_pool", "calib",
+              "reconstruct", "remove_blocks", "removal", "removal_score", "remove_experts", "expert_score",
+              "expert_allocation", "calib_select", "calib_pool", "calib",
               "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
               "eval_max_windows", "eval_seqlen", "out", "overwrite", "row_rounding", "save_format"]
     given = {k: getattr(a, k) for k in fields if getattr(a, k) is not None}
@@ -241,6 +250,8 @@ def cmd_prune(a) -> int:
         given["metric_params"] = dict(a.metric_param)
     if a.reconstruct_param:
         given["reconstruct_params"] = dict(a.reconstruct_param)
+    if a.expert_allocation_param:
+        given["expert_allocation_params"] = dict(a.expert_allocation_param)
     cfg = load_recipe(a.recipe, **given) if a.recipe else make_config(**given)
     report = run(cfg)
     if rank() != 0:
@@ -250,7 +261,14 @@ def cmd_prune(a) -> int:
           + (f" / rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
           + (f" / reconstruct {m['reconstruct']}" if m.get("reconstruct") else "")
           + f": sparsity {report['overall_sparsity']:.4f} of prunable weights "
-          f"(target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
+          f"({report['params']['prunable_share']:.1%} of the blocks' parameters; "
+          f"target {report['target_sparsity']:.4f}) in {report['timing']['prune_s']} s")
+    if report.get("coverage", {}).get("warning"):
+        print(f"warning: {report['coverage']['warning']}")
+    if report.get("experts"):
+        x = report["experts"]
+        print(f"experts: {x['matrices']} expert matrices pruned from their routed tokens; {x['without_tokens']} "
+              f"received no calibration token (pruned by magnitude)")
     pr = report["protocol"]
     if pr["calib"]:
         print(f"calibration: {pr['calib']}, {pr['nsamples']} windows x {pr['seqlen']} tokens, seed {pr['seed']}, "
@@ -377,6 +395,8 @@ def cmd_methods(a) -> int:
                 print(f"  {name} parameters ({flag} KEY=VALUE): {_defaults(entry.params)}"
                       + (f"; 'auto' for {', '.join(auto)}" if auto else ""))
     print("reconstruct: " + ", ".join(sorted(n for n, m in METRICS.items() if m.solver is not None)))
+    print("expert scores (--expert-score, --expert-allocation): " + ", ".join(sorted(EXPERT_SCORES))
+          + f"; --expert-allocation-param KEY=VALUE: {_defaults(ExpertAllocationParams)}")
     return 0
 
 

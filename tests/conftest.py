@@ -33,6 +33,41 @@ def tiny_config(family: str, hidden: int = 32, layers: int = 3, vocab: int = 128
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "gpt2"]
 
 
+# mixture-of-experts model types prunekit supports (transformers 5 fused experts); the first four are the issue's
+MOE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax_m2", "deepseek_v2", "deepseek_v3",
+             "dots1", "glm4_moe", "ernie4_5_moe", "cohere2_moe", "exaone_moe", "solar_open", "granitemoe",
+             "granitemoeshared", "gpt_oss"]
+_MOE_SIZES = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=128,
+                  num_local_experts=4, num_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+                  moe_k=2, shared_expert_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=0,
+                  kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
+                  topk_group=1, decoder_sparse_step=1, moe_layer_start_index=0, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+
+
+def tiny_moe_config(model_type: str, **kw):
+    """A tiny random config of an MoE model type: 2 blocks, 4 experts, top-2 (every size the type knows)."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    sizes = dict(_MOE_SIZES, **kw)
+    if model_type.startswith("deepseek"):  # multi-head latent attention: as many key/value heads as heads
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]
+    return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(base, k)})
+
+
+def tiny_moe(model_type: str, seed: int = 0, dtype=torch.float32, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(model_type, **kw)).to(dtype)
+    if dtype == torch.float64:  # the default grouped_mm experts take float32 / half only
+        model.set_experts_implementation("eager")
+    model.eval()
+    return model
+
+
 def tiny_model(family: str, seed: int = 0, **kw):
     from transformers import AutoModelForCausalLM
 

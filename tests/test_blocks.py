@@ -69,16 +69,24 @@ def naive_wanda(model, ids, sparsity, sequential):
     return masks
 
 
+def wanda_matches(model, ref: dict, ids, sequential: bool, what: str):
+    """prunekit's Wanda 50% masks of ``model`` equal the reference masks ``ref`` (name -> mask); the report."""
+    report = prunekit.prune(model, None, {"model": what, "metric": "wanda", "sparsity": 0.5,
+                                          "sequential": sequential, "device": "cpu"}, calib_ids=ids)
+    assert set(report.masks) == set(ref)
+    for name, packed in report.masks.items():
+        got = unpack_mask(packed, ref[name].shape)
+        assert torch.equal(got, ref[name]), f"{what} {name}: {int((got != ref[name]).sum())} differences"
+    return report
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 def test_wanda_matches_naive_reference(family, calib_ids, sequential):
     model = tiny_model(family)
     ref = naive_wanda(copy.deepcopy(model), calib_ids, 0.5, sequential)
-    report = prunekit.prune(model, None, {"model": family, "metric": "wanda", "sparsity": 0.5,
-                                          "sequential": sequential, "device": "cpu"}, calib_ids=calib_ids)
-    assert set(report.masks) == set(ref)
+    report = wanda_matches(model, ref, calib_ids, sequential, family)
     for name, packed in report.masks.items():
         got = unpack_mask(packed, ref[name].shape)
-        assert torch.equal(got, ref[name]), f"{family} {name}: {(got != ref[name]).sum()} differences"
         W = weight_view(dict(model.named_modules())[name])
         assert torch.equal(W == 0, got | (W == 0))  # pruned entries are exact zeros
         k = int(W.shape[1] * 0.5)

@@ -7,6 +7,7 @@
 - ``tables``: markdown tables and cells;
 - ``timing``: wall-clock timing, peak memory, per-phase timers;
 - ``models``: the models a benchmark loads, a protocol's windows and its perplexity, dense-weight snapshots;
+- ``upcycle``: a dense model upcycled into a mixture of experts (a Mixtral), for the MoE benchmark;
 - ``pipelines``: keys, descriptions and groupings of pipeline configurations (quality and grid runs);
 - ``dense_stats``: protocol G's screening proxy (dense statistics gathered once, every pipeline pruned from them).
 """

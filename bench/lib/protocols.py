@@ -18,6 +18,9 @@ PROTOCOLS = {
     "qwen05": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0,
                "model": "qwen2.5-coder-0.5b"},
     "smollm2-32": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0, "model": "smollm2"},
+    # mixture of experts (CPU, bench.moe): SmolLM2 upcycled to 8 experts is ~5x its size; 16 C4 windows of 256 tokens
+    # and the first 16 WikiText-2 windows of 256
+    "moe": {"seqlen": 256, "nsamples": 16, "eval_windows": 16, "calib": "c4", "seed": 0},
 }
 
 # evaluation set -> (short name, how its text is built)

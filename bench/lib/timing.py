@@ -43,9 +43,29 @@ def cuda_median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _proc_status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status in GiB (Linux), None where unreadable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def rss_gib() -> float:
+    """The process's resident memory now (the peak where /proc is unreadable)."""
+    now = _proc_status_gib("VmRSS")
+    return peak_rss_gib() if now is None else now
+
+
 def peak_rss_gib() -> float:
-    """The process's resident-memory high-water mark (it never goes down: one measurement per process)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """The process's resident-memory high-water mark (it never goes down: one measurement per process). Linux's
+    VmHWM, which starts afresh when the process execs; ``ru_maxrss`` elsewhere, which also keeps what the process
+    held before its exec (a benchmark worker forked from a large parent would report the parent's size)."""
+    hwm = _proc_status_gib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @contextlib.contextmanager

@@ -23,6 +23,11 @@ Two semantics, chosen by ``sequential``:
 In both, layers that read the same input tensor (q/k/v, gate/up) share one ``LayerStats``; with several
 batches the groups are found by one extra forward of the first batch (``_stages``).
 Both strategies of ``sequential=True`` compute the same thing; batching only changes rounding.
+
+The experts of a mixture-of-experts layer are layers like any other (:class:`prunekit.core.experts.ExpertMatrix`):
+their hooks are called with the tokens the router sends to their expert, so every statistic above is per expert
+without a forward per expert. With several batches every expert's gate/up form one stage and every expert's down
+the next (each depends on its own expert only), not one stage per expert.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, interrupts
+from .experts import ExpertMatrix
 from .families import activation_bytes_per_token, get_blocks, in_features
 from .offload import free_memory, on_device, store_device
 from .stats import LayerStats
@@ -231,18 +237,21 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
 _MISSING = object()
 
 
-def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> tuple[list[list[str]], list[str]]:
-    """Group layers by execution order; layers reading the same input tensor share a stage.
-    Returns (stages, layers the forward never called)."""
-    order: list[tuple[str, tuple]] = []
+def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> tuple[list[list[list[str]]], list[str]]:
+    """Group layers by execution order: layers reading the same input tensor share a group (one ``LayerStats``);
+    consecutive groups of one stage of an experts module (every expert's gate/up, or every expert's down: each
+    computed from the module's input alone, :mod:`prunekit.core.experts`) form one stage, any other group is a stage
+    of its own. Returns (stages as lists of groups, layers the forward never called)."""
+    order: list[tuple[str, tuple, object]] = []
     alive: list[torch.Tensor] = []  # hold the inputs so that no later tensor can reuse their memory address
     hooks = []
     for name, mod in layers.items():
         def pre(_m, args, _name=name):
-            if not any(n == _name for n, _ in order):
+            if not any(n == _name for n, _, _ in order):
                 x = args[0]
                 alive.append(x)
-                order.append((_name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
+                order.append((_name, (x.data_ptr(), tuple(x.shape), tuple(x.stride())),
+                              _m.stage if isinstance(_m, ExpertMatrix) else None))
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
@@ -250,15 +259,23 @@ def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) ->
     finally:
         for h in hooks:
             h.remove()
-    stages: list[list[str]] = []
+    groups: list[list[str]] = []
+    group_stage: list[object] = []
     last_key = None
-    for name, key in order:
-        if stages and key == last_key:
-            stages[-1].append(name)
+    for name, key, stage in order:
+        if groups and key == last_key:
+            groups[-1].append(name)
         else:
-            stages.append([name])
+            groups.append([name])
+            group_stage.append(stage)
         last_key = key
-    return stages, [n for n in layers if not any(n in s for s in stages)]
+    stages: list[list[list[str]]] = []
+    for i, g in enumerate(groups):
+        if stages and group_stage[i] is not None and group_stage[i] == group_stage[i - 1]:
+            stages[-1].append(g)
+        else:
+            stages.append([g])
+    return stages, [n for n in layers if not any(n in g for g in groups)]
 
 
 class _SameInput:
@@ -327,7 +344,7 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
                 st = last.get(args[0])
                 if st is None:
                     st = new_stats(_name)
-                    st.update(args[0])
+                    st.update(*args)
                     last.set(args[0], st)
                 handle(_name, m, st)
                 done.add(_name)
@@ -351,12 +368,12 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
         stages, uncalled = [], list(layers)
     late = [[n] for n in uncalled]
     if sequential:  # one pass per stage, each stopped once its layers have run; the uncalled ones last
-        passes = [[st] for st in stages] + ([late] if late else [])
+        passes = list(stages) + ([late] if late else [])
     else:  # the Wanda paper's protocol: every layer's statistics from the dense block, one pass
-        passes = [stages + late]
+        passes = [[g for st in stages for g in st] + late]
     for pi, groups in enumerate(passes):
         stats = {g[0]: new_stats(g[0]) for g in groups}
-        hooks = [layers[g[0]].register_forward_pre_hook(lambda m, a, _s=stats[g[0]]: _s.update(a[0])) for g in groups]
+        hooks = [layers[g[0]].register_forward_pre_hook(lambda m, a, _s=stats[g[0]]: _s.update(*a)) for g in groups]
         names = [n for g in groups for n in g]
         stop_early = sequential and pi < len(passes) - 1
         seen: set[int] = set()
@@ -423,6 +440,29 @@ def walk_blocks(model: nn.Module, input_ids: torch.Tensor, device, step: Step, b
             on_block_done(b)
         release_memory()
     return inputs
+
+
+@torch.no_grad()
+def run_blocks(model: nn.Module, input_ids: torch.Tensor, visit=None, device="cpu", batch_size=None,
+               stop: int | None = None, block_hooks=None, desc: str = "blocks") -> BlockInputs:
+    """Run blocks 0..stop-1 on all windows with the block walker, nothing pruned: ``visit(b, h_in, h_out)`` per
+    block and batch; ``block_hooks(b, block)`` returns hook handles held while block b runs. Returns the walker's
+    inputs, whose ``hidden`` is then the stream entering block ``stop``."""
+    device = torch.device(device)
+
+    def step(b, block, inputs):
+        hooks = block_hooks(b, block) if block_hooks else []
+        try:
+            for i in range(inputs.n_batches):
+                out = inputs.call(block, i, device)
+                if visit is not None:
+                    visit(b, inputs.hidden[i].to(device), out)
+                inputs.hidden[i] = out.to(inputs.hidden[i].device)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    return walk_blocks(model, input_ids, device, step, batch_size, stop=stop, desc=desc)
 
 
 def iterate_blocks(model: nn.Module, blocks: nn.ModuleList, block_layers: list[dict[str, nn.Module]],

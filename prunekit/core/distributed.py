@@ -66,9 +66,9 @@ def all_reduce_stats(st: LayerStats) -> None:
     if st.all_reduced:
         return
     st.all_reduced = True
-    counts = torch.tensor([st.count, st.samples], dtype=torch.float64)
+    counts = torch.tensor([st.count, st.samples, st.gate_sum], dtype=torch.float64)
     dist.all_reduce(counts)
-    st.count, st.samples = int(counts[0]), int(counts[1])
+    st.count, st.samples, st.gate_sum = int(counts[0]), int(counts[1]), float(counts[2])
     for k in ("sq_sum", "sum", "hessian"):
         v = getattr(st, k)
         if k in st.needs:

@@ -9,6 +9,11 @@ Only the statistics a chosen method declares it needs are accumulated, so memory
     evenly spaced positions ending at the last one, for at most ``max_last_tokens`` sequences, so at most
     ``max_last_tokens * tokens_per_sample`` rows of d_in, kept on CPU.
 All accumulation is in float32 (float64 for sums over many tokens), whatever the model dtype.
+
+The inputs of one expert of a mixture-of-experts layer are the tokens the router sends to it, handed over as a
+2-D tensor with their :class:`Routed` record (routing weights, positions in their sequences): ``count`` is then
+the expert's token count, ``gate_sum`` the sum of its routing weights, and ``last_tokens`` keeps the routed tokens
+that sit at the kept positions of their sequences.
 """
 from __future__ import annotations
 
@@ -131,6 +136,17 @@ def checked(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
 
 
 @dataclass
+class Routed:
+    """The routing of the tokens handed to one expert (rows of its 2-D input, in order): their routing weights
+    (the router's normalised top-k values), their positions in their sequences, and the sequence length (None when
+    the experts module saw flattened tokens of unknown sequence structure)."""
+
+    weights: torch.Tensor
+    positions: torch.Tensor
+    seq_len: int | None
+
+
+@dataclass
 class LayerStats:
     needs: frozenset[str]
     d_in: int
@@ -143,6 +159,7 @@ class LayerStats:
     max_last_tokens: int = 256
     tokens_per_sample: int = 1
     all_reduced: bool = False  # summed over data-parallel ranks already (prunekit.distributed)
+    gate_sum: float = 0.0  # experts: sum of the routing weights of the tokens seen (see Routed)
     # results derived from these statistics by a handler and reused by the next layer that shares them
     # (SparseGPT's factor of H^-1); the engine empties it once the last of those layers is handled
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -155,8 +172,12 @@ class LayerStats:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_STATS)}")
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """x: the layer input, shape (..., seq, d_in) or (..., d_in)."""
+    def update(self, x: torch.Tensor, routed: Routed | None = None) -> None:
+        """x: the layer input, shape (..., seq, d_in) or (..., d_in); ``routed``: for an expert, the routing of
+        the rows of its 2-D input."""
+        if routed is not None:
+            self._update_routed(x, routed)
+            return
         if x.dim() >= 3 and "last_tokens" in self.needs:
             room = self.max_last_tokens * self.tokens_per_sample - sum(t.shape[0] for t in self.last_tokens)
             if room > 0:
@@ -166,7 +187,23 @@ class LayerStats:
             self.samples += x[..., 0, 0].numel()
         else:
             self.samples += 1
-        x = x.reshape(-1, self.d_in)
+        self._accumulate(x.reshape(-1, self.d_in))
+
+    def _update_routed(self, x: torch.Tensor, routed: Routed) -> None:
+        """An expert's routed tokens: one sample per call; the tokens at the kept positions of their sequences
+        (the last one, or ``tokens_per_sample`` of them) are its ``last_tokens``."""
+        if "last_tokens" in self.needs and routed.seq_len:
+            room = self.max_last_tokens * self.tokens_per_sample - sum(t.shape[0] for t in self.last_tokens)
+            keep = torch.isin(routed.positions, torch.tensor(self.token_positions(routed.seq_len),
+                                                             device=routed.positions.device))
+            if room > 0 and bool(keep.any()):
+                self.last_tokens.append(x[keep][:room].float().cpu())
+        self.samples += 1
+        self.gate_sum += float(routed.weights.double().sum())
+        self._accumulate(x)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        """Token count, feature sums and X^T X of x (tokens, d_in)."""
         self.count += x.shape[0]
         if "sq_sum" in self.needs or "sum" in self.needs:
             # in row chunks: float32 temporaries of at most SUM_CHUNK_ELEMENTS (not two float32 copies of x:
@@ -219,6 +256,7 @@ class LayerStats:
         """Add another accumulator's sums (used by distributed calibration)."""
         self.count += other.count
         self.samples += other.samples
+        self.gate_sum += other.gate_sum
         for k in ("sq_sum", "sum", "hessian"):
             a, b = getattr(self, k), getattr(other, k)
             if b is not None:

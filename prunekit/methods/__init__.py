@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     alphapruning,
     dsa,
     er,
+    experts,
     farms,
     global_threshold,
     magnitude,

@@ -29,11 +29,12 @@ Prune&Comp compensation (``prune_and_comp``), per step:
    (``self_attn``, ``mlp``, ...; linears that are direct children of the block form one group, as
    OPT's fc1/fc2); the last linear executed in each group is the writer (o_proj/down_proj for LLaMA,
    out_proj/fc2 for OPT, c_proj/c_proj for GPT-2, dense/dense_4h_to_h for GPT-NeoX, Falcon, BLOOM).
+   In a mixture-of-experts block every expert's down projection is a writer too (and a shared expert's down
+   projection the last linear of its group), so the routed sum scales with them.
    This is exact for pre-norm blocks because the norms (RMSNorm, LayerNorm) are scale-invariant up to
    their epsilon: each block before i then writes ``scale`` times its old output. After folding, the
    stream entering block i is checked on two calibration windows against ``scale`` times the old one;
-   when the check fails (post-norm models such as OPT-350m, Gemma-2/3 post-norms, MoE blocks whose
-   experts are not one linear), the fold is undone (multiplied back by 1/scale) and a PrunekitError
+   when the check fails (post-norm models such as OPT-350m, Gemma-2/3 post-norms), the fold is undone (multiplied back by 1/scale) and a PrunekitError
    is raised. Tied embeddings: scaling a tied input embedding would scale the logits too, so the output
    embedding is first untied (lm_head gets its own copy of the weight, ``config.tie_word_embeddings``
    becomes False, so that the model saves and reloads untied);
@@ -50,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.blocks import walk_blocks
+from ..core.blocks import run_blocks
 from ..core.errors import PrunekitError
+from ..core.experts import DOWN
 from ..core.families import (
     block_linears,
     blocks_path,
@@ -59,6 +61,8 @@ from ..core.families import (
     find_linears,
     get_blocks,
     hidden_size,
+    is_expert,
+    layer_parameter,
     stream_sources,
     weight_view,
 )
@@ -95,29 +99,6 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
-@torch.no_grad()
-def _walk(model: nn.Module, input_ids: torch.Tensor, visit=None, device="cpu", batch_size=None,
-          stop: int | None = None, block_hooks=None):
-    """Run blocks 0..stop-1 on all windows (the block walker); ``visit(b, h_in, h_out)`` per block and batch;
-    ``block_hooks(b, block)`` returns hook handles held while block b runs. Returns the walker's inputs, whose
-    ``hidden`` is then the stream entering block ``stop``."""
-    device = torch.device(device)
-
-    def step(b, block, inputs):
-        hooks = block_hooks(b, block) if block_hooks else []
-        try:
-            for i in range(inputs.n_batches):
-                out = inputs.call(block, i, device)
-                if visit is not None:
-                    visit(b, inputs.hidden[i].to(device), out)
-                inputs.hidden[i] = out.to(inputs.hidden[i].device)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    return walk_blocks(model, input_ids, device, step, batch_size, stop=stop, desc="block removal")
-
-
 def _magnitude(h: torch.Tensor, norm: str) -> tuple[float, int]:
     h = h.float()
     if norm == "abs":
@@ -144,7 +125,7 @@ def _bi_pass(model, input_ids, device="cpu", batch_size=None, norm="abs", stop=N
             acc[b][1] += c
 
     with _eval_mode(model):
-        _walk(model, input_ids, visit, device, batch_size, stop)
+        run_blocks(model, input_ids, visit, device, batch_size, stop, desc="block removal")
     mean = lambda acc: [s / c for s, c in acc]  # noqa: E731
     return mean(bi), mean(m_in), mean(m_out)
 
@@ -175,10 +156,11 @@ def magnitude_score(model: nn.Module, input_ids: torch.Tensor | None = None, dev
 
 @register_block_score("taylor")
 def taylor_score(model: nn.Module, input_ids: torch.Tensor, device="cpu", batch_size=None) -> list[float]:
-    """Sum over the block's linear weights of |grad * W|, grad of the mean calibration LM loss."""
-    layers = block_linears(model)
-    params = [m.weight for d in layers for m in d.values()]
-    keep = {id(p) for p in params}
+    """Sum over the block's linear weights of |grad * W|, grad of the mean calibration LM loss (experts: over
+    their fused parameters, each counted once)."""
+    layers = [list({id(p): p for p in (layer_parameter(m) for m in d.values())}.values())
+              for d in block_linears(model)]
+    keep = {id(p) for d in layers for p in d}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     n = input_ids.shape[0]
     bs = batch_size or n
@@ -193,8 +175,8 @@ def taylor_score(model: nn.Module, input_ids: torch.Tensor, device="cpu", batch_
                 loss = model(batch, labels=batch, use_cache=False).loss * (batch.shape[0] / n)
                 loss.backward()
             with torch.no_grad():
-                scores = [sum((m.weight.grad.float() * m.weight.float()).abs().sum().item()
-                              for m in d.values() if m.weight.grad is not None) for d in layers]
+                scores = [sum((p.grad.float() * p.float()).abs().sum().item() for p in d if p.grad is not None)
+                          for d in layers]
     finally:
         for p, rg, g in saved:
             p.grad = g
@@ -314,7 +296,8 @@ def residual_writers(model: nn.Module, input_ids: torch.Tensor, device="cpu",
     blocks = get_blocks(model)
     upto = len(blocks) if upto is None else upto
     order: list[list[str]] = [[] for _ in range(upto)]
-    layers = [find_linears(blocks[b]) for b in range(upto)]
+    experts = family_of(model).experts
+    layers = [find_linears(blocks[b], experts=experts) for b in range(upto)]
 
     def hooks(b, block):
         out = []
@@ -326,14 +309,18 @@ def residual_writers(model: nn.Module, input_ids: torch.Tensor, device="cpu",
         return out
 
     with _eval_mode(model):
-        _walk(model, input_ids[:1, :16], None, device, None, upto, hooks)
+        run_blocks(model, input_ids[:1, :16], None, device, None, upto, hooks, desc="block removal")
     hidden = hidden_size(model)
     writers = []
     for b, names in enumerate(order):
         last: dict[str, str] = {}
         for name in names:
-            last[name.split(".")[0] if "." in name else ""] = name
+            if not is_expert(layers[b][name]):
+                last[name.split(".")[0] if "." in name else ""] = name
         found = {f"{path}.{b}.{n}": layers[b][n] for n in last.values()}
+        # every expert's down projection writes (scaled by its routing weight) into the stream, routed in the
+        # short trace or not
+        found.update({f"{path}.{b}.{n}": m for n, m in layers[b].items() if is_expert(m) and m.proj == DOWN})
         bad = [n for n, m in found.items() if weight_view(m).shape[0] != hidden]
         if not found or bad:
             raise PrunekitError(f"cannot find the residual-writing layers of block {b} (candidates {list(found)})")
@@ -361,7 +348,8 @@ def fold_scale(model: nn.Module, upto: int, scale: float, writers: list[dict[str
 
 def _stream(model, input_ids, upto, device) -> torch.Tensor:
     with _eval_mode(model):
-        return torch.cat([h.float().cpu() for h in _walk(model, input_ids, None, device, None, upto).hidden])
+        inputs = run_blocks(model, input_ids, None, device, None, upto, desc="block removal")
+        return torch.cat([h.float().cpu() for h in inputs.hidden])
 
 
 def compensate_block(model: nn.Module, input_ids: torch.Tensor, i: int, scale: float, device="cpu") -> float:

@@ -26,6 +26,13 @@ def outlier_ratios(scores: list[torch.Tensor], ms) -> dict[float, float]:
     return {float(m): float((a > m * mean).double().mean()) for m in ms}
 
 
+def add_wanda_scores(scores: list[torch.Tensor], module, stats) -> None:
+    """Append the layer's Wanda scores to a block's ``scores``; an expert no calibration token reached has no
+    activations, hence no outliers, and adds none."""
+    if stats.count:
+        scores.append(wanda(weight_view(module).float(), stats).flatten())
+
+
 def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, ms=OUTLIER_MS):
     """OWL statistics of the *dense* model: per block, the share of Wanda scores above M x block mean, for every M
     OWL may use (``methods.owl.OUTLIER_MS``: its grid for ``M=auto``)."""
@@ -33,7 +40,7 @@ def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, 
     current: list[torch.Tensor] = []
 
     def handle(name, module, stats):
-        current.append(wanda(weight_view(module).float(), stats).flatten())
+        add_wanda_scores(current, module, stats)
 
     def done(b):
         for m, v in outlier_ratios(current, ms).items():
@@ -47,13 +54,15 @@ def outlier_profile(model, blocks, block_layers, calib_ids, device, batch_size, 
 
 def _score_sampler(metric, seed: int, keep: int):
     """handle(name, weight, stats) storing a sorted random subsample (at most ``keep``) of the layer's scores;
-    returns (handle, out). Solvers have no score: Wanda's score stands in for them."""
+    returns (handle, out). Solvers have no score: Wanda's score stands in for them. A layer whose statistics saw no
+    calibration token (an expert never routed to) is scored by magnitude, as the pruner then prunes it."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     score = metric.score or wanda
 
     def handle(name, W, stats):
-        sc = score(W.float(), stats).flatten().cpu()
+        unseen = stats is not None and stats.count == 0
+        sc = (W.float().abs() if unseen else score(W.float(), stats)).flatten().cpu()
         if sc.numel() > keep:
             sc = sc[torch.randperm(sc.numel(), generator=g)[:keep]]
         out[name] = sc.sort().values
@@ -115,7 +124,7 @@ def engine_callable(cfg, model, blocks, block_layers, calib_ids, device, metric)
             pruner(name, module, stats)
             # zeros count: pruning lowers the block mean, more survivors become outliers, and the
             # block looks less redundant next time (the schedule corrects itself)
-            current.append(wanda(weight_view(module).float(), stats).flatten())
+            add_wanda_scores(current, module, stats)
 
         def done(b):
             result.append(outlier_ratios(current, (M,))[float(M)])

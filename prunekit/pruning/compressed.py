@@ -9,11 +9,17 @@ takes ``(1 - s) * bytes(d) + 1/8`` bytes per weight: 0.5625 of bf16 at 50%, 0.36
 The weight files are named ``*.compressed.safetensors``, so a plain ``from_pretrained`` on the folder finds no
 weights and fails instead of initialising a model at random; :func:`load_pretrained` rebuilds the exact dense
 model (bit-identical to the dense format's weights), ``prunekit decompress`` writes a plain HF folder.
+
+Expert matrices are slices of fused parameters, which transformers saves in its family's checkpoint layout (e.g.
+Mixtral's ``experts.3.w1.weight``): their masks are assembled into masks of the fused parameters and mapped to the
+saved tensors by transformers' own ``revert_weight_conversion`` (the mapping ``save_pretrained`` applies), and such
+a folder is rebuilt through ``from_pretrained`` of the decompressed tensors, which applies the conversion back.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,8 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.sparse import to_sparse_semi_structured
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 
 from ..core.errors import PrunekitError
+from ..core.families import block_linears, is_expert
 from ..core.loading import from_pretrained_checked
 from ..core.masks import pack_mask, unpack_mask
 from .save import load_masks
@@ -68,10 +76,15 @@ def compress_folder(folder: Path, masks: dict[str, torch.Tensor] | None = None) 
     temporary folder). ``masks``: layer name -> bool mask; default: the folder's ``masks.safetensors``."""
     folder = Path(folder)
     masks = load_masks(folder / "masks.safetensors") if masks is None else masks
-    by_key = {f"{name}.weight": m.bool() for name, m in masks.items()}
     files = _weight_files(folder)
     if not files:
         raise PrunekitError(f"{folder} has no dense weight files to compress")
+    keys = set()
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            keys |= set(st.keys())
+    by_key = {f"{name}.weight": m.bool() for name, m in masks.items() if f"{name}.weight" in keys}
+    by_key.update(_fused_masks(folder, {n: m for n, m in masks.items() if f"{n}.weight" not in keys}))
     totals = {"pruned_dense_bytes": 0, "pruned_compressed_bytes": 0}
     seen = set()
     for f in files:
@@ -90,6 +103,27 @@ def compress_folder(folder: Path, masks: dict[str, torch.Tensor] | None = None) 
         index.rename(folder / "model.compressed.safetensors.index.json")
         (folder / "model.compressed.safetensors.index.json").write_text(json.dumps(data, indent=2))
     return totals
+
+
+def _fused_masks(folder: Path, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks of expert matrices (name -> mask) as masks of the tensors the folder saves: assembled per fused
+    parameter on a meta-device model of the folder's config, then mapped by ``revert_weight_conversion``. Names that
+    are not expert matrices are kept (and reported missing by the caller)."""
+    if not masks:
+        return {}
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    layers = {n: m for d in block_linears(meta) for n, m in d.items()}
+    pnames = {id(p): n for n, p in meta.named_parameters()}
+    fused, rest = {}, {}
+    for name, mask in masks.items():
+        m = layers.get(name)
+        if not is_expert(m):
+            rest[f"{name}.weight"] = mask.bool()
+            continue
+        t = fused.setdefault(pnames[id(m.parameter)], torch.zeros(m.parameter.shape, dtype=torch.bool))
+        m.group.view(m.expert, m.proj, t).copy_(mask.bool())
+    return {**revert_weight_conversion(meta, fused), **rest}
 
 
 def decompressed_state(folder) -> dict[str, torch.Tensor]:
@@ -131,18 +165,37 @@ def load_pretrained(folder, dtype="auto", sparse_kernels: bool = False):
         config = AutoConfig.from_pretrained(folder)
         state = decompressed_state(folder)
         model = AutoModelForCausalLM.from_config(config, dtype=_saved_dtype(config, state, dtype))
-        result = model.load_state_dict(state, strict=False)
-        model.tie_weights()
-        loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-        missing = [k for k in result.missing_keys
-                   if k in dict(model.named_parameters()) and model.get_parameter(k).data_ptr() not in loaded]
-        if missing or result.unexpected_keys:
-            raise PrunekitError(f"{folder}: the compressed weights do not match the config (missing {missing[:2]}, "
-                                f"unexpected {result.unexpected_keys[:2]})")
+        if set(state) - set(model.state_dict()):  # a checkpoint layout transformers converts on load (fused experts)
+            del model
+            model = _load_converted(folder, state, dtype)
+        else:
+            _load_state(model, state, folder)
     model.eval()
     if sparse_kernels:
         to_semi_structured(model)
     return model
+
+
+def _load_state(model, state: dict, folder: Path) -> None:
+    """The decompressed tensors into ``model`` (tied weights tied again); a missing or unknown tensor is an error."""
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    missing = [k for k in result.missing_keys
+               if k in dict(model.named_parameters()) and model.get_parameter(k).data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise PrunekitError(f"{folder}: the compressed weights do not match the config (missing {missing[:2]}, "
+                            f"unexpected {result.unexpected_keys[:2]})")
+
+
+def _load_converted(folder: Path, state: dict, dtype):
+    """The decompressed tensors written to a temporary folder with the config and loaded by ``from_pretrained``,
+    which converts the saved layout into the model's (e.g. per-expert tensors into fused experts)."""
+    with tempfile.TemporaryDirectory(prefix="prunekit-decompressed-") as tmp:
+        shutil.copy2(folder / "config.json", Path(tmp) / "config.json")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return from_pretrained_checked(tmp, dtype, unexpected="error")
 
 
 def _saved_dtype(config, state: dict, dtype):

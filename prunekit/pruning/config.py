@@ -15,6 +15,7 @@ from ..core.metric import METRICS, get_metric
 from ..core.registry import Params
 from ..core.rowwise import ROWWISE
 from ..methods.prototype import parse_select
+from ..methods.experts import EXPERT_SCORES, ExpertAllocationParams
 from ..methods.removal import BLOCK_SCORES, REMOVALS
 
 
@@ -50,6 +51,14 @@ class PruneConfig(BaseModel):
     remove_blocks: int = Field(0, description="decoder blocks to remove before pruning")
     removal: str = Field("prune-comp", description="prune-comp (iterative, compensated) or bi (ShortGPT one-shot)")
     removal_score: str = Field("bi", description="block score: bi, magnitude, taylor, ppl")
+    remove_experts: int = Field(0, description="mixture of experts: experts to remove from every MoE block before "
+                                "pruning (router rows dropped, config updated)")
+    expert_score: str = Field("reap", description="score of the experts removed first (lowest): reap, frequency, gate")
+    expert_allocation: str = Field("uniform", description="sparsity across each MoE layer's experts: uniform (each "
+                                   "at its layer's ratio) or an expert score (reap, frequency, gate: low scores prune "
+                                   "more, the layer's total kept)")
+    expert_allocation_params: dict[str, Any] = Field(default_factory=dict, description="eps: spread of the experts' "
+                                                     "ratios around the layer's")
     calib_select: Optional[str] = Field(None, description="prototype:hard|easy|mixed")
     calib_pool: Optional[int] = Field(None, description="candidate windows for calib_select (default 4 x nsamples)")
     calib: str = "c4"
@@ -158,6 +167,19 @@ class PruneConfig(BaseModel):
         if self.removal not in REMOVALS:
             raise ValueError(f"unknown removal {self.removal!r}; valid: {', '.join(REMOVALS)}")
         BLOCK_SCORES.get(self.removal_score)
+        if self.remove_experts < 0:
+            raise ValueError("remove_experts must be >= 0")
+        EXPERT_SCORES.get(self.expert_score)
+        if self.expert_allocation != "uniform":
+            EXPERT_SCORES.get(self.expert_allocation)
+            if self.nm is not None:
+                raise ValueError(f"pattern {self.pattern} fixes every expert at N/M sparsity; expert_allocation "
+                                 f"{self.expert_allocation} has nothing to move")
+        elif self.expert_allocation_params:
+            raise ValueError("expert_allocation_params set without an expert_allocation score")
+        self.expert_allocation_params = _given(ExpertAllocationParams.check(
+            self.expert_allocation_params, "expert_allocation_params", self.expert_allocation),
+            self.expert_allocation_params)
         if self.calib_select is not None:
             parse_select(self.calib_select)
             if self.calib_pool is not None and self.calib_pool < self.nsamples:

@@ -1,10 +1,16 @@
-"""The per-layer handler the engine calls: score or solve, choose the mask, reconstruct, zero, record."""
+"""The per-layer handler the engine calls: score or solve, choose the mask, reconstruct, zero, record.
+
+A layer whose statistics saw no calibration token (an expert the router never chose on the calibration windows)
+is pruned by magnitude, per matrix, at its ratio (no reconstruction, row-wise allocation or bias update: there is
+no data to fit them on); its record says so. Expert records carry the expert's routed tokens and mean routing
+weight."""
 from __future__ import annotations
 
 import torch
 
 from ..core.blocks import iterate_blocks
-from ..core.families import name_matches, weight_view
+from ..core.errors import PrunekitError
+from ..core.families import is_expert, name_matches, weight_view
 from ..core.masks import make_mask, pack_mask, row_counts
 from ..core.metric import configured_metric
 from ..core.rowwise import apply_rowwise
@@ -28,6 +34,7 @@ class LayerPruner:
         self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
+        self.fallback = configured_metric("magnitude", {})  # for layers no calibration token reached
 
     @classmethod
     def from_config(cls, cfg, metric, ratios):
@@ -38,12 +45,16 @@ class LayerPruner:
     def __call__(self, name, module, stats):
         W = weight_view(module)
         r = self.ratios[name]
+        unseen = stats is not None and stats.count == 0
+        info = {}
         if r == 0 and self.nm is None:
             mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        elif unseen:
+            mask = make_mask(self.fallback.score(W.float(), None), r, self.nm, self.fallback.group, self.exact)
+            W.masked_fill_(mask, 0)
         else:
             Wf = W.float()  # may alias W (fp32 models): solvers work on their own copy
             Wn = None
-            info = {}
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
             else:
@@ -67,12 +78,19 @@ class LayerPruner:
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
         if self.rowwise and info:
             self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
+        if unseen and (r > 0 or self.nm is not None):
+            self.records[name]["fallback"] = "magnitude"
+        if is_expert(module) and stats is not None:
+            self.records[name]["tokens"] = stats.count
+            self.records[name]["routing_weight"] = stats.gate_sum / stats.count if stats.count else 0.0
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:
     """Add a per-output correction to the layer's bias, creating a zero bias if it has none."""
     if delta is None:
         return
+    if module.bias is None and is_expert(module):  # declare_biases refuses this before any work
+        raise PrunekitError(f"{module!r} has no bias to correct")
     if module.bias is None:
         out = weight_view(module).shape[0]
         module.bias = torch.nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))

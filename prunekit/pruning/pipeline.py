@@ -50,8 +50,10 @@ def save_pruned(model, tokenizer, report: Report, cfg: PruneConfig, out, overwri
         shapes = {l["name"]: l["shape"] for l in report["layers"]}
         save_masks(tmp / "masks.safetensors", report.masks, shapes)
         (tmp / "recipe.yaml").write_text(cfg.to_yaml())
-        _check_reload(reload_saved(tmp), ids, device, report["probe"], "a plain from_pretrained")
-        report["saved"] = sparsity_from_files(tmp, list(shapes))
+        reloaded = reload_saved(tmp)
+        _check_reload(reloaded, ids, device, report["probe"], "a plain from_pretrained")
+        report["saved"] = sparsity_from_files(tmp, list(shapes), reloaded)
+        del reloaded
         report["saved"]["layers"] = {k: round(v, 6) for k, v in report["saved"]["layers"].items()}
         report["saved"]["format"] = cfg.save_format
         if cfg.save_format == "compressed":
@@ -64,7 +66,6 @@ def save_pruned(model, tokenizer, report: Report, cfg: PruneConfig, out, overwri
 
 def _check_reload(reloaded, ids, device, probe: dict, how: str) -> None:
     nll = probe_nll(reloaded, ids, device)
-    del reloaded
     if not probe_matches(probe["nll"], nll, probe["dtype"]):
         raise PrunekitError(f"the saved folder does not reload as the pruned model (probe NLL {nll:.6f} after {how}, "
                             f"{probe['nll']:.6f} in memory); nothing was written")

@@ -32,4 +32,4 @@ def needs_calibration(metric, cfg) -> bool:
     needs = get_allocator(cfg.allocation).needs
     return (bool(stats_needs(metric, cfg)) or bool(needs & {"outliers", "engine"})
             or ("scores" in needs and (bool(metric.needs) or metric.score is None))
-            or "auto" in cfg.allocation_params.values())
+            or "auto" in cfg.allocation_params.values() or cfg.expert_allocation != "uniform")

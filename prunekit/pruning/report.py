@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..core.allocation import get_allocator
 from ..core.env import machine, versions
+from ..core.families import is_expert
 from ..core.metric import configured_metric
 from .save import probe_ids
 
@@ -20,23 +21,48 @@ class Report(dict):
         self.probe_ids = probe_ids
 
 
-def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, alloc_extra, timing, device) -> dict:
+def experts_summary(block_layers, records: dict) -> dict | None:
+    """What the report says about expert matrices (None for a model without them): how many, how many no
+    calibration token reached (pruned by magnitude), and which."""
+    experts = [(n, m) for d in block_layers for n, m in d.items() if is_expert(m)]
+    if not experts:
+        return None
+    unseen = [n for n, _ in experts if records[n].get("fallback")]
+    return {"matrices": len(experts), "experts_per_layer": max(m.group.num_experts for _, m in experts),
+            "without_tokens": len(unseen), "without_tokens_names": unseen[:20],
+            "fallback": "magnitude (per matrix)"}
+
+
+def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, alloc_extra, cover, timing,
+                 device) -> dict:
+    """``cover``: :func:`prunekit.core.families.coverage` of the model (with the run's ``warning``, if any)."""
     layers = []
     for b, d in enumerate(block_layers):
-        for name in d:
+        for name, module in d.items():
             rec = pruner.records[name]
             layers.append({"name": name, "block": b, "shape": rec["shape"], "target": rec["target"],
                            "sparsity": rec["pruned"] / rec["numel"], "numel": rec["numel"]})
             if "rowwise" in rec:  # e.g. TRIM: chosen lr, layer output cosine with and without it
                 layers[-1]["rowwise"] = rec["rowwise"]
+            if is_expert(module):
+                layers[-1].update({"expert": module.expert, "tokens": rec.get("tokens"),
+                                   "routing_weight": rec.get("routing_weight")})
+            if rec.get("fallback"):
+                layers[-1]["fallback"] = rec["fallback"]
     blocks = []
+    block_params = cover["block_params"] / max(len(cover["blocks"]), 1)
     for b in range(len(block_layers)):
         ls = [l for l in layers if l["block"] == b]
         num = sum(l["numel"] for l in ls)
         blocks.append({"block": b, "sparsity": sum(l["sparsity"] * l["numel"] for l in ls) / num if num else 0.0,
-                       "numel": num})
+                       "numel": num, "prunable_share": cover["blocks"][b] if b < len(cover["blocks"]) else None})
     prunable = sum(l["numel"] for l in layers)
     total_params = sum(p.numel() for p in model.parameters())
+    coverage = {"prunable_share_min": cover["min"], "dense_left": dict(list(cover["dense"].items())[:8]),
+                "mean_block_params": round(block_params)}
+    if cover.get("warning"):
+        coverage["warning"] = cover["warning"]
+    experts = experts_summary(block_layers, pruner.records)
     return Report({
         "model": cfg.model,
         "architecture": model.config.model_type,
@@ -56,7 +82,11 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
                      "nsamples": int(calib_ids.shape[0]) if calib_ids is not None else 0,
                      "seqlen": seqlen, "seed": cfg.seed, "device": str(device),
                      "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
-        "params": {"total": total_params, "prunable": prunable},
+        "params": {"total": total_params, "prunable": prunable, "block_params": cover["block_params"],
+                   # the share of the blocks' parameters this run prunes over (after ignore)
+                   "prunable_share": prunable / cover["block_params"] if cover["block_params"] else 0.0},
+        "coverage": coverage,
+        **({"experts": experts} if experts else {}),
         "overall_sparsity": sum(l["sparsity"] * l["numel"] for l in layers) / prunable if prunable else 0.0,
         "blocks": blocks,
         "layers": layers,
@@ -103,7 +133,23 @@ def report_markdown(r: dict) -> str:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
     lines.append(f"- calibration: {p['calib']} x {p['nsamples']} samples x {p['seqlen']} tokens, seed {p['seed']}, "
                  f"device {p['device']}, dtype {p['dtype']}")
-    lines.append(f"- parameters: {r['params']['total']:,} total, {r['params']['prunable']:,} prunable")
+    par = r["params"]
+    lines.append(f"- parameters: {par['total']:,} total, {par['prunable']:,} prunable"
+                 + (f" ({par['prunable_share']:.1%} of the blocks' parameters)" if "prunable_share" in par else ""))
+    if r.get("coverage", {}).get("warning"):
+        lines.append(f"- **warning**: {r['coverage']['warning']}")
+    if r.get("experts"):
+        x = r["experts"]
+        lines.append(f"- experts: {x['matrices']} expert matrices ({x['experts_per_layer']} experts per MoE layer), "
+                     f"each pruned from the tokens routed to it; {x['without_tokens']} received no calibration token "
+                     f"and were pruned by {x['fallback']}")
+    alloc = r.get("allocation", {})
+    if alloc.get("expert_removal"):
+        er = alloc["expert_removal"]
+        lines.append(f"- expert removal: {er['removed_per_block']} per MoE layer by {er['score']}, "
+                     f"{er['experts_left']} left")
+    if alloc.get("experts"):
+        lines.append(f"- sparsity across experts by {alloc['experts']['score']} (eps {alloc['experts']['eps']})")
     t = r["timing"]
     lines.append("- time: " + ", ".join(f"{k} {v} s" for k, v in t.items()))
     if r.get("eval"):

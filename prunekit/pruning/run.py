@@ -1,5 +1,7 @@
-"""One prune, in order: check the config against the model, remove blocks or select calibration windows when
-asked, gather what the allocator needs and allocate, calibrate and prune block by block, build the report."""
+"""One prune, in order: check the config against the model (a model whose blocks prunekit would mostly leave
+dense is refused, :func:`check_coverage`), remove blocks or experts or select calibration windows when asked,
+gather what the allocator needs and allocate (then spread each MoE layer's ratio over its experts when asked),
+calibrate and prune block by block, build the report."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +13,9 @@ from ..core.allocation import allocate
 from ..core.data import calibration_windows
 from ..core.errors import PrunekitError
 from ..core.families import (
+    COVERAGE_MIN,
     block_linears,
+    coverage,
     declare_biases,
     family_of,
     get_blocks,
@@ -23,6 +27,7 @@ from ..core.families import (
 from ..core.masks import check_nm_shape
 from ..core.metric import configured_metric
 from ..core.offload import resolve_device
+from ..methods.experts import expert_allocation, remove_experts
 from ..methods.prototype import parse_select, select_windows
 from ..methods.removal import prune_and_comp, remove_one_shot
 from .allocator_inputs import allocator_inputs
@@ -66,7 +71,8 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     fam = family_of(model)
     metric = configured_metric(cfg.metric, cfg.metric_params)
     nm = cfg.nm
-    check_layer_patterns(model, cfg)
+    cover = check_coverage(model, cfg)
+    check_layer_patterns(model, cfg, cover)
     if nm is not None:
         for d in block_linears(model, cfg.ignore):
             for name, m in d.items():
@@ -79,13 +85,15 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
                                f"{cfg.metric}'s bias correction")
         if flags:
             extra_report["config_flags_set"] = {f: True for f in flags}
-    if calib_ids is None and (cfg.calib_select or cfg.remove_blocks):
+    if calib_ids is None and (cfg.calib_select or cfg.remove_blocks or cfg.remove_experts):
         if tokenizer is None:
-            raise PrunekitError("calibration selection and block removal need a tokenizer or calib_ids")
+            raise PrunekitError("calibration selection, block and expert removal need a tokenizer or calib_ids")
         calib_ids, info = select_and_remove(cfg, model, tokenizer, seqlen, device)
         extra_report.update(info)
-    elif cfg.remove_blocks:
-        extra_report["layer_removal"] = remove_blocks_step(cfg, model, calib_ids, device)
+    else:
+        extra_report.update(removal_steps(cfg, model, calib_ids, device))
+    if cfg.remove_blocks or cfg.remove_experts:  # the report describes the model as pruned
+        cover = {**coverage(model), **({"warning": cover["warning"]} if "warning" in cover else {})}
     blocks = get_blocks(model)
     block_layers = block_linears(model, cfg.ignore)
     if calib_ids is None and needs_calibration(metric, cfg):
@@ -94,6 +102,10 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
         calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
     t_data = time.time()
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device, metric)
+    if cfg.expert_allocation != "uniform":
+        ratios, alloc_extra["experts"] = expert_allocation(
+            model, calib_ids, block_layers, ratios, cfg.expert_allocation, cfg.expert_allocation_params.get("eps", 0.2),
+            cfg.max_ratio, device, cfg.batch_size)
     t_alloc = time.time()
     pruner = LayerPruner.from_config(cfg, metric, ratios)
     if nm is None and all(r == 0 for r in ratios.values()):  # nothing to prune (e.g. block removal only)
@@ -104,17 +116,45 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
         prune_all(pruner, metric, model, blocks, block_layers, calib_ids, device, cfg, "pruning")
     t_prune = time.time()
     alloc_extra.update(extra_report)
-    return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, {
+    return build_report(cfg, model, fam.name, block_layers, pruner, seqlen, calib_ids, alloc_extra, cover, {
         "data_s": round(t_data - t0, 2), "allocation_s": round(t_alloc - t_data, 2),
         "prune_s": round(t_prune - t_alloc, 2), "total_s": round(t_prune - t0, 2)}, device)
 
 
-def check_layer_patterns(model, cfg) -> None:
+def check_coverage(model, cfg) -> dict:
+    """The share of each block's parameters prunekit can prune (:func:`prunekit.core.families.coverage`). Where some
+    block's share is below ``COVERAGE_MIN`` the run is refused before any work, naming what would be left dense,
+    unless ``ignore`` names those parameters (the user chose to leave them dense) or the family is known to be
+    partial (then a warning, also in the report). Returns the coverage with any ``warning``."""
+    cover = coverage(model)
+    if cover["min"] >= COVERAGE_MIN:
+        return cover
+    n_blocks = len(cover["blocks"])
+    per_block = cover["block_params"] / max(n_blocks, 1)
+    big = {n: v for n, v in cover["dense"].items() if v / n_blocks >= 0.01 * per_block}  # >= 1% of a block each
+    what = ", ".join(f"{n} ({v / n_blocks / per_block:.1%} of a block)" for n, v in list(big.items())[:4])
+    share = f"{cover['min']:.1%}"
+    fam = family_of(model)
+    if fam.partial:
+        cover["warning"] = f"only {share} of a block's parameters are prunable; left dense: {what} ({fam.partial})"
+    elif all(name_matches(n, cfg.ignore) for n in big):
+        cover["warning"] = f"only {share} of a block's parameters are prunable; left dense as ignore asks: {what}"
+    else:
+        raise PrunekitError(f"prunekit can prune only {share} of a block's parameters of this "
+                            f"{model.config.model_type} model: {what} would be left dense; refusing to report a "
+                            "sparsity over the rest (pass --ignore with a pattern naming them to prune the rest anyway)")
+    log.warning(cover["warning"])
+    return cover
+
+
+def check_layer_patterns(model, cfg, cover: dict | None = None) -> None:
     """An ``ignore`` or ``rowwise_skip`` pattern that matches no prunable layer is most likely misspelt (and a
-    misspelt ``ignore`` would prune a layer the user wanted dense): say so before any work."""
+    misspelt ``ignore`` would prune a layer the user wanted dense): say so before any work. An ``ignore`` pattern
+    may also name parameters prunekit leaves dense anyway (``cover["dense"]``, see :func:`check_coverage`)."""
     names = [n for d in block_linears(model) for n in d]
     kept = [n for n in names if not name_matches(n, cfg.ignore)]  # what block_linears(model, cfg.ignore) keeps
-    for field, pats, pool in (("ignore", cfg.ignore, names), ("rowwise_skip", cfg.rowwise_skip, kept)):
+    dense = list((cover or {}).get("dense", {}))
+    for field, pats, pool in (("ignore", cfg.ignore, names + dense), ("rowwise_skip", cfg.rowwise_skip, kept)):
         bad = unmatched_patterns(pool, pats)
         if bad:
             raise PrunekitError(f"{field} pattern(s) {', '.join(map(repr, bad))} match no prunable layer"
@@ -125,15 +165,26 @@ def check_layer_patterns(model, cfg) -> None:
                             "nothing is left to prune")
 
 
-def remove_blocks_step(cfg, model, calib_ids, device) -> dict:
-    if calib_ids is None:
-        raise PrunekitError("block removal needs calibration data")
-    fn = prune_and_comp if cfg.removal == "prune-comp" else remove_one_shot
-    return fn(model, calib_ids, cfg.remove_blocks, score=cfg.removal_score, device=device, batch_size=cfg.batch_size)
+def removal_steps(cfg, model, calib_ids, device) -> dict:
+    """Block removal, then expert removal, as configured; what the report shows of each."""
+    info = {}
+    if cfg.remove_blocks:
+        if calib_ids is None:
+            raise PrunekitError("block removal needs calibration data")
+        fn = prune_and_comp if cfg.removal == "prune-comp" else remove_one_shot
+        info["layer_removal"] = fn(model, calib_ids, cfg.remove_blocks, score=cfg.removal_score, device=device,
+                                   batch_size=cfg.batch_size)
+    if cfg.remove_experts:
+        if calib_ids is None:
+            raise PrunekitError("expert removal needs calibration data")
+        info["expert_removal"] = remove_experts(model, calib_ids, cfg.remove_experts, cfg.expert_score, device,
+                                                cfg.batch_size)
+    return info
 
 
 def select_and_remove(cfg, model, tokenizer, seqlen, device):
-    """Calibration windows (optionally chosen by prototype scores from a larger pool), then block removal."""
+    """Calibration windows (optionally chosen by prototype scores from a larger pool), then block and expert
+    removal."""
     info = {}
     if cfg.calib_select:
         pool = calibration_windows(tokenizer, cfg.calib, cfg.calib_pool or 4 * cfg.nsamples, seqlen, cfg.seed)
@@ -143,6 +194,5 @@ def select_and_remove(cfg, model, tokenizer, seqlen, device):
         info["calib_select"] = sel
     else:
         calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
-    if cfg.remove_blocks:
-        info["layer_removal"] = remove_blocks_step(cfg, model, calib_ids, device)
+    info.update(removal_steps(cfg, model, calib_ids, device))
     return calib_ids, info

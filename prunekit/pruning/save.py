@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.errors import PrunekitError
-from ..core.families import model_context_length
+from ..core.families import block_linears, model_context_length, weight_view
 from ..core.loading import from_pretrained_checked
 from ..core.masks import unpack_mask
 from ..core.nll import nll_of_windows
@@ -50,8 +50,11 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
                             f"{' '.join(str(e).split())[:200]})") from None
 
 
-def sparsity_from_files(folder: Path, layer_names: list[str]) -> dict:
-    """Count zeros of the pruned layers' weights as saved in the safetensors files."""
+def sparsity_from_files(folder: Path, layer_names: list[str], reloaded=None) -> dict:
+    """Count zeros of the pruned layers' weights as saved in the safetensors files. A layer whose weight is not one
+    tensor of the files (an expert matrix: a slice of a fused parameter, which transformers saves in the checkpoint
+    layout of its family, e.g. Mixtral's ``experts.3.w1``) is counted from ``reloaded``, the folder as plain
+    ``from_pretrained`` loaded it (the saved tensors put back in place)."""
     wanted = {f"{n}.weight": n for n in layer_names}
     per_layer = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -65,6 +68,13 @@ def sparsity_from_files(folder: Path, layer_names: list[str]) -> dict:
                 t = st.get_tensor(key)
                 per_layer[name] = {"zeros": int((t == 0).sum()), "numel": t.numel()}
     missing = [n for n in layer_names if n not in per_layer]
+    if missing and reloaded is not None:
+        layers = {n: m for d in block_linears(reloaded) for n, m in d.items()}
+        for n in missing:
+            if n in layers:
+                t = weight_view(layers[n])
+                per_layer[n] = {"zeros": int((t == 0).sum()), "numel": t.numel()}
+        missing = [n for n in layer_names if n not in per_layer]
     if missing:
         raise PrunekitError(f"saved model lacks pruned weights, e.g. {missing[:3]}")
     zeros = sum(v["zeros"] for v in per_layer.values())

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import PrunekitError
-from ..core.families import weight_view
+from ..core.families import block_linears, weight_view
 from .compressed import is_compressed, load_pretrained
 from .save import load_masks, probe_matches, probe_nll
 
@@ -41,7 +41,7 @@ def verify_saved(folder: str | Path, device: str = "cpu") -> dict:
                             + ("; " if lost and extra else "")
                             + (f"{len(extra)} mask(s) of unlisted layers (e.g. {extra[0]})" if extra else ""))
     model = load_pretrained(folder)
-    mods = dict(model.named_modules())
+    mods = {n: m for d in block_linears(model) for n, m in d.items()}  # layers and expert matrices, by name
     zeros = numel = masked = 0
     row_min, row_max = 1.0, 0.0
     for name, rec in listed.items():
