@@ -1,4 +1,4 @@
-"""The per-layer handler the engine calls: score or solve, choose the mask, reconstruct, zero, record."""
+"""The per-layer handler the engine calls: score or solve, choose the mask, refine it, reconstruct, zero, record."""
 from __future__ import annotations
 
 import torch
@@ -7,17 +7,23 @@ from ..core.blocks import iterate_blocks
 from ..core.families import name_matches, weight_view
 from ..core.masks import make_mask, pack_mask, row_counts
 from ..core.metric import configured_metric
+from ..core.refine import apply_refine
 from ..core.rowwise import apply_rowwise
 from .plan import stats_needs, stats_options
 
 
 class LayerPruner:
-    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), weight
-    reconstruction, bias update, zero, record."""
+    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), mask refinement, weight
+    reconstruction, bias update, zero, record.
+
+    Refinement (``refine``) comes after the mask and before the weights are rewritten: with a score metric the
+    ``reconstruct`` solver (if any) then solves on the refined mask; with a solver metric (SparseGPT, ADMM, ALPS)
+    the refiner starts from the solver's mask, judged on the dense weights, and the same solver is run again on
+    the refined mask as a fixed-mask update (its first weights were made for the mask before refinement)."""
 
     def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
                  reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None,
-                 row_rounding: str = "exact"):
+                 row_rounding: str = "exact", refine: str | None = None, refine_params: dict | None = None):
         self.metric, self.ratios, self.nm = metric, ratios, nm
         # per-row masks: "exact" hits each layer's ratio to one weight (masks.row_counts), "floor" floors every row
         self.exact = row_rounding == "exact"
@@ -26,13 +32,14 @@ class LayerPruner:
         self.reconstructor = (configured_metric(reconstruct, reconstruct_params, "reconstruct_params")
                               if reconstruct else None)
         self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
+        self.refine, self.refine_params = refine, refine_params or {}
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
 
     @classmethod
     def from_config(cls, cfg, metric, ratios):
         return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
-                   cfg.reconstruct_params, cfg.row_rounding)
+                   cfg.reconstruct_params, cfg.row_rounding, cfg.refine, cfg.refine_params)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
@@ -43,9 +50,12 @@ class LayerPruner:
         else:
             Wf = W.float()  # may alias W (fp32 models): solvers work on their own copy
             Wn = None
-            info = {}
+            info, refined = {}, {}
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
+                if self.refine:
+                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
+                    Wn, mask = self.metric.solver(Wf, stats, r, self.nm, mask, name=name)
             else:
                 scores = self.metric.score(Wf, stats)
                 if self.rowwise and not name_matches(name, self.rowwise_skip):
@@ -56,6 +66,8 @@ class LayerPruner:
                     mask = make_mask(scores, rows)
                 else:
                     mask = make_mask(scores, r, self.nm, self.metric.group, self.exact)
+                if self.refine:
+                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
                 if self.reconstructor is not None:
                     Wn, mask = self.reconstructor.solver(Wf, stats, r, self.nm, mask, name=name)
             if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
@@ -67,6 +79,8 @@ class LayerPruner:
         self.records[name] = {"shape": list(W.shape), "target": r, "pruned": int(mask.sum()), "numel": mask.numel()}
         if self.rowwise and info:
             self.records[name]["rowwise"] = {k: info[k] for k in ("lr", "score", "score_uniform") if k in info}
+        if self.refine and r != 0:
+            self.records[name]["refine"] = refined
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:
