@@ -132,11 +132,24 @@ def suites() -> dict[str, list[dict]]:
 def new_method_suites() -> dict[str, list[dict]]:
     """Issue 22 ("beyond SparseGPT"): the ADMM weight update, ALPS, mask refinement (DSnoT, swaps) and ATP, alone
     and with the allocators, in priority order (the 70% headline and 2:4 first)."""
-    sg, ap = "sparsegpt", "alphapruning"
+    sg, ap, w = "sparsegpt", "alphapruning", "wanda"
     # the reference every new pipeline is measured against, also at calibration seeds 1 and 2
     baselines = [{"metric": sg, "sparsity": 0.7, "allocation": ap}, {"metric": sg, "sparsity": 0.5, "pattern": "2:4"},
                  {"metric": sg, "sparsity": 0.5}]
-    return {"beyond-baselines": baselines}
+    admm, swaps, dsnot = {"reconstruct": "admm"}, {"refine": "swaps"}, {"refine": "dsnot"}
+    # 70%: each part with AlphaPruning (the best allocator at 60-80% so far), then alone (uniform)
+    at70 = [{"metric": "alps", "allocation": ap}, {"metric": w, "allocation": ap, **admm},
+            {"metric": "admm", "allocation": ap}, {"metric": w, "allocation": ap, **swaps, **admm},
+            {"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"},
+            {"metric": sg, "allocation": "atp"}, {"metric": "alps", "allocation": "atp"},
+            {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, "allocation": ap, **dsnot, **admm},
+            {"metric": w, "allocation": "atp"}]
+    at70 = [{"sparsity": 0.7, **r} for r in at70]
+    # 2:4: the solvers alone and the refiners before the ADMM update
+    nm = [{"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"}, {"metric": w, **swaps, **admm},
+          {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, **dsnot, **admm}]
+    nm = [{"sparsity": 0.5, "pattern": "2:4", **r} for r in nm]
+    return {"beyond-baselines": baselines, "beyond-70": at70, "beyond-24": nm}
 
 
 def all_suites() -> dict[str, list[dict]]:

@@ -321,6 +321,12 @@ OUTPUT_KINDS = {
     "2:4": ["--metric", "wanda", "--pattern", "2:4"],
     "2:4-sparsegpt": ["--metric", "sparsegpt", "--pattern", "2:4"],
     "reconstruct": ["--metric", "wanda", "--reconstruct", "sparsegpt"],
+    "reconstruct-admm": ["--metric", "wanda", "--reconstruct", "admm"],
+    "alps": ["--metric", "alps", "--sparsity", "0.7"],
+    "admm-2:4": ["--metric", "admm", "--pattern", "2:4"],
+    "refine-swaps": ["--metric", "wanda", "--refine", "swaps", "--reconstruct", "admm"],
+    "refine-dsnot": ["--metric", "wanda", "--pattern", "2:4", "--refine", "dsnot"],
+    "atp": ["--metric", "wanda", "--sparsity", "0.6", "--allocation", "atp", "--allocation-param", "beta=0.02"],
     "trim": ["--metric", "wanda", "--rowwise", "trim"],
     **{a: ["--metric", "wanda", "--sparsity", "0.6", "--allocation", a]
        for a in ("global", "er", "er-plus", "owl", "alphapruning", "farms", "mrp")},

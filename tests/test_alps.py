@@ -1,0 +1,108 @@
+"""ALPS (prunekit.methods.alps): exact weights on its support and on a fixed mask (brute force), exact counts and
+N:M patterns, a lower layer error than SparseGPT, robustness, the adapter's cached eigendecomposition."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from prunekit.core.masks import make_mask
+from prunekit.core.metric import get_metric
+from prunekit.methods.alps import alps_solve, eigen
+from prunekit.methods.sparsegpt import sparsegpt_solve
+
+from conftest import correlated_inputs, correlated_layer, generator, stats_of
+from test_lsq import brute_force_optimum, damped, objective
+
+
+@pytest.fixture(scope="module")
+def small():
+    X = correlated_inputs(n=512, d=32, seed=3)
+    W = torch.randn(12, 32, generator=generator(4))
+    return W, X, stats_of(X)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return correlated_layer()
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_weights_are_the_optimum_on_the_chosen_support(small, pattern):
+    W, X, st = small
+    H = st.hessian_mean()
+    info = {}
+    got, mask = alps_solve(W, H, 0.6 if pattern is None else 0.5, pattern=pattern, pcg_iters=500, pcg_rtol=1e-10,
+                           info=info)
+    assert info["iters"] >= 1
+    if pattern is None:
+        assert int(mask.sum()) == int(0.6 * W.numel())
+    else:
+        assert torch.equal(mask.reshape(12, -1, 4).sum(2), torch.full((12, 8), 2))
+    Hd = damped(H, 0.01)
+    want = brute_force_optimum(W, Hd, mask)
+    assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3)
+
+
+def test_fixed_mask_is_the_least_squares_optimum(small):
+    W, X, st = small
+    H = st.hessian_mean()
+    mask = make_mask(W.abs() * X.norm(dim=0), 0.6, None, "layer")
+    got, m = alps_solve(W, H, mask=mask, pcg_iters=500, pcg_rtol=1e-10)
+    assert torch.equal(m, mask)
+    Hd = damped(H, 0.01)
+    assert objective(W, got, Hd) == pytest.approx(objective(W, brute_force_optimum(W, Hd, mask), Hd), rel=1e-6)
+
+
+def test_lower_layer_error_than_sparsegpt(layer):
+    W, X, st = layer
+    H = st.hessian_mean()
+    Hd = damped(H, 0.01)
+    for s, pattern in ((0.5, None), (0.7, None), (0.5, (2, 4))):
+        got, _ = alps_solve(W, H, s, pattern=pattern)
+        sg, _ = sparsegpt_solve(W, H, s, pattern=pattern)
+        assert objective(W, got, Hd) < objective(W, sg, Hd), (s, pattern)
+
+
+def test_row_ratios(layer):
+    W, X, st = layer
+    ratios = torch.linspace(0.3, 0.8, 64)
+    _, mask = alps_solve(W, st.hessian_mean(), ratios, max_iters=30)
+    assert torch.equal(mask.sum(1), torch.floor(ratios.double() * 128).long())
+
+
+def test_never_nan_on_bad_hessians(small, caplog):
+    W, X, st = small
+    H = st.hessian_mean()
+    nanH = H.clone()
+    nanH[1, 2] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        for h in (nanH, torch.zeros(32, 32), H - 10 * float(H.diagonal().max()) * torch.eye(32)):
+            got, mask = alps_solve(W, h, 0.5)
+            assert torch.isfinite(got).all() and int(mask.sum()) == W.numel() // 2
+
+
+def test_eigen_falls_back_to_the_diagonal(monkeypatch, caplog):
+    def broken(A):
+        raise RuntimeError("no convergence")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with caplog.at_level(logging.WARNING):
+        E = eigen(torch.eye(5) * 2, max_damp_tries=2)
+    assert torch.equal(E.Q, torch.eye(5)) and torch.equal(E.lam, torch.ones(5)) and "diagonal" in caplog.text
+
+
+def test_adapter_caches_the_eigendecomposition(small, monkeypatch):
+    import prunekit.methods.alps as alps
+
+    W, X, _ = small
+    st = stats_of(X)
+    calls = []
+    real = alps.eigen
+    monkeypatch.setattr(alps, "eigen", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = get_metric("alps")
+    m.solver(W, st, 0.5)
+    m.solver(W * 2, st, 0.5)
+    m.solver(W, st, 0.5, mask=torch.zeros(12, 32, dtype=torch.bool))  # a fixed mask needs no eigenvectors
+    assert len(calls) == 1
