@@ -16,25 +16,13 @@ from prunekit.core.metric import get_metric
 from prunekit.methods.admm import ADMMParams, admm_solve
 from prunekit.methods.sparsegpt import sparsegpt_solve
 
-from conftest import correlated_inputs, correlated_layer, generator, stats_of, tiny_model
-from test_lsq import brute_force_optimum, damped, objective
-
-
-@pytest.fixture(scope="module")
-def small():
-    X = correlated_inputs(n=512, d=32, seed=3)
-    W = torch.randn(12, 32, generator=generator(4))
-    return W, X, stats_of(X)
-
-
-@pytest.fixture(scope="module")
-def layer():
-    return correlated_layer()
+from conftest import (brute_force_optimum, damped, generator, objective, stats_of,
+                      tiny_model)
 
 
 @pytest.mark.parametrize("kind", ["rows", "2:4", "unequal"])
-def test_fixed_mask_update_is_the_least_squares_optimum(small, kind):
-    W, X, st = small
+def test_fixed_mask_update_is_the_least_squares_optimum(lsq_small, kind):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     score = W.abs() * X.norm(dim=0)
     if kind == "rows":
@@ -52,8 +40,8 @@ def test_fixed_mask_update_is_the_least_squares_optimum(small, kind):
     assert objective(W, got, Hd) == pytest.approx(objective(W, want, Hd), rel=1e-6)
 
 
-def test_default_iterations_are_close_to_the_optimum(layer):
-    W, X, st = layer
+def test_default_iterations_are_close_to_the_optimum(lsq_layer):
+    W, X, st = lsq_layer
     H = st.hessian_mean()
     mask = make_mask(W.abs() * X.norm(dim=0), 0.7, None, "row")
     Hd = damped(H, 0.01)
@@ -64,8 +52,8 @@ def test_default_iterations_are_close_to_the_optimum(layer):
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])
-def test_gradual_mask_counts_and_pattern(layer, pattern):
-    W, X, st = layer
+def test_gradual_mask_counts_and_pattern(lsq_layer, pattern):
+    W, X, st = lsq_layer
     got, mask = admm_solve(W, st.hessian_mean(), 0.6, pattern=pattern)
     if pattern is None:
         assert int(mask.sum()) == int(0.6 * W.numel())
@@ -74,15 +62,15 @@ def test_gradual_mask_counts_and_pattern(layer, pattern):
     assert torch.equal(got[mask], torch.zeros(int(mask.sum())))
 
 
-def test_gradual_mask_with_row_ratios(layer):
-    W, X, st = layer
+def test_gradual_mask_with_row_ratios(lsq_layer):
+    W, X, st = lsq_layer
     ratios = torch.linspace(0.3, 0.8, 64)
     _, mask = admm_solve(W, st.hessian_mean(), ratios)
     assert torch.equal(mask.sum(1), torch.floor(ratios.double() * 128).long())
 
 
-def test_gradual_beats_sparsegpt_on_the_layer_error(layer):
-    W, X, st = layer
+def test_gradual_beats_sparsegpt_on_the_layer_error(lsq_layer):
+    W, X, st = lsq_layer
     H = st.hessian_mean()
     Hd = damped(H, 0.01)
     for s in (0.5, 0.7):
@@ -91,14 +79,14 @@ def test_gradual_beats_sparsegpt_on_the_layer_error(layer):
         assert objective(W, got, Hd) < objective(W, sg, Hd)
 
 
-def test_nothing_to_prune_returns_the_weight(small):
-    W, X, st = small
+def test_nothing_to_prune_returns_the_weight(lsq_small):
+    W, X, st = lsq_small
     got, mask = admm_solve(W, st.hessian_mean(), 0.0)
     assert torch.equal(got, W) and not bool(mask.any())
 
 
-def test_never_nan_on_bad_hessians(small, caplog):
-    W, X, st = small
+def test_never_nan_on_bad_hessians(lsq_small, caplog):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     bad = H - 10 * float(H.diagonal().max()) * torch.eye(32)  # indefinite
     nanH = H.clone()
@@ -113,30 +101,14 @@ def test_never_nan_on_bad_hessians(small, caplog):
     assert torch.isfinite(got).all()
 
 
-def test_parameters_are_checked(small):
-    W, X, st = small
+def test_parameters_are_checked(lsq_small):
+    W, X, st = lsq_small
     with pytest.raises(PrunekitError, match="iters must be >= 1"):
         admm_solve(W, st.hessian_mean(), 0.5, iters=0)
     with pytest.raises(PrunekitError, match="rho must be > 0"):
         ADMMParams.check({"rho": 0}, "reconstruct_params", "admm")
     with pytest.raises(PrunekitError, match="needs the layer Hessian"):
         get_metric("admm").solver(W, stats_of(X, needs=("sq_sum",)), 0.5)
-
-
-def test_adapter_shares_one_inverse_per_statistics(small, monkeypatch):
-    import prunekit.methods.admm as admm
-
-    W, X, st = small
-    st = stats_of(X)
-    calls = []
-    real = admm.damped_inverse
-    monkeypatch.setattr(admm, "damped_inverse", lambda *a, **k: calls.append(1) or real(*a, **k))
-    m = get_metric("admm")
-    W1, m1 = m.solver(W, st, 0.5)
-    W2, m2 = m.solver(W * 2, st, 0.5)
-    assert len(calls) == 1
-    ref, ref_m = admm_solve(W, st.hessian_mean(), 0.5)
-    assert torch.equal(m1, ref_m) and torch.allclose(W1, ref, atol=1e-6)
 
 
 def test_reconstruct_admm_keeps_the_metric_mask_and_lowers_the_error():

@@ -8,29 +8,15 @@ import pytest
 import torch
 
 from prunekit.core.masks import make_mask
-from prunekit.core.metric import get_metric
 from prunekit.methods.alps import alps_solve, eigen
 from prunekit.methods.sparsegpt import sparsegpt_solve
 
-from conftest import correlated_inputs, correlated_layer, generator, stats_of
-from test_lsq import brute_force_optimum, damped, objective
-
-
-@pytest.fixture(scope="module")
-def small():
-    X = correlated_inputs(n=512, d=32, seed=3)
-    W = torch.randn(12, 32, generator=generator(4))
-    return W, X, stats_of(X)
-
-
-@pytest.fixture(scope="module")
-def layer():
-    return correlated_layer()
+from conftest import brute_force_optimum, damped, objective
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])
-def test_weights_are_the_optimum_on_the_chosen_support(small, pattern):
-    W, X, st = small
+def test_weights_are_the_optimum_on_the_chosen_support(lsq_small, pattern):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     info = {}
     got, mask = alps_solve(W, H, 0.6 if pattern is None else 0.5, pattern=pattern, pcg_iters=500, pcg_rtol=1e-10,
@@ -45,8 +31,8 @@ def test_weights_are_the_optimum_on_the_chosen_support(small, pattern):
     assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3)
 
 
-def test_fixed_mask_is_the_least_squares_optimum(small):
-    W, X, st = small
+def test_fixed_mask_is_the_least_squares_optimum(lsq_small):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     mask = make_mask(W.abs() * X.norm(dim=0), 0.6, None, "layer")
     got, m = alps_solve(W, H, mask=mask, pcg_iters=500, pcg_rtol=1e-10)
@@ -55,8 +41,8 @@ def test_fixed_mask_is_the_least_squares_optimum(small):
     assert objective(W, got, Hd) == pytest.approx(objective(W, brute_force_optimum(W, Hd, mask), Hd), rel=1e-6)
 
 
-def test_lower_layer_error_than_sparsegpt(layer):
-    W, X, st = layer
+def test_lower_layer_error_than_sparsegpt(lsq_layer):
+    W, X, st = lsq_layer
     H = st.hessian_mean()
     Hd = damped(H, 0.01)
     for s, pattern in ((0.5, None), (0.7, None), (0.5, (2, 4))):
@@ -65,15 +51,15 @@ def test_lower_layer_error_than_sparsegpt(layer):
         assert objective(W, got, Hd) < objective(W, sg, Hd), (s, pattern)
 
 
-def test_row_ratios(layer):
-    W, X, st = layer
+def test_row_ratios(lsq_layer):
+    W, X, st = lsq_layer
     ratios = torch.linspace(0.3, 0.8, 64)
     _, mask = alps_solve(W, st.hessian_mean(), ratios, max_iters=30)
     assert torch.equal(mask.sum(1), torch.floor(ratios.double() * 128).long())
 
 
-def test_never_nan_on_bad_hessians(small, caplog):
-    W, X, st = small
+def test_never_nan_on_bad_hessians(lsq_small, caplog):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     nanH = H.clone()
     nanH[1, 2] = float("nan")
@@ -91,18 +77,3 @@ def test_eigen_falls_back_to_the_diagonal(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         E = eigen(torch.eye(5) * 2, max_damp_tries=2)
     assert torch.equal(E.Q, torch.eye(5)) and torch.equal(E.lam, torch.ones(5)) and "diagonal" in caplog.text
-
-
-def test_adapter_caches_the_eigendecomposition(small, monkeypatch):
-    import prunekit.methods.alps as alps
-
-    W, X, _ = small
-    st = stats_of(X)
-    calls = []
-    real = alps.eigen
-    monkeypatch.setattr(alps, "eigen", lambda *a, **k: calls.append(1) or real(*a, **k))
-    m = get_metric("alps")
-    m.solver(W, st, 0.5)
-    m.solver(W * 2, st, 0.5)
-    m.solver(W, st, 0.5, mask=torch.zeros(12, 32, dtype=torch.bool))  # a fixed mask needs no eigenvectors
-    assert len(calls) == 1

@@ -2,6 +2,7 @@
 the guarded (Hn + rho I)^-1, and conjugate gradients on a fixed support against a brute-force solve per row."""
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
@@ -10,46 +11,13 @@ import torch
 from prunekit.core.errors import PrunekitError
 from prunekit.core.lsq import check_solver_inputs, damped_inverse, layer_problem, make_problem, masked_cg
 from prunekit.core.masks import make_mask
+from prunekit.core.metric import get_metric
 
-from conftest import correlated_inputs, generator, stats_of
-
-
-def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """H with the dead diagonal set to 1 and the damping added, in float64 (the objective's matrix)."""
-    Hd = H.double().clone()
-    dead = ~(Hd.diagonal() > 0)
-    Hd[dead, :] = 0
-    Hd[:, dead] = 0
-    Hd.diagonal()[dead] = 1.0
-    Hd.diagonal().add_(percdamp * float(Hd.diagonal().mean()))
-    return Hd
+from conftest import brute_force_optimum, damped, generator, objective, stats_of
 
 
-def brute_force_optimum(W: torch.Tensor, Hd: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row by row, the exact least-squares weights on the kept columns (float64 solve)."""
-    out = torch.zeros_like(W, dtype=torch.float64)
-    for r in range(W.shape[0]):
-        K = (~mask[r]).nonzero().flatten()
-        if K.numel():
-            rhs = (Hd @ W[r].double())[K]
-            out[r, K] = torch.linalg.solve(Hd[K][:, K], rhs)
-    return out
-
-
-def objective(W: torch.Tensor, V: torch.Tensor, Hd: torch.Tensor) -> float:
-    R = (W.double() - V.double())
-    return float(((R @ Hd) * R).sum())
-
-
-@pytest.fixture(scope="module")
-def small():
-    X = correlated_inputs(n=512, d=32, seed=3)
-    W = torch.randn(12, 32, generator=generator(4))
-    return W, X, stats_of(X)
-
-
-def test_normalised_objective_is_the_damped_one(small):
-    W, X, st = small
+def test_normalised_objective_is_the_damped_one(lsq_small):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     P = make_problem(H, percdamp=0.05)
     assert torch.allclose(P.Hn.diagonal(), torch.ones(32))
@@ -59,8 +27,8 @@ def test_normalised_objective_is_the_damped_one(small):
     assert torch.allclose(P.restore(P.normalise(W)), W, atol=1e-5)
 
 
-def test_dead_inputs_are_zero_in_every_solution(small):
-    W, X, _ = small
+def test_dead_inputs_are_zero_in_every_solution(lsq_small):
+    W, X, _ = lsq_small
     X = X.clone()
     X[:, 3] = 0.0
     st = stats_of(X)
@@ -74,8 +42,8 @@ def test_dead_inputs_are_zero_in_every_solution(small):
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])
-def test_masked_cg_reaches_the_brute_force_optimum(small, pattern):
-    W, X, st = small
+def test_masked_cg_reaches_the_brute_force_optimum(lsq_small, pattern):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     P = make_problem(H, percdamp=0.01)
     mask = make_mask(W.abs() * X.norm(dim=0), 0.5 if pattern else 0.6, pattern, "row")
@@ -100,8 +68,8 @@ def test_damped_inverse_never_returns_nan(caplog):
     assert torch.isfinite(damped_inverse(nan, 0.1)).all()
 
 
-def test_a_non_finite_hessian_becomes_its_diagonal(small, caplog):
-    W, X, st = small
+def test_a_non_finite_hessian_becomes_its_diagonal(lsq_small, caplog):
+    W, X, st = lsq_small
     H = st.hessian_mean()
     H[0, 1] = float("inf")
     with caplog.at_level(logging.WARNING):
@@ -110,12 +78,31 @@ def test_a_non_finite_hessian_becomes_its_diagonal(small, caplog):
     assert "NaN/inf" in caplog.text
 
 
-def test_layer_problem_is_made_once_per_statistics(small):
-    W, X, _ = small
+def test_layer_problem_is_made_once_per_statistics(lsq_small):
+    W, X, _ = lsq_small
     st = stats_of(X)
     P1 = layer_problem(st, "cpu")
     assert layer_problem(st, "cpu") is P1
     assert layer_problem(st, "cpu", percdamp=0.1) is not P1
+
+
+@pytest.mark.parametrize("method,factor", [("admm", "damped_inverse"), ("alps", "eigen")])
+def test_adapters_factor_once_per_statistics(lsq_small, monkeypatch, method, factor):
+    """The layers that read one input (q/k/v, gate/up) share one factorisation; a fixed mask needs no eigenvectors."""
+    module = importlib.import_module(f"prunekit.methods.{method}")
+    W, X, _ = lsq_small
+    st = stats_of(X)
+    calls = []
+    real = getattr(module, factor)
+    monkeypatch.setattr(module, factor, lambda *a, **k: calls.append(1) or real(*a, **k))
+    solver = get_metric(method).solver
+    W1, m1 = solver(W, st, 0.5)
+    solver(W * 2, st, 0.5)
+    if method == "alps":
+        solver(W, st, 0.5, mask=m1)
+    assert len(calls) == 1
+    ref, ref_m = getattr(module, f"{method}_solve")(W, st.hessian_mean(), 0.5)
+    assert torch.equal(m1, ref_m) and torch.allclose(W1, ref, atol=1e-5)
 
 
 def test_solver_inputs_are_checked_in_one_line():

@@ -12,8 +12,8 @@ from prunekit.core.masks import make_mask
 from prunekit.core.refine import apply_refine, group_counts
 from prunekit.methods.swaps import swaps
 
-from conftest import correlated_inputs, generator, stats_of
-from test_lsq import damped
+from conftest import correlated_inputs, damped, generator, stats_of
+
 
 
 def row_error(w: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor) -> float:

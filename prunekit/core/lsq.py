@@ -78,6 +78,15 @@ def check_solver_inputs(W: torch.Tensor, h_shape, sparsity, pattern, mask, who: 
     return s
 
 
+def nothing_to_prune(shape, sparsity, pattern, mask) -> bool:
+    """Whether a solver has nothing to do: no mask and no pattern given, and ``sparsity`` (as returned by
+    :func:`check_solver_inputs`) rounds to zero weights."""
+    rows, cols = shape
+    return mask is None and pattern is None and (
+        (isinstance(sparsity, float) and int(sparsity * rows * cols) == 0)
+        or (isinstance(sparsity, torch.Tensor) and int(torch.floor(sparsity * cols).sum()) == 0))
+
+
 @dataclass
 class Problem:
     """A layer's damped, normalised Hessian (see the module docstring)."""
@@ -129,6 +138,20 @@ def make_problem(H: torch.Tensor, device=None, percdamp: float = DEFAULT_PERCDAM
     Hd.mul_(inv[:, None]).mul_(inv[None, :])
     Hd.diagonal().fill_(1.0)
     return Problem(Hd, scale, dead)
+
+
+def solver_problem(W: torch.Tensor, H: torch.Tensor | None, problem, percdamp: float, who: str,
+                   name: str = "layer") -> Problem:
+    """A solver's :class:`Problem`: ``problem`` (a Problem, or a function returning one: the engine's cached one)
+    or, when it is None, one made from H on W's device; checked against W's input dimension."""
+    if problem is None:
+        P = make_problem(H, W.device, percdamp, name=name)
+    else:
+        P = problem() if callable(problem) else problem
+    if tuple(P.Hn.shape) != (W.shape[1], W.shape[1]):
+        raise PrunekitError(f"{who}: Hessian shape {tuple(P.Hn.shape)} does not match the weight's input dimension "
+                            f"{W.shape[1]}")
+    return P
 
 
 def _diagonal_inverse(n: int, rho: float, device) -> torch.Tensor:

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
-                        damped_inverse, layer_problem, make_problem)
+                        damped_inverse, layer_problem, nothing_to_prune, solver_problem)
 from ..core.masks import make_mask, nm_mask, unstructured_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -104,17 +104,9 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     s = check_solver_inputs(W, H.shape if problem is None else None, sparsity, pattern, mask, "ADMM")
     ADMMParams.check({"rho": rho, "iters": iters, "gradual": gradual, "percdamp": percdamp, "tol": tol,
                       "max_damp_tries": max_damp_tries}, "ADMM", "admm")
-    rows, cols = W.shape
-    if mask is None and pattern is None and (
-            (isinstance(s, float) and int(s * rows * cols) == 0)
-            or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
-        return W.detach().float().clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    if problem is None:
-        P = make_problem(H, W.device, percdamp, name=name)
-    else:
-        P = problem() if callable(problem) else problem
-    if tuple(P.Hn.shape) != (cols, cols):
-        raise PrunekitError(f"ADMM: Hessian shape {tuple(P.Hn.shape)} does not match the weight's input dimension {cols}")
+    if nothing_to_prune(W.shape, s, pattern, mask):
+        return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    P = solver_problem(W, H, problem, percdamp, "ADMM", name)
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
     Wn = P.normalise(W)
     XY = Wn @ P.Hn

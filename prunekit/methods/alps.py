@@ -49,7 +49,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
-                        layer_problem, make_problem, masked_cg)
+                        layer_problem, nothing_to_prune, solver_problem, masked_cg)
 from ..core.masks import make_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -175,17 +175,9 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     ALPSParams.check({"rho": rho, "max_iters": max_iters, "min_iters": min_iters, "update_every": update_every,
                       "pcg_iters": pcg_iters, "pcg_rtol": pcg_rtol, "percdamp": percdamp,
                       "max_damp_tries": max_damp_tries}, "ALPS", "alps")
-    rows, cols = W.shape
-    if mask is None and pattern is None and (
-            (isinstance(s, float) and int(s * rows * cols) == 0)
-            or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
-        return W.detach().float().clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    if problem is None:
-        P = make_problem(H, W.device, percdamp, name=name)
-    else:
-        P = problem() if callable(problem) else problem
-    if tuple(P.Hn.shape) != (cols, cols):
-        raise PrunekitError(f"ALPS: Hessian shape {tuple(P.Hn.shape)} does not match the weight's input dimension {cols}")
+    if nothing_to_prune(W.shape, s, pattern, mask):
+        return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    P = solver_problem(W, H, problem, percdamp, "ALPS", name)
     Wn = P.normalise(W)
     target = Wn @ P.Hn
     if mask is None:

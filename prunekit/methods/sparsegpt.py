@@ -57,7 +57,7 @@ import torch
 from pydantic import Field
 
 from ..core.errors import PrunekitError
-from ..core.lsq import all_finite, check_solver_inputs
+from ..core.lsq import all_finite, check_solver_inputs, nothing_to_prune
 from ..core.masks import _lowest_k_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -356,9 +356,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     s = check_solver_inputs(W, H.shape if factor is None else None, sparsity, pattern, mask, "SparseGPT")
     Wf = W.detach().to(torch.float32).clone()
     rows, cols = Wf.shape
-    if mask is None and pattern is None and (
-            (isinstance(s, float) and int(s * rows * cols) == 0)
-            or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
+    if nothing_to_prune((rows, cols), s, pattern, mask):
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
     check_solver_params({"blocksize": blocksize, "sweep": sweep or "auto"})
     sweep = None if sweep == "auto" else sweep
