@@ -22,7 +22,7 @@ normalised H (:class:`Problem`):
 :func:`masked_cg` finds the exact optimum on a fixed support (conjugate gradients on every row at once, one GEMM
 per iteration); :func:`damped_inverse` gives (Hn + rho I)^-1 with SparseGPT's guard (damping raised on failure,
 the diagonal as the last resort, never NaN). Memory: a Problem holds Hn (in x in, float32) and two vectors;
-``damped_inverse`` one more (in, in) matrix.
+``damped_inverse`` one more (in, in) matrix (factor and inverse are computed in place in it).
 """
 from __future__ import annotations
 
@@ -172,9 +172,10 @@ def damped_inverse(Hn: torch.Tensor, rho: float, max_damp_tries: int = DEFAULT_M
     for attempt in range(max(int(max_damp_tries), 0)):
         A = Hn.clone()
         A.diagonal().add_(rho + extra)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0 and all_finite(L) and bool((L.diagonal() > 0).all()):
-            inv = torch.cholesky_inverse(L, out=A)
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))  # in place: the factor, then the inverse, in one (in, in) matrix
+        if int(info) == 0 and all_finite(A) and bool((A.diagonal() > 0).all()):
+            inv = torch.cholesky_inverse(A, out=A)
             if all_finite(inv):
                 if attempt:
                     log.warning("%s: Cholesky of Hn + rho I succeeded with %.3g extra damping", name, extra)
@@ -197,26 +198,27 @@ def masked_cg(Hn: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, X0: to
     ``X0`` the start (its pruned entries are ignored). Each iteration costs one (out, in) x (in, in) GEMM. CG on a
     row stops improving once its residual is below ``rtol`` times its target's norm (that row's step is then 0);
     the loop ends when every row is there or after ``iters`` iterations. Steps whose curvature is not positive (a
-    singular restricted Hn) or not finite are skipped for that row, so the result is finite whenever X0 is."""
-    keepf = keep.to(Hn.dtype)
-    X = X0 * keepf
-    R = (target - X @ Hn) * keepf
-    P = R.clone()
-    rr = (R * R).sum(1)
-    stop = (rtol * (target * keepf).norm(dim=1)) ** 2
+    singular restricted Hn) or not finite are skipped for that row, so the result is finite whenever X0 is.
+    Memory: four (out, in) float32 matrices (X, the residual, the direction and its product with Hn)."""
+    drop = ~keep
+    X = X0.masked_fill(drop, 0.0)
+    R = torch.matmul(X, Hn).neg_().add_(target).masked_fill_(drop, 0.0)
+    P, AP = R.clone(), torch.empty_like(R)
+    rr = torch.linalg.vector_norm(R, dim=1).square_()
+    stop = (rtol * torch.linalg.vector_norm(target.masked_fill(drop, 0.0), dim=1)).square_()
     for _ in range(max(int(iters), 0)):
         active = rr > stop
         if not bool(active.any()):
             break
-        AP = (P @ Hn) * keepf
+        torch.matmul(P, Hn, out=AP).masked_fill_(drop, 0.0)
         pap = (P * AP).sum(1)
         ok = active & (pap > 0) & torch.isfinite(pap)
         alpha = torch.where(ok, rr / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         X.addcmul_(alpha[:, None], P)
         R.addcmul_(alpha[:, None], AP, value=-1.0)
-        rr_new = (R * R).sum(1)
+        rr_new = torch.linalg.vector_norm(R, dim=1).square_()
         beta = torch.where(ok & (rr > 0), rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        P = R + beta[:, None] * P
+        P.mul_(beta[:, None]).add_(R)
         rr = torch.where(ok, rr_new, torch.zeros_like(rr))  # a row whose step failed stops there
     return X
 

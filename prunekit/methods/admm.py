@@ -35,8 +35,8 @@ a non-finite result (only from non-finite weights) is replaced by the masked den
 raises for numerical reasons, never returns NaN.
 
 Memory: Hn and (Hn + rho I)^-1, two (in, in) float32 matrices (cached on the layer's statistics, so q/k/v and
-gate/up share them), plus five (out, in) float32 matrices (Wn, Wn Hn, V, U, Z). SparseGPT holds up to four (in, in)
-matrices at its peak.
+gate/up share them; the inverse is factored in place), plus five (out, in) float32 matrices (Wn Hn, V, U, Z and one
+buffer; six with ``tol``). Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
 
@@ -108,28 +108,30 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
         return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     P = solver_problem(W, H, problem, percdamp, "ADMM", name)
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
-    Wn = P.normalise(W)
-    XY = Wn @ P.Hn
-    V, U = Wn.clone(), torch.zeros_like(Wn)
+    V = P.normalise(W)  # starts as Wn; every quadratic step overwrites it in place
+    XY = V @ P.Hn
+    U, Z, T = torch.zeros_like(V), torch.empty_like(V), torch.empty_like(V)
     choose = mask is None
-    m = None if choose else mask.to(device=Wn.device, dtype=torch.bool)
+    m = None if choose else mask.to(device=V.device, dtype=torch.bool)
     Z_prev = None
     steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the full sparsity
     for t in range(int(iters)):
+        torch.add(V, U, out=Z)
         if choose and t < steps:
-            m = gradual_mask((V + U).abs(), s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
-        Z = (V + U).masked_fill_(m, 0.0)
+            m = gradual_mask(Z.abs(), s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
+        Z.masked_fill_(m, 0.0)
         U.add_(V).sub_(Z)
-        V = torch.add(XY, Z - U, alpha=rho) @ Ainv
+        torch.sub(Z, U, out=T).mul_(rho).add_(XY)
+        torch.matmul(T, Ainv, out=V)
         if tol > 0 and (not choose or t >= steps):
             zn = float(Z.norm())
             if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
                 break
-            Z_prev = Z
-    Z = (V + U).masked_fill_(m, 0.0)
+            Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
+    Z = V.add_(U).masked_fill_(m, 0.0)
     if not all_finite(Z):
         log.warning("%s: ADMM produced NaN/inf; keeping the dense weights on the mask (no update)", name)
-        Z = Wn.masked_fill(m, 0.0)
+        Z = P.normalise(W).masked_fill_(m, 0.0)
     return P.restore(Z), m
 
 

@@ -35,8 +35,9 @@ diagonal (no cross-column terms); negative eigenvalues (rounding) are clipped to
 non-finite weights) is replaced by the masked dense weights, with a warning. Never raises for numerical reasons.
 
 Memory: Hn and Q (two (in, in) float32 matrices, cached on the layer's statistics so q/k/v and gate/up share them;
-``torch.linalg.eigh`` needs about one more while it runs), plus about seven (out, in) float32 matrices during the
-iterations. SparseGPT holds up to four (in, in) matrices at its peak.
+``torch.linalg.eigh`` needs working memory while it runs), plus eight (out, in) float32 matrices during the
+iterations (Wn, Wn Hn, B, D, V and three buffers). Measured in bench/results/sparsegpt_memory.md against SparseGPT's
+solve.
 """
 from __future__ import annotations
 
@@ -78,9 +79,10 @@ class Eigen:
     Q: torch.Tensor
     lam: torch.Tensor
 
-    def solve(self, R: torch.Tensor, rho: float) -> torch.Tensor:
-        """R (Hn + rho I)^-1, row by row."""
-        return ((R @ self.Q) / (self.lam + rho)) @ self.Q.T
+    def solve(self, R: torch.Tensor, rho: float, out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """``out`` = R (Hn + rho I)^-1, row by row (``work``: a buffer of R's shape)."""
+        torch.matmul(R, self.Q, out=work).div_(self.lam + rho)
+        return torch.matmul(work, self.Q.T, out=out)
 
 
 @torch.no_grad()
@@ -90,8 +92,10 @@ def eigen(Hn: torch.Tensor, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: 
     n = Hn.shape[0]
     extra = 0.0
     for attempt in range(max(int(max_damp_tries), 0)):
-        A = Hn.clone()
-        A.diagonal().add_(extra)
+        A = Hn
+        if extra:  # a damped copy only when retrying (eigh does not modify its input)
+            A = Hn.clone()
+            A.diagonal().add_(extra)
         try:
             lam, Q = torch.linalg.eigh(A)
         except RuntimeError as exc:  # torch.linalg.LinAlgError and friends
@@ -117,18 +121,20 @@ def project(B: torch.Tensor, sparsity, pattern) -> torch.Tensor:
 def admm_support(Wn: torch.Tensor, target: torch.Tensor, eig: Eigen, sparsity, pattern, rho: float = 0.1,
                  max_iters: int = 300, min_iters: int = 30, update_every: int = 3) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Step 1 of the module docstring: (B, its pruned set, diagnostics)."""
-    pruned = project(Wn, sparsity, pattern)
+    pruned = start = project(Wn, sparsity, pattern)
     keep_count = max(int((~pruned).sum()), 1)
-    D0 = Wn.masked_fill(pruned, 0.0)
-    B, D, V = Wn.clone(), D0.clone(), torch.zeros_like(Wn)
+    B = Wn if max_iters <= 0 else torch.empty_like(Wn)  # every iteration computes B afresh
+    D, V = Wn.masked_fill(start, 0.0), torch.zeros_like(Wn)
+    R, C, work = torch.empty_like(Wn), torch.empty_like(Wn), torch.empty_like(Wn)
     warmed, its, restarts = False, 0, 0
     for t in range(int(max_iters)):
         its = t + 1
-        B = eig.solve(target - V + rho * D, rho)
-        C = B + V / rho
+        torch.add(target, D, alpha=rho, out=R).sub_(V)
+        eig.solve(R, rho, out=B, work=work)
+        torch.div(V, rho, out=C).add_(B)
         M = project(C, sparsity, pattern)
-        D = C.masked_fill_(M, 0.0)
-        V.add_(B - D, alpha=rho)
+        D.copy_(C).masked_fill_(M, 0.0)
+        V.add_(B, alpha=rho).sub_(D, alpha=rho)
         if (t + 1) % update_every:
             continue
         change = int((M != pruned).sum())
@@ -143,7 +149,8 @@ def admm_support(Wn: torch.Tensor, target: torch.Tensor, eig: Eigen, sparsity, p
                 rho *= 1.1
             else:  # the support barely moves: a smaller penalty, from the start again
                 rho /= 5.0
-                B, D, V = Wn.clone(), D0.clone(), torch.zeros_like(Wn)
+                D.copy_(Wn).masked_fill_(start, 0.0)
+                V.zero_()
                 restarts += 1
         elif warmed:
             break
