@@ -1,5 +1,5 @@
 """ALPS (prunekit.methods.alps): exact weights on its support and on a fixed mask (brute force), exact counts and
-N:M patterns, a lower layer error than SparseGPT, robustness, the adapter's cached eigendecomposition."""
+N:M patterns, a lower layer error than SparseGPT, robustness."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunekit.core.masks import make_mask
-from prunekit.methods.alps import alps_solve, eigen
+from prunekit.methods.alps import alps_solve
 from prunekit.methods.sparsegpt import sparsegpt_solve
 
 from conftest import brute_force_optimum, damped, objective
@@ -69,11 +69,14 @@ def test_never_nan_on_bad_hessians(lsq_small, caplog):
             assert torch.isfinite(got).all() and int(mask.sum()) == W.numel() // 2
 
 
-def test_eigen_falls_back_to_the_diagonal(monkeypatch, caplog):
-    def broken(A):
-        raise RuntimeError("no convergence")
+def test_failed_factorisations_fall_back_to_the_diagonal(lsq_small, monkeypatch, caplog):
+    W, X, st = lsq_small
 
-    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    def broken(A, out=None):
+        out[1].fill_(1)  # "not positive definite"
+        return out
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", broken)
     with caplog.at_level(logging.WARNING):
-        E = eigen(torch.eye(5) * 2, max_damp_tries=2)
-    assert torch.equal(E.Q, torch.eye(5)) and torch.equal(E.lam, torch.ones(5)) and "diagonal" in caplog.text
+        got, mask = alps_solve(W, st.hessian_mean(), 0.5, max_damp_tries=2)
+    assert torch.isfinite(got).all() and int(mask.sum()) == W.numel() // 2 and "diagonal" in caplog.text

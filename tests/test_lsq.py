@@ -86,10 +86,10 @@ def test_layer_problem_is_made_once_per_statistics(lsq_small):
     assert layer_problem(st, "cpu", percdamp=0.1) is not P1
 
 
-@pytest.mark.parametrize("method,factor", [("admm", "damped_inverse"), ("alps", "eigen")])
+@pytest.mark.parametrize("method,factor", [("admm", "damped_inverse"), ("alps", "make_problem")])
 def test_adapters_factor_once_per_statistics(lsq_small, monkeypatch, method, factor):
-    """The layers that read one input (q/k/v, gate/up) share one factorisation; a fixed mask needs no eigenvectors."""
-    module = importlib.import_module(f"prunekit.methods.{method}")
+    """The layers that read one input (q/k/v, gate/up) share one normalised problem (and ADMM one inverse)."""
+    module = importlib.import_module("prunekit.core.lsq" if factor == "make_problem" else f"prunekit.methods.{method}")
     W, X, _ = lsq_small
     st = stats_of(X)
     calls = []
@@ -101,7 +101,8 @@ def test_adapters_factor_once_per_statistics(lsq_small, monkeypatch, method, fac
     if method == "alps":
         solver(W, st, 0.5, mask=m1)
     assert len(calls) == 1
-    ref, ref_m = getattr(module, f"{method}_solve")(W, st.hessian_mean(), 0.5)
+    ref, ref_m = getattr(importlib.import_module(f"prunekit.methods.{method}"), f"{method}_solve")(
+        W, st.hessian_mean(), 0.5)
     assert torch.equal(m1, ref_m) and torch.allclose(W1, ref, atol=1e-5)
 
 

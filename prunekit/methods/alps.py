@@ -12,8 +12,9 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
        B <- (Wn Hn - V + rho D) (Hn + rho I)^-1
        D <- the projection of B + V / rho       (keep the largest |.| of the layer, or per N:M group)
        V <- V + rho (B - D)
-   One eigendecomposition Hn = Q diag(lam) Q^T per Hessian makes (Hn + rho I)^-1 = Q diag(1 / (lam + rho)) Q^T
-   available for every rho (two GEMMs per iteration). Every ``update_every`` iterations rho follows how much the
+   (Hn + rho I)^-1 is factored again (one Cholesky, in place) whenever rho has changed, so an iteration is one
+   GEMM (the public code keeps one eigendecomposition of Hn for every rho: two GEMMs per iteration and an (in, in)
+   eigensolver workspace). Every ``update_every`` iterations rho follows how much the
    support (the pruned set of D) changed since the last check, as a fraction of the kept count: above 10%: rho x 1.3;
    above 0.5%: x 1.2 (both mark rho as "warmed up"); any change below that: x 1.1 once warmed up, else rho / 5 and a
    restart from the start point (the penalty was too strong to let the support move); no change: stop once warmed
@@ -30,19 +31,17 @@ iterations with a relative tolerance of 1e-4, damping 0.01 x mean(diag H) (prune
 ALPS's). Unstructured supports are compared over the whole layer, as there (and in SparseGPT); per-row ratios prune
 floor(s_r x in) per row.
 
-Robustness: an eigendecomposition that fails or is not finite is retried with more damping, then replaced by the
-diagonal (no cross-column terms); negative eigenvalues (rounding) are clipped to 0; a non-finite result (only from
-non-finite weights) is replaced by the masked dense weights, with a warning. Never raises for numerical reasons.
+Robustness: a factorisation that fails is retried with more damping, then replaced by the diagonal (no
+cross-column terms; core.lsq.damped_inverse); a non-finite result (only from non-finite weights) is replaced by the
+masked dense weights, with a warning. Never raises for numerical reasons.
 
-Memory: Hn and Q (two (in, in) float32 matrices, cached on the layer's statistics so q/k/v and gate/up share them;
-``torch.linalg.eigh`` needs working memory while it runs), plus eight (out, in) float32 matrices during the
-iterations (Wn, Wn Hn, B, D, V and three buffers). Measured in bench/results/sparsegpt_memory.md against SparseGPT's
-solve.
+Memory: Hn (cached on the layer's statistics, so q/k/v and gate/up share it) and (Hn + rho I)^-1, two (in, in)
+float32 matrices, plus five (out, in) float32 matrices during the iterations (Wn Hn, B, D, V and one buffer) and four
+in the conjugate gradients. Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,7 +49,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
-                        layer_problem, nothing_to_prune, solver_problem, masked_cg)
+                        damped_inverse, layer_problem, masked_cg, nothing_to_prune, solver_problem)
 from ..core.masks import make_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -72,45 +71,6 @@ class ALPSParams(Params):
     max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
 
 
-@dataclass
-class Eigen:
-    """Hn = Q diag(lam) Q^T (lam >= 0)."""
-
-    Q: torch.Tensor
-    lam: torch.Tensor
-
-    def solve(self, R: torch.Tensor, rho: float, out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
-        """``out`` = R (Hn + rho I)^-1, row by row (``work``: a buffer of R's shape)."""
-        torch.matmul(R, self.Q, out=work).div_(self.lam + rho)
-        return torch.matmul(work, self.Q.T, out=out)
-
-
-@torch.no_grad()
-def eigen(Hn: torch.Tensor, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer") -> Eigen:
-    """The eigendecomposition of Hn, retried with more damping (1e-6, then x10) when it fails or is not finite; the
-    diagonal (Q = I, lam = 1) after ``max_damp_tries`` failures. Never raises for numerical reasons."""
-    n = Hn.shape[0]
-    extra = 0.0
-    for attempt in range(max(int(max_damp_tries), 0)):
-        A = Hn
-        if extra:  # a damped copy only when retrying (eigh does not modify its input)
-            A = Hn.clone()
-            A.diagonal().add_(extra)
-        try:
-            lam, Q = torch.linalg.eigh(A)
-        except RuntimeError as exc:  # torch.linalg.LinAlgError and friends
-            log.warning("%s: ALPS eigendecomposition raised %s: %s", name, type(exc).__name__, exc)
-            lam = Q = None
-        if lam is not None and all_finite(lam) and all_finite(Q):
-            if attempt:
-                log.warning("%s: ALPS eigendecomposition succeeded with %.3g extra damping", name, extra)
-            return Eigen(Q, lam.clamp_min(0.0))
-        extra = 1e-6 if extra == 0 else extra * 10.0
-    log.warning("%s: ALPS eigendecomposition failed %d times; using the diagonal (no cross-column terms)", name,
-                max_damp_tries)
-    return Eigen(torch.eye(n, device=Hn.device), torch.ones(n, device=Hn.device))
-
-
 def project(B: torch.Tensor, sparsity, pattern) -> torch.Tensor:
     """The prune mask that keeps the largest |B|: over the layer (float sparsity), per row (per-row ratios), or per
     group of M (N:M)."""
@@ -118,22 +78,27 @@ def project(B: torch.Tensor, sparsity, pattern) -> torch.Tensor:
 
 
 @torch.no_grad()
-def admm_support(Wn: torch.Tensor, target: torch.Tensor, eig: Eigen, sparsity, pattern, rho: float = 0.1,
-                 max_iters: int = 300, min_iters: int = 30, update_every: int = 3) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Step 1 of the module docstring: (B, its pruned set, diagnostics)."""
-    pruned = start = project(Wn, sparsity, pattern)
+def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pattern, rho: float = 0.1,
+                 max_iters: int = 300, min_iters: int = 30, update_every: int = 3,
+                 max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Step 1 of the module docstring on W's normalised problem P (``target`` = Wn Hn): (B, its pruned set,
+    diagnostics)."""
+    B = P.normalise(W)
+    pruned = start = project(B, sparsity, pattern)
     keep_count = max(int((~pruned).sum()), 1)
-    B = Wn if max_iters <= 0 else torch.empty_like(Wn)  # every iteration computes B afresh
-    D, V = Wn.masked_fill(start, 0.0), torch.zeros_like(Wn)
-    R, C, work = torch.empty_like(Wn), torch.empty_like(Wn), torch.empty_like(Wn)
+    D, V, R = B.masked_fill(start, 0.0), torch.zeros_like(B), torch.empty_like(B)
+    inverse, inverse_rho = None, None
     warmed, its, restarts = False, 0, 0
     for t in range(int(max_iters)):
         its = t + 1
+        if rho != inverse_rho:
+            inverse, inverse_rho = None, rho  # drop the old one before the new one is made
+            inverse = damped_inverse(P.Hn, rho, max_damp_tries, name)
         torch.add(target, D, alpha=rho, out=R).sub_(V)
-        eig.solve(R, rho, out=B, work=work)
-        torch.div(V, rho, out=C).add_(B)
-        M = project(C, sparsity, pattern)
-        D.copy_(C).masked_fill_(M, 0.0)
+        torch.matmul(R, inverse, out=B)
+        torch.div(V, rho, out=R).add_(B)  # R now holds B + V / rho
+        M = project(R, sparsity, pattern)
+        D.copy_(R).masked_fill_(M, 0.0)
         V.add_(B, alpha=rho).sub_(D, alpha=rho)
         if (t + 1) % update_every:
             continue
@@ -149,7 +114,7 @@ def admm_support(Wn: torch.Tensor, target: torch.Tensor, eig: Eigen, sparsity, p
                 rho *= 1.1
             else:  # the support barely moves: a smaller penalty, from the start again
                 rho /= 5.0
-                D.copy_(Wn).masked_fill_(start, 0.0)
+                D.copy_(P.normalise(W)).masked_fill_(start, 0.0)
                 V.zero_()
                 restarts += 1
         elif warmed:
@@ -168,14 +133,12 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
                update_every: int = 3, pcg_iters: int = 10, pcg_rtol: float = 1e-4,
                percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
                name: str = "layer", problem: Problem | Callable[[], Problem] | None = None,
-               eig: Callable[[Problem], Eigen] | None = None,
                info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with ALPS; returns (new float32 weight, bool prune mask).
 
     ``mask`` given: only the exact weights on it (step 2). ``H``: the layer Hessian ((2/n) X^T X); or ``problem``
     (or a function returning it, called only when there is something to prune), then H is not read and
-    ``percdamp`` is the problem's. ``eig(problem)``: its eigendecomposition (the engine's adapter caches it).
-    ``info``, if given, receives the ADMM's iterations, final rho and restarts. W and H are not modified."""
+    ``percdamp`` is the problem's. ``info``, if given, receives the ADMM's iterations, final rho and restarts. W and H are not modified."""
     if problem is None and H is None:
         raise PrunekitError("ALPS needs the Hessian H or its normalised problem")
     s = check_solver_inputs(W, H.shape if problem is None else None, sparsity, pattern, mask, "ALPS")
@@ -185,41 +148,33 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     if nothing_to_prune(W.shape, s, pattern, mask):
         return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     P = solver_problem(W, H, problem, percdamp, "ALPS", name)
-    Wn = P.normalise(W)
-    target = Wn @ P.Hn
+    target = P.normalise(W) @ P.Hn
     if mask is None:
         if isinstance(s, torch.Tensor):
-            s = s.to(Wn.device)
-        E = eig(P) if eig is not None else eigen(P.Hn, max_damp_tries, name)
-        B, m, extra = admm_support(Wn, target, E, s, pattern, rho, max_iters, min_iters, update_every)
+            s = s.to(target.device)
+        B, m, extra = admm_support(W, P, target, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries,
+                                   name)
         if info is not None:
             info.update(extra)
     else:
-        B, m = Wn, mask.to(device=Wn.device, dtype=torch.bool)
+        B, m = P.normalise(W), mask.to(device=target.device, dtype=torch.bool)
     X = masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol).masked_fill_(m, 0.0)
     if not all_finite(X):
         log.warning("%s: ALPS produced NaN/inf; keeping the dense weights on the mask (no update)", name)
-        X = Wn.masked_fill(m, 0.0)
+        X = P.normalise(W).masked_fill_(m, 0.0)
     return P.restore(X), m
 
 
 def alps_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask=None, name: str = "layer",
                 percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, **kw):
     """Adapter with the engine's solver signature: solver(W, stats, sparsity, pattern, mask). The normalised
-    problem and its eigendecomposition are computed once per statistics object and kept in ``stats.cache`` (layers
-    that read the same input share them)."""
+    problem is computed once per statistics object and kept in ``stats.cache`` (layers that read the same input
+    share it)."""
     if stats is None or stats.hessian is None:
         raise PrunekitError("ALPS needs the layer Hessian: gather statistics with needs=('hessian',)")
     ALPSParams.check({"percdamp": percdamp, "max_damp_tries": max_damp_tries}, "ALPS", "alps")
-
-    def eig(P: Problem) -> Eigen:
-        key = ("alps_eigen", str(W.device), float(percdamp), int(max_damp_tries))
-        if key not in stats.cache:
-            stats.cache[key] = eigen(P.Hn, max_damp_tries, name)
-        return stats.cache[key]
-
     return alps_solve(W, None, sparsity, pattern, mask, percdamp=percdamp, max_damp_tries=max_damp_tries, name=name,
-                      problem=lambda: layer_problem(stats, W.device, percdamp, name), eig=eig, **kw)
+                      problem=lambda: layer_problem(stats, W.device, percdamp, name), **kw)
 
 
 register_metric(
