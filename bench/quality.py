@@ -143,13 +143,20 @@ def new_method_suites() -> dict[str, list[dict]]:
             {"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"},
             {"metric": sg, "allocation": "atp"}, {"metric": "alps", "allocation": "atp"},
             {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, "allocation": ap, **dsnot, **admm},
-            {"metric": w, "allocation": "atp"}]
+            {"metric": w, "allocation": "atp"}, {"metric": w, "allocation": "atp", "allocation_params": {"beta": "auto"}}]
     at70 = [{"sparsity": 0.7, **r} for r in at70]
     # 2:4: the solvers alone and the refiners before the ADMM update
     nm = [{"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"}, {"metric": w, **swaps, **admm},
           {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, **dsnot, **admm}]
     nm = [{"sparsity": 0.5, "pattern": "2:4", **r} for r in nm]
-    return {"beyond-baselines": baselines, "beyond-70": at70, "beyond-24": nm}
+    # the other levels: ALPS with and without AlphaPruning, the ADMM update on Wanda's mask
+    levels = [{"sparsity": sp, **r} for sp in (0.5, 0.6, 0.8)
+              for r in ({"metric": "alps"}, {"metric": "alps", "allocation": ap}, {"metric": w, **admm},
+                        {"metric": w, "allocation": ap, **admm})]
+    # the 70% headline at calibration seeds 1 and 2 (run with --seed 1, --seed 2), with its SparseGPT reference
+    seeds = [{"metric": sg, "sparsity": 0.7, "allocation": ap}, {"metric": "alps", "sparsity": 0.7, "allocation": ap}]
+    return {"beyond-baselines": baselines, "beyond-70": at70, "beyond-24": nm, "beyond-levels": levels,
+            "beyond-seeds": seeds}
 
 
 def all_suites() -> dict[str, list[dict]]:
@@ -275,11 +282,16 @@ def index_markdown(index: dict) -> str:
     return document(lines)
 
 
+def only_matches(only: str, key: str) -> bool:
+    """--only: a substring of the run key, or the whole key when it ends with '$'."""
+    return key == only[:-1] if only.endswith("$") else only in key
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default=None)
     ap.add_argument("--suite", nargs="*", default=["core"], choices=list(all_suites()))
-    ap.add_argument("--only", help="substring filter on run keys")
+    ap.add_argument("--only", help="substring filter on run keys; a whole key when it ends with $")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--seed", type=int, help="calibration seed other than the protocol's (results in "
@@ -301,7 +313,7 @@ def main(argv=None):
     runs = list({key_of(r): r for s in a.suite for r in all_suites()[s]}.values())  # a run in two suites runs once
     for run in runs:
         key = key_of(run)
-        if (a.only and a.only not in key) or not file.todo(key):
+        if (a.only and not only_matches(a.only, key)) or not file.todo(key):
             continue
         try:
             with PeakRSS() as mem:
