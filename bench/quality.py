@@ -20,10 +20,12 @@ from prunekit.core.offload import resolve_device
 from bench.lib.env import describe as machine_line
 from bench.lib.env import environment
 from bench.lib.models import ProtocolModel, display_name
-from bench.lib.pipelines import best_per_sparsity, describe, grid_confirm, key_of, rowwise_summary, skip_label
+from bench.lib.pipelines import (best_per_sparsity, describe, grid_confirm, key_of, params_words, rowwise_summary,
+                                 skip_label)
 from bench.lib.protocols import EVAL_SETS, PROTOCOLS, eval_set, select
 from bench.lib.results import RESULTS, Runs, load_results, save_markdown, save_results
 from bench.lib.tables import cell, document, table
+from bench.lib.timing import PeakRSS
 
 
 def suites() -> dict[str, list[dict]]:
@@ -149,6 +151,40 @@ def suites() -> dict[str, list[dict]]:
             "trim-skip-c4": trim_skip_c4, "trim-skip-seeds": trim_skip_seeds, "trim-all": trim_all}
 
 
+def new_method_suites() -> dict[str, list[dict]]:
+    """Issue 22 ("beyond SparseGPT"): the ADMM weight update, ALPS, mask refinement (DSnoT, swaps) and ATP, alone
+    and with the allocators, in priority order (the 70% headline and 2:4 first)."""
+    sg, ap, w = "sparsegpt", "alphapruning", "wanda"
+    # the reference every new pipeline is measured against, also at calibration seeds 1 and 2
+    baselines = [{"metric": sg, "sparsity": 0.7, "allocation": ap}, {"metric": sg, "sparsity": 0.5, "pattern": "2:4"},
+                 {"metric": sg, "sparsity": 0.5}]
+    admm, swaps, dsnot = {"reconstruct": "admm"}, {"refine": "swaps"}, {"refine": "dsnot"}
+    # 70%: each part with AlphaPruning (the best allocator at 60-80% so far), then alone (uniform)
+    at70 = [{"metric": "alps", "allocation": ap}, {"metric": w, "allocation": ap, **admm},
+            {"metric": "admm", "allocation": ap}, {"metric": w, "allocation": ap, **swaps, **admm},
+            {"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"},
+            {"metric": sg, "allocation": "atp"}, {"metric": "alps", "allocation": "atp"},
+            {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, "allocation": ap, **dsnot, **admm},
+            {"metric": w, "allocation": "atp"}, {"metric": w, "allocation": "atp", "allocation_params": {"beta": "auto"}}]
+    at70 = [{"sparsity": 0.7, **r} for r in at70]
+    # 2:4: the solvers alone and the refiners before the ADMM update
+    nm = [{"metric": "alps"}, {"metric": w, **admm}, {"metric": "admm"}, {"metric": w, **swaps, **admm},
+          {"metric": w, **swaps}, {"metric": w, **dsnot}, {"metric": w, **dsnot, **admm}]
+    nm = [{"sparsity": 0.5, "pattern": "2:4", **r} for r in nm]
+    # the other levels: ALPS with and without AlphaPruning, the ADMM update on Wanda's mask
+    levels = [{"sparsity": sp, **r} for sp in (0.5, 0.6, 0.8)
+              for r in ({"metric": "alps"}, {"metric": "alps", "allocation": ap}, {"metric": w, **admm},
+                        {"metric": w, "allocation": ap, **admm})]
+    # the 70% headline at calibration seeds 1 and 2 (run with --seed 1, --seed 2), with its SparseGPT reference
+    seeds = [{"metric": sg, "sparsity": 0.7, "allocation": ap}, {"metric": "alps", "sparsity": 0.7, "allocation": ap}]
+    return {"beyond-baselines": baselines, "beyond-70": at70, "beyond-24": nm, "beyond-levels": levels,
+            "beyond-seeds": seeds}
+
+
+def all_suites() -> dict[str, list[dict]]:
+    return {**suites(), **new_method_suites()}
+
+
 def markdown(data: dict) -> str:
     """quality_<protocol>.md: every run, then the best pipeline per sparsity."""
     p = data["protocol"]
@@ -173,13 +209,19 @@ def markdown(data: dict) -> str:
         c = r["config"]
         notes = ", ".join(x for x in ("dense-block stats (Wanda paper)" if c.get("sequential") is False else "",
                                        f"rowwise {c['rowwise']}{skip_label(c, ' ')}" if c.get("rowwise") else "",
-                                       f"reconstruct {c['reconstruct']}" if c.get("reconstruct") else "",
+                                       f"refine {c['refine']}{params_words(c.get('refine_params'))}"
+                                       if c.get("refine") else "",
+                                       f"reconstruct {c['reconstruct']}{params_words(c.get('reconstruct_params'))}"
+                                       if c.get("reconstruct") else "",
                                        f"row_rounding {c['row_rounding']} (achieved {r['overall_sparsity']:.5f})"
                                        if c.get("row_rounding") else "") if x)
         granularity = f" ({r['granularity']})" if r.get("granularity") else ""
-        rows.append([c["metric"], f"{c['sparsity']:.2f}", c.get("pattern", "unstructured"),
-                     c.get("allocation", "uniform") + granularity, notes, f"{r['ppl']:.3f}", f"{r['prune_s']:.1f}"])
-    lines += table(["metric", "sparsity", "pattern", "allocation", "notes", f"{ev_name} PPL", "prune time (s)"], rows)
+        rows.append([c["metric"] + params_words(c.get("metric_params")), f"{c['sparsity']:.2f}",
+                     c.get("pattern", "unstructured"),
+                     c.get("allocation", "uniform") + params_words(c.get("allocation_params")) + granularity, notes,
+                     f"{r['ppl']:.3f}", f"{r['prune_s']:.1f}", cell(r.get("peak_rss_gib"), ".2f")])
+    lines += table(["metric", "sparsity", "pattern", "allocation", "notes", f"{ev_name} PPL", "prune time (s)",
+                    "peak RSS (GiB)"], rows)
     lines += ["", "## Best pipeline per sparsity", "",
               f"Lowest {ev_name} perplexity among the runs above, per sparsity and pattern (only what was run: see "
               "the table for which combinations were).", ""]
@@ -270,7 +312,7 @@ def only_matches(only: str, key: str) -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default=None)
-    ap.add_argument("--suite", nargs="*", default=["core"], choices=list(suites()))
+    ap.add_argument("--suite", nargs="*", default=["core"], choices=list(all_suites()))
     ap.add_argument("--only", help="substring filter on run keys; a whole key when it ends with $")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--redo", action="store_true")
@@ -293,18 +335,19 @@ def main(argv=None):
         file.data["dense"] = pm.evaluate()
         file.save()
     print(f"dense: {file.data['dense']['ppl']:.3f}", flush=True)
-    runs = list({key_of(r): r for s in a.suite for r in suites()[s]}.values())  # a run in two suites runs once
+    runs = list({key_of(r): r for s in a.suite for r in all_suites()[s]}.values())  # a run in two suites runs once
     for run in runs:
         key = key_of(run)
         if (a.only and not only_matches(a.only, key)) or not file.todo(key):
             continue
         try:
-            report, prune_s = pm.prune(run)
+            with PeakRSS() as mem:
+                report, prune_s = pm.prune(run)
         except prunekit.PrunekitError as e:
             print(f"{key}: skipped ({e})", flush=True)
             continue
         ev = pm.evaluate()
-        rec = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
+        rec = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2), "peak_rss_gib": round(mem.peak, 2),
                "overall_sparsity": report["overall_sparsity"], "granularity": report["method"]["granularity"],
                "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
                # per run: the file's "environment" is the last invocation's

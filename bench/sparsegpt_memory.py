@@ -1,10 +1,13 @@
-"""Peak host memory of one SparseGPT layer solve, in units of the layer's (in, in) fp32 Hessian.
+"""Peak host memory of one layer solve (SparseGPT, or another solver: ``--solver admm|alps``), in units of the
+layer's (in, in) fp32 Hessian.
 
     python -m bench.sparsegpt_memory                       # LLaMA-7B down_proj shape: W 4096 x 11008
     python -m bench.sparsegpt_memory --out 512 --inp 1536  # small, quick
+    python -m bench.sparsegpt_memory --solver admm --fixed-mask --out 1024 --inp 4096   # --reconstruct admm
 
 Runs the engine's path: a LayerStats holding the accumulated Hessian (as after calibration) and the
-registered solver adapter ``get_metric('sparsegpt').solver``. Measures the process RSS high-water mark
+registered solver adapter ``get_metric(solver).solver`` (with ``--fixed-mask``: on a given 50% magnitude mask, as
+``--reconstruct`` runs it). Measures the process RSS high-water mark
 (``ru_maxrss``) just before the solve and after it; the difference divided by the Hessian's size says how
 many (in, in)-sized matrices the solver held at once (W-sized copies add a little). One solve per process
 (the high-water mark never goes down), so compare versions by running this file once per checkout:
@@ -38,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--out", type=int, default=4096)
     ap.add_argument("--inp", type=int, default=11008)
     ap.add_argument("--label", default="current")
+    ap.add_argument("--solver", default="sparsegpt", help="a registered solver metric: sparsegpt, admm, alps")
+    ap.add_argument("--fixed-mask", action="store_true", help="solve on a given mask (what --reconstruct runs)")
     a = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     W = torch.randn(a.out, a.inp, generator=g)
@@ -46,31 +51,36 @@ def main(argv=None):
     st.update(X)  # a full-rank-ish Hessian would need >= inp tokens; damping makes this one positive-definite
     del X
     gc.collect()
+    given = (W.abs() <= W.abs().median()) if a.fixed_mask else None
     before = peak_rss_gib() * 1024
     t = time.time()
-    Wn, mask = get_metric("sparsegpt").solver(W, st, 0.5, None, None)
+    Wn, mask = get_metric(a.solver).solver(W, st, 0.5, None, given)
     seconds = time.time() - t
     peak = peak_rss_gib() * 1024
     h_mib = a.inp * a.inp * 4 / 2**20
     w_mib = a.out * a.inp * 4 / 2**20
-    row = {"label": a.label, "prunekit_file": prunekit.__file__, "shape": [a.out, a.inp],
+    row = {"label": a.label, "solver": a.solver + (" (fixed mask)" if a.fixed_mask else ""),
+           "prunekit_file": prunekit.__file__, "shape": [a.out, a.inp],
            "rss_before_mib": round(before, 1), "rss_peak_mib": round(peak, 1),
            "solve_extra_mib": round(peak - before, 1), "hessian_mib": round(h_mib, 1), "weight_mib": round(w_mib, 1),
            "extra_in_hessians": round((peak - before) / h_mib, 2), "seconds": round(seconds, 1),
            "sparsity": float(mask.float().mean()), "environment": environment()}
     print(row)
-    merge_results(RESULTS / "sparsegpt_memory.json", {f"{a.label} {a.out}x{a.inp}": row}, markdown)
+    key = f"{a.label} {a.out}x{a.inp}" + ("" if a.solver == "sparsegpt" and not a.fixed_mask else f" {row['solver']}")
+    merge_results(RESULTS / "sparsegpt_memory.json", {key: row}, markdown)
 
 
 def markdown(data: dict) -> str:
-    lines = ["# SparseGPT: peak host memory of one layer solve", "",
+    lines = ["# Solvers (SparseGPT, ADMM, ALPS): peak host memory of one layer solve", "",
              "Engine path (LayerStats with the accumulated Hessian, the registered solver adapter), CPU fp32, "
              "sparsity 0.5. 'extra' = RSS high-water mark after the solve minus before it; one solve per process. "
-             "'prunekit' is the checkout whose package the benchmark imported (PYTHONPATH), 'git' its commit.", ""]
-    rows = [[f"{r['label']} (git {r['environment'].get('git', '?')})", Path(r["prunekit_file"]).parent.parent,
-             f"{r['shape'][0]} x {r['shape'][1]}", r["hessian_mib"], r["weight_mib"], r["solve_extra_mib"],
-             r["extra_in_hessians"], r["seconds"], machine_line(r["environment"])] for r in data.values()]
-    return document(lines + table(["version", "prunekit", "W shape", "Hessian MiB", "W MiB", "extra MiB",
+             "'prunekit' is the checkout whose package the benchmark imported (PYTHONPATH), 'git' its commit. "
+             "'fixed mask': the solver given a 50% magnitude mask (what --reconstruct runs).", ""]
+    rows = [[f"{r['label']} (git {r['environment'].get('git', '?')})", r.get("solver", "sparsegpt"),
+             Path(r["prunekit_file"]).parent.parent, f"{r['shape'][0]} x {r['shape'][1]}", r["hessian_mib"],
+             r["weight_mib"], r["solve_extra_mib"], r["extra_in_hessians"], r["seconds"], machine_line(r["environment"])]
+            for r in data.values()]
+    return document(lines + table(["version", "solver", "prunekit", "W shape", "Hessian MiB", "W MiB", "extra MiB",
                                    "extra / Hessian", "solve s", "machine"], rows))
 
 

@@ -30,6 +30,7 @@ from .core.metric import METRICS  # noqa: E402
 from .core.offload import resolve_device  # noqa: E402
 from .core.outputs import (atomic_dir, atomic_write_json, atomic_write_text, check_output, check_output_file,  # noqa: E402
                            committed)
+from .core.refine import REFINERS  # noqa: E402
 from .core.rowwise import ROWWISE  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .evaluate.zeroshot import evaluate_tasks  # noqa: E402
@@ -125,9 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the metric, e.g. percdamp=0.1 or blocksize=64 (sparsegpt), alpha=1 (ria), "
                         "lam=2 (ace); `prunekit methods` lists them")
-    p.add_argument("--reconstruct", help="sparsegpt: OBS weight update on the chosen metric's mask")
+    p.add_argument("--refine", help="mask refinement at unchanged per-row counts, before any reconstruction: dsnot "
+                                    "| swaps")
+    p.add_argument("--refine-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of --refine, e.g. max_swaps=50 (swaps), max_cycles=20 (dsnot)")
+    p.add_argument("--reconstruct", help="weights rewritten on the chosen mask: sparsegpt (OBS updates), admm or alps "
+                                         "(the least-squares optimum)")
     p.add_argument("--reconstruct-param", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="a SparseGPT parameter for --reconstruct, e.g. percdamp=0.1")
+                   help="a parameter of the --reconstruct solver, e.g. percdamp=0.1 (sparsegpt), iters=50 (admm)")
     p.add_argument("--remove-blocks", type=_natural, metavar="K", help="remove K decoder blocks before pruning")
     p.add_argument("--removal", choices=["prune-comp", "bi"], help="prune-comp (default) or bi (ShortGPT one-shot)")
     p.add_argument("--removal-score", choices=["bi", "magnitude", "taylor", "ppl"])
@@ -231,13 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--out", required=True)
         c.add_argument("--overwrite", action="store_true")
 
-    sub.add_parser("methods", help="list registered metrics and allocators")
+    sub.add_parser("methods", help="list registered metrics, allocators, row-wise methods, refiners and searches")
     return ap
 
 
 def cmd_prune(a) -> int:
     fields = ["model", "metric", "sparsity", "pattern", "allocation", "granularity", "rowwise", "rowwise_skip",
-              "reconstruct", "remove_blocks", "removal", "removal_score", "remove_experts", "expert_score",
+              "refine", "reconstruct", "remove_blocks", "removal", "removal_score", "remove_experts", "expert_score",
               "expert_allocation", "calib_select", "calib_pool", "calib",
               "nsamples", "seqlen", "seed", "device", "dtype", "ignore", "batch_size", "sequential", "eval",
               "eval_max_windows", "eval_seqlen", "out", "overwrite", "row_rounding", "save_format"]
@@ -248,6 +254,8 @@ def cmd_prune(a) -> int:
         given["rowwise_params"] = dict(a.rowwise_param)
     if a.metric_param:
         given["metric_params"] = dict(a.metric_param)
+    if a.refine_param:
+        given["refine_params"] = dict(a.refine_param)
     if a.reconstruct_param:
         given["reconstruct_params"] = dict(a.reconstruct_param)
     if a.expert_allocation_param:
@@ -259,6 +267,7 @@ def cmd_prune(a) -> int:
     m = report["method"]
     print(f"pruned {report['model']} with {m['metric']} / {m['allocation']} / {m['pattern']}"
           + (f" / rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
+          + (f" / refine {m['refine']}" if m.get("refine") else "")
           + (f" / reconstruct {m['reconstruct']}" if m.get("reconstruct") else "")
           + f": sparsity {report['overall_sparsity']:.4f} of prunable weights "
           f"({report['params']['prunable_share']:.1%} of the blocks' parameters; "
@@ -385,7 +394,8 @@ def _defaults(params) -> str:
 def cmd_methods(a) -> int:
     """Every registered method and its parameters (with defaults), by kind."""
     kinds = [("metrics", METRICS, "--metric-param"), ("allocations", ALLOCATORS, "--allocation-param"),
-             ("rowwise", ROWWISE, "--rowwise-param"), ("searches", SEARCHES, "--param")]
+             ("rowwise", ROWWISE, "--rowwise-param"), ("refine", REFINERS, "--refine-param"),
+             ("searches", SEARCHES, "--param")]
     for title, registry, flag in kinds:
         print(f"{title + ':':<13}" + ", ".join(sorted(registry)))
         for name in sorted(registry):

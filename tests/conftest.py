@@ -161,3 +161,47 @@ def calib_and_heldout(n_calib=6, n_held=4, seqlen=16):
     """Seeded random token windows for a tiny model: (calibration ids, held-out ids)."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (n_calib, seqlen), generator=g), torch.randint(0, 128, (n_held, seqlen), generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer least-squares problem, brute force: the references of the weight-update and refinement tests.
+
+@pytest.fixture(scope="module")
+def lsq_small():
+    """(W, X, stats): a 12 x 32 weight, 512 correlated input rows and their statistics."""
+    X = correlated_inputs(n=512, d=32, seed=3)
+    W = torch.randn(12, 32, generator=generator(4))
+    return W, X, stats_of(X)
+
+
+@pytest.fixture(scope="module")
+def lsq_layer():
+    """``correlated_layer()``, once per test module."""
+    return correlated_layer()
+
+
+def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H with the dead diagonal set to 1 and the damping added, in float64 (the objective's matrix)."""
+    Hd = H.double().clone()
+    dead = ~(Hd.diagonal() > 0)
+    Hd[dead, :] = 0
+    Hd[:, dead] = 0
+    Hd.diagonal()[dead] = 1.0
+    Hd.diagonal().add_(percdamp * float(Hd.diagonal().mean()))
+    return Hd
+
+
+def brute_force_optimum(W: torch.Tensor, Hd: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row by row, the exact least-squares weights on the kept columns (float64 solve)."""
+    out = torch.zeros_like(W, dtype=torch.float64)
+    for r in range(W.shape[0]):
+        K = (~mask[r]).nonzero().flatten()
+        if K.numel():
+            rhs = (Hd @ W[r].double())[K]
+            out[r, K] = torch.linalg.solve(Hd[K][:, K], rhs)
+    return out
+
+
+def objective(W: torch.Tensor, V: torch.Tensor, Hd: torch.Tensor) -> float:
+    R = (W.double() - V.double())
+    return float(((R @ Hd) * R).sum())

@@ -49,6 +49,7 @@ CASES = [
     ("alphapruning", {"eps": 0.9}), ("alphapruning", {"eps": 0.9, "level": "layer", "xmin_mode": "peak"}),
     ("alphapruning", {"eps": 0.3, "xmin_mode": "peak", "compat": True}),
     ("farms", {"eps": 0.9}), ("farms", {"eps": 0.5, "max_side": 16, "grid": 3, "level": "layer"}),
+    ("atp", {}), ("atp", {"beta": 0.1}),
 ]
 
 
@@ -232,7 +233,7 @@ def test_global_magnitude_matches_brute_force_threshold():
     assert weighted_sparsity(model) == pytest.approx(0.6, abs=2e-3)
 
 
-@pytest.mark.parametrize("alloc", ["global", "mrp", "owl", "alphapruning", "farms", "er", "er-plus"])
+@pytest.mark.parametrize("alloc", ["global", "mrp", "owl", "alphapruning", "farms", "er", "er-plus", "atp"])
 def test_allocators_hit_target_through_engine(alloc, calib_ids):
     model = tiny_model("qwen2", layers=4, hidden=64)
     report = prunekit.prune(model, None, {"metric": "wanda", "sparsity": 0.7, "allocation": alloc},

@@ -127,7 +127,12 @@ def test_bad_metric_params_are_refused_before_any_work(capsys):
                         (["--metric", "sparsegpt", "--metric-param", "blocksize=.inf"], ["blocksize", "integer"]),
                         (["--metric", "sparsegpt", "--metric-param", "sweep=fast"], ["sweep", "triangular"]),
                         (["--metric", "wanda", "--metric-param", "alpha=1"], ["wanda", "none"]),
-                        (["--metric", "wanda", "--reconstruct-param", "percdamp=0.1"], ["reconstruct_params"])]:
+                        (["--metric", "wanda", "--reconstruct-param", "percdamp=0.1"], ["reconstruct_params"]),
+                        (["--metric", "wanda", "--refine", "swaps", "--refine-param", "candidates=-1"],
+                         ["candidates", ">= 0"]),
+                        (["--metric", "wanda", "--refine-param", "max_swaps=3"], ["refine_params set without refine"]),
+                        (["--metric", "wanda", "--refine", "grow"], ["unknown refine method", "dsnot, swaps"]),
+                        (["--metric", "admm", "--metric-param", "iters=0"], ["iters", ">= 1"])]:
         assert main(common + args) != 0, args
         err = capsys.readouterr().err
         assert all(w in err for w in words), (args, err)

@@ -12,6 +12,7 @@ from prunekit.core.allocation import ALLOCATORS, ModelSummary, register_allocato
 from prunekit.core.errors import PrunekitError
 from prunekit.core.families import FAMILIES, Family, block_linears, register_family, weight_view
 from prunekit.core.metric import METRICS, register_metric
+from prunekit.core.refine import REFINERS
 from prunekit.core.registry import Params
 from prunekit.core.rowwise import ROWWISE
 from prunekit.search.registry import SEARCHES
@@ -99,23 +100,27 @@ def _keyword_defaults(fn, skip: int) -> dict:
 
 def _pairs(kind):
     """(parameter class, function holding the same defaults, positional arguments before the parameters)."""
-    from prunekit.methods import sparsegpt
+    from prunekit.methods import admm, alps, sparsegpt
     from prunekit.search import dsa, optishear, random_search, tpe
 
     if kind == "metric":
         return [(m.params, m.score, 2) for m in METRICS.values() if m.score] + [
             (METRICS["sparsegpt"].params, sparsegpt.sparsegpt_solver, 5),
-            (METRICS["sparsegpt"].params, sparsegpt.sparsegpt_solve, 3)]
+            (METRICS["sparsegpt"].params, sparsegpt.sparsegpt_solve, 3),
+            (METRICS["admm"].params, admm.admm_solver, 5), (METRICS["admm"].params, admm.admm_solve, 3),
+            (METRICS["alps"].params, alps.alps_solver, 5), (METRICS["alps"].params, alps.alps_solve, 3)]
     if kind == "allocator":
         return [(a.params, a.fn, 2) for a in ALLOCATORS.values()]
     if kind == "rowwise":
         return [(r.params, r.fn, 5) for r in ROWWISE.values()]
+    if kind == "refine":
+        return [(r.params, r.fn, 4) for r in REFINERS.values()]
     return [(SEARCHES["dsa"].params, dsa.ProgramSearch.__init__, 7),
             (SEARCHES["random"].params, random_search.search_random, 6),
             (SEARCHES["tpe"].params, tpe.search_tpe, 7), (SEARCHES["optishear"].params, optishear.search_optishear, 7)]
 
 
-@pytest.mark.parametrize("kind", ["metric", "allocator", "rowwise", "search"])
+@pytest.mark.parametrize("kind", ["metric", "allocator", "rowwise", "refine", "search"])
 def test_registered_defaults_agree_with_the_functions(kind):
     """A method's parameter class is where its defaults live; the function's own keyword defaults (used when it
     is called directly) must be the same values."""
@@ -129,4 +134,4 @@ def test_registered_defaults_agree_with_the_functions(kind):
                                           and list(got) == list(default))
                 assert same, (fn.__qualname__, name, got, default)
                 compared += 1
-    assert compared >= {"metric": 6, "allocator": 20, "rowwise": 2, "search": 15}[kind]
+    assert compared >= {"metric": 27, "allocator": 21, "rowwise": 2, "refine": 6, "search": 15}[kind]

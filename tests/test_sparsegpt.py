@@ -245,7 +245,7 @@ def test_sparsegpt_rejects_bad_arguments(layer):
 
 
 def test_all_finite_sees_nan_and_both_infinities():
-    from prunekit.methods.sparsegpt import _all_finite
+    from prunekit.core.lsq import all_finite as _all_finite
 
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.randn(9, 7, generator=generator(2))

@@ -19,11 +19,23 @@ def key_of(run: dict) -> str:
     if run.get("rowwise"):
         parts.append(run["rowwise"] + "".join(f",{k}={v}" for k, v in sorted(run.get("rowwise_params", {}).items()))
                      + "".join(f",skip={p}" for p in run.get("rowwise_skip", [])))  # full patterns: keys stay unique
+    if run.get("refine"):
+        parts.append("refine-" + run["refine"] + _params(run.get("refine_params")))
     if run.get("reconstruct"):
-        parts.append("reconstruct-" + run["reconstruct"])
+        parts.append("reconstruct-" + run["reconstruct"] + _params(run.get("reconstruct_params")))
     if run.get("row_rounding"):  # set explicitly (runs without the key used the default of their commit)
         parts.append("rows-" + run["row_rounding"])
     return "/".join(parts)
+
+
+def _params(p: dict | None) -> str:
+    """``,k=v,...`` in key order ('' for none): a method's parameters in a run key."""
+    return "".join(f",{k}={v}" for k, v in sorted((p or {}).items()))
+
+
+def params_words(p: dict | None) -> str:
+    """`` (k=v, ...)`` for a description ('' for none)."""
+    return f" ({', '.join(f'{k}={v}' for k, v in sorted(p.items()))})" if p else ""
 
 
 def skip_label(c: dict, sep: str = ",") -> str:
@@ -35,12 +47,15 @@ def skip_label(c: dict, sep: str = ",") -> str:
 
 def describe(c: dict) -> str:
     """The pipeline in words (sparsity and pattern left out: tables show them in their own columns)."""
-    parts = [c["metric"], c.get("allocation", "uniform")]
+    parts = [c["metric"] + params_words(c.get("metric_params")),
+             c.get("allocation", "uniform") + params_words(c.get("allocation_params"))]
     if c.get("rowwise"):
         parts.append(c["rowwise"] + "".join(f" {k}={v}" for k, v in sorted(c.get("rowwise_params", {}).items()))
                      + skip_label(c, " "))
+    if c.get("refine"):
+        parts.append("refine " + c["refine"] + params_words(c.get("refine_params")))
     if c.get("reconstruct"):
-        parts.append("reconstruct " + c["reconstruct"])
+        parts.append("reconstruct " + c["reconstruct"] + params_words(c.get("reconstruct_params")))
     if c.get("sequential") is False:
         parts.append("dense-block stats")
     if c.get("row_rounding"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import resource
+import threading
 import time
 
 import torch
@@ -66,6 +67,32 @@ def peak_rss_gib() -> float:
     held before its exec (a benchmark worker forked from a large parent would report the parent's size)."""
     hwm = _proc_status_gib("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class PeakRSS:
+    """The highest resident memory seen while the block runs, sampled every ``interval`` seconds by a thread
+    (``ru_maxrss`` never goes down, so it cannot give the peak of one of many prunes in one process). A spike
+    shorter than the interval can be missed; ``start`` is the memory when the block began, so ``peak - start``
+    is what the block added at its peak."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.start, self.peak = interval, 0.0, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_gib())
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = rss_gib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_gib())
 
 
 @contextlib.contextmanager

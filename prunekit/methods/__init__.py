@@ -2,8 +2,12 @@
 and one name to this list (see ARCHITECTURE.md)."""
 from . import (  # noqa: F401
     ace,
+    admm,
     alphapruning,
+    alps,
+    atp,
     dsa,
+    dsnot,
     er,
     experts,
     farms,
@@ -16,6 +20,7 @@ from . import (  # noqa: F401
     ria,
     sparsegpt,
     stade,
+    swaps,
     trim,
     uniform,
     wanda,

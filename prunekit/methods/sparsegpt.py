@@ -57,7 +57,8 @@ import torch
 from pydantic import Field
 
 from ..core.errors import PrunekitError
-from ..core.masks import _lowest_k_mask, check_nm_shape
+from ..core.lsq import all_finite, check_solver_inputs, nothing_to_prune
+from ..core.masks import _lowest_k_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
 from ..core.stats import LayerStats, float32_matmul_precision
@@ -82,14 +83,8 @@ def _diagonal_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.diag(d.rsqrt())
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or +-inf in t, from one min/max pass (``aminmax`` propagates NaN): no bool copy of t, 0.02 s
-    instead of 0.6 s for ``isfinite(t).all()`` on an 11008 x 11008 matrix on this CPU."""
-    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-
-
 def _finite_factor(U: torch.Tensor) -> bool:
-    return _all_finite(U) and bool((U.diagonal() > 0).all())
+    return all_finite(U) and bool((U.diagonal() > 0).all())
 
 
 def _lower_inverse_into(L: torch.Tensor, out: torch.Tensor) -> None:
@@ -132,7 +127,7 @@ def _upper_factor_of_inverse(Hd: torch.Tensor) -> torch.Tensor | None:
     F = Hd.flip(0, 1)
     L, info = torch.linalg.cholesky_ex(F)
     del F  # before L^-1 is allocated: at most three (n, n) matrices with Hd
-    if int(info) != 0 or not _all_finite(L):
+    if int(info) != 0 or not all_finite(L):
         return None
     Li = torch.empty_like(L)
     with float32_matmul_precision("highest"):  # full float32 GEMMs even where the caller allows TF32
@@ -152,7 +147,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
     ``overwrite=True`` damps H in place (one (in, in) copy less; H then holds the last damped matrix);
     by default H is left as it was.
     """
-    if not _all_finite(H):
+    if not all_finite(H):
         log.warning("%s: the Hessian has NaN/inf entries; SparseGPT falls back to its diagonal (no OBS compensation)", name)
         return _diagonal_factor(H, 0.0)
     diag = H.diagonal().clone()
@@ -180,37 +175,6 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP,
     log.warning("%s: SparseGPT Cholesky failed %d times; falling back to the diagonal Hessian (no OBS compensation)",
                 name, max_damp_tries)
     return _diagonal_factor(diag, percdamp * mean_diag)
-
-
-def _check_inputs(W, h_shape, sparsity, pattern, mask):
-    """The validated sparsity (float or per-row tensor; None with a mask or a pattern). ``h_shape``: the
-    Hessian's shape, or None when only its factor is given (checked in ``sparsegpt_solve``)."""
-    if W.dim() != 2:
-        raise PrunekitError(f"SparseGPT expects a 2-D weight, got shape {tuple(W.shape)}")
-    rows, cols = W.shape
-    if h_shape is not None and tuple(h_shape) != (cols, cols):
-        raise PrunekitError(f"SparseGPT: Hessian shape {tuple(h_shape)} does not match the weight's input dimension {cols}")
-    if mask is not None:
-        if tuple(mask.shape) != (rows, cols):
-            raise PrunekitError(f"SparseGPT: mask shape {tuple(mask.shape)} != weight shape {(rows, cols)}")
-        return None
-    if pattern is not None:
-        n, m = int(pattern[0]), int(pattern[1])
-        if not 0 < n < m:
-            raise PrunekitError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
-        check_nm_shape((n, m), cols)
-        return None
-    if isinstance(sparsity, torch.Tensor) and sparsity.numel() > 1:
-        s = sparsity.reshape(-1).double()
-        if s.numel() != rows:
-            raise PrunekitError(f"SparseGPT: {s.numel()} row ratios for {rows} rows")
-        if not bool(((s >= 0) & (s < 1)).all()):
-            raise PrunekitError("SparseGPT: row sparsities must be in [0, 1)")
-        return s
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
-    return s
 
 
 def sweep_method(device) -> str:
@@ -389,12 +353,10 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
     """
     if factor is None and H is None:
         raise PrunekitError("SparseGPT needs the Hessian H or its factor")
-    s = _check_inputs(W, H.shape if factor is None else None, sparsity, pattern, mask)
+    s = check_solver_inputs(W, H.shape if factor is None else None, sparsity, pattern, mask, "SparseGPT")
     Wf = W.detach().to(torch.float32).clone()
     rows, cols = Wf.shape
-    if mask is None and pattern is None and (
-            (isinstance(s, float) and int(s * rows * cols) == 0)
-            or (isinstance(s, torch.Tensor) and int(torch.floor(s * cols).sum()) == 0)):
+    if nothing_to_prune((rows, cols), s, pattern, mask):
         return Wf, torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
     check_solver_params({"blocksize": blocksize, "sweep": sweep or "auto"})
     sweep = None if sweep == "auto" else sweep
@@ -411,7 +373,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, patte
         s = s.to(Wf.device)
     W0 = Wf.clone()
     out_mask = _sweep(Wf, factor.U, s, pattern, mask, blocksize, sweep)
-    if not _all_finite(Wf):
+    if not all_finite(Wf):
         log.warning("%s: SparseGPT updates produced NaN/inf; redoing the layer with the diagonal Hessian", name)
         U = _diagonal_factor(factor.diag, 0.0)
         Wf = W0

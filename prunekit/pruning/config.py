@@ -12,6 +12,7 @@ from ..core.data import NAMED_SETS
 from ..core.errors import PrunekitError
 from ..core.masks import parse_pattern
 from ..core.metric import METRICS, get_metric
+from ..core.refine import REFINERS
 from ..core.registry import Params
 from ..core.rowwise import ROWWISE
 from ..methods.prototype import parse_select
@@ -43,11 +44,16 @@ class PruneConfig(BaseModel):
     rowwise_params: dict[str, Any] = Field(default_factory=dict)
     rowwise_skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layers that keep the "
                                     "metric's plain mask (no row-wise allocation), e.g. '*.mlp.up_proj'")
-    reconstruct: Optional[str] = Field(None, description="'sparsegpt': OBS weight update on the metric's mask")
+    refine: Optional[str] = Field(None, description="mask refinement at unchanged per-row (per N:M group) counts, "
+                                  "after the mask and before any reconstruction: 'dsnot' or 'swaps'")
+    refine_params: dict[str, Any] = Field(default_factory=dict, description="the refiner's parameters (`prunekit "
+                                          "methods`)")
+    reconstruct: Optional[str] = Field(None, description="a solver that rewrites the weights on the chosen mask: "
+                                       "'sparsegpt' (OBS updates), 'admm' or 'alps' (the least-squares optimum)")
     metric_params: dict[str, Any] = Field(default_factory=dict, description="the metric's parameters, e.g. "
                                           "SparseGPT percdamp / blocksize, RIA alpha, ACE lam (`prunekit methods`)")
-    reconstruct_params: dict[str, Any] = Field(default_factory=dict, description="SparseGPT's parameters for "
-                                               "reconstruct: sparsegpt (percdamp, blocksize, max_damp_tries, sweep)")
+    reconstruct_params: dict[str, Any] = Field(default_factory=dict, description="the reconstruct solver's "
+                                               "parameters, e.g. sparsegpt percdamp, admm iters / rho")
     remove_blocks: int = Field(0, description="decoder blocks to remove before pruning")
     removal: str = Field("prune-comp", description="prune-comp (iterative, compensated) or bi (ShortGPT one-shot)")
     removal_score: str = Field("bi", description="block score: bi, magnitude, taylor, ppl")
@@ -189,6 +195,11 @@ class PruneConfig(BaseModel):
             raise ValueError(f"unknown reconstruct {self.reconstruct!r}; valid: {', '.join(solvers)}")
         if self.reconstruct and metric.solver is not None:
             raise ValueError(f"{self.metric} already reconstructs weights")
+        if self.refine is not None:
+            refiner = REFINERS.get(self.refine)
+            self.refine_params = _given(refiner.check_params(self.refine_params), self.refine_params)
+        elif self.refine_params:
+            raise ValueError("refine_params set without refine")
         if self.reconstruct_params:
             if not self.reconstruct:
                 raise ValueError("reconstruct_params set without reconstruct")

@@ -1,4 +1,4 @@
-"""The per-layer handler the engine calls: score or solve, choose the mask, reconstruct, zero, record.
+"""The per-layer handler the engine calls: score or solve, choose the mask, refine it, reconstruct, zero, record.
 
 A layer whose statistics saw no calibration token (an expert the router never chose on the calibration windows)
 is pruned by magnitude, per matrix, at its ratio (no reconstruction, row-wise allocation or bias update: there is
@@ -13,17 +13,23 @@ from ..core.errors import PrunekitError
 from ..core.families import is_expert, name_matches, weight_view
 from ..core.masks import make_mask, pack_mask, row_counts
 from ..core.metric import configured_metric
+from ..core.refine import apply_refine
 from ..core.rowwise import apply_rowwise
 from .plan import stats_needs, stats_options
 
 
 class LayerPruner:
-    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), weight
-    reconstruction, bias update, zero, record."""
+    """The per-layer handler the engine calls: score or solve, mask (row-wise allocation), mask refinement, weight
+    reconstruction, bias update, zero, record.
+
+    Refinement (``refine``) comes after the mask and before the weights are rewritten: with a score metric the
+    ``reconstruct`` solver (if any) then solves on the refined mask; with a solver metric (SparseGPT, ADMM, ALPS)
+    the refiner starts from the solver's mask, judged on the dense weights, and the same solver is run again on
+    the refined mask as a fixed-mask update (its first weights were made for the mask before refinement)."""
 
     def __init__(self, metric, ratios: dict, nm, rowwise: str | None = None, rowwise_params: dict | None = None,
                  reconstruct: str | None = None, rowwise_skip=(), reconstruct_params: dict | None = None,
-                 row_rounding: str = "exact"):
+                 row_rounding: str = "exact", refine: str | None = None, refine_params: dict | None = None):
         self.metric, self.ratios, self.nm = metric, ratios, nm
         # per-row masks: "exact" hits each layer's ratio to one weight (masks.row_counts), "floor" floors every row
         self.exact = row_rounding == "exact"
@@ -32,6 +38,7 @@ class LayerPruner:
         self.reconstructor = (configured_metric(reconstruct, reconstruct_params, "reconstruct_params")
                               if reconstruct else None)
         self.rowwise_skip = list(rowwise_skip)  # fnmatch patterns: these layers get the metric's plain mask
+        self.refine, self.refine_params = refine, refine_params or {}
         self.masks: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}
         self.fallback = configured_metric("magnitude", {})  # for layers no calibration token reached
@@ -39,14 +46,14 @@ class LayerPruner:
     @classmethod
     def from_config(cls, cfg, metric, ratios):
         return cls(metric, ratios, cfg.nm, cfg.rowwise, cfg.rowwise_params, cfg.reconstruct, cfg.rowwise_skip,
-                   cfg.reconstruct_params, cfg.row_rounding)
+                   cfg.reconstruct_params, cfg.row_rounding, cfg.refine, cfg.refine_params)
 
     @torch.no_grad()
     def __call__(self, name, module, stats):
         W = weight_view(module)
         r = self.ratios[name]
         unseen = stats is not None and stats.count == 0
-        info = {}
+        info, refined = {}, {}
         if r == 0 and self.nm is None:
             mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
         elif unseen:
@@ -57,6 +64,9 @@ class LayerPruner:
             Wn = None
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
+                if self.refine:
+                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
+                    Wn, mask = self.metric.solver(Wf, stats, r, self.nm, mask, name=name)
             else:
                 scores = self.metric.score(Wf, stats)
                 if self.rowwise and not name_matches(name, self.rowwise_skip):
@@ -67,6 +77,8 @@ class LayerPruner:
                     mask = make_mask(scores, rows)
                 else:
                     mask = make_mask(scores, r, self.nm, self.metric.group, self.exact)
+                if self.refine:
+                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
                 if self.reconstructor is not None:
                     Wn, mask = self.reconstructor.solver(Wf, stats, r, self.nm, mask, name=name)
             if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
@@ -83,6 +95,8 @@ class LayerPruner:
         if is_expert(module) and stats is not None:
             self.records[name]["tokens"] = stats.count
             self.records[name]["routing_weight"] = stats.gate_sum / stats.count if stats.count else 0.0
+        if self.refine and refined:
+            self.records[name]["refine"] = refined
 
 
 def add_bias(module, delta: torch.Tensor | None) -> None:

@@ -8,6 +8,7 @@ from ..core.allocation import get_allocator
 from ..core.env import machine, versions
 from ..core.families import is_expert
 from ..core.metric import configured_metric
+from ..core.refine import REFINERS
 from .save import probe_ids
 
 
@@ -49,6 +50,8 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
                                    "routing_weight": rec.get("routing_weight")})
             if rec.get("fallback"):
                 layers[-1]["fallback"] = rec["fallback"]
+            if "refine" in rec:  # swaps made, the refiner's objective before and after
+                layers[-1]["refine"] = rec["refine"]
     blocks = []
     block_params = cover["block_params"] / max(len(cover["blocks"]), 1)
     for b in range(len(block_layers)):
@@ -72,6 +75,9 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
                    "granularity": cfg.granularity or get_allocator(cfg.allocation).granularity,
                    "sequential": cfg.sequential, "rowwise": cfg.rowwise, "row_rounding": cfg.row_rounding,
                    "rowwise_params": cfg.rowwise_params, "rowwise_skip": cfg.rowwise_skip,
+                   "refine": cfg.refine,
+                   "refine_params": (REFINERS.get(cfg.refine).check_params(cfg.refine_params).kwargs()
+                                     if cfg.refine else {}),
                    "reconstruct": cfg.reconstruct,
                    # the values used: the registered defaults with the user's settings over them
                    "metric_params": configured_metric(cfg.metric, cfg.metric_params).values,
@@ -91,11 +97,18 @@ def build_report(cfg, model, family, block_layers, pruner, seqlen, calib_ids, al
         "blocks": blocks,
         "layers": layers,
         "allocation": alloc_extra,
+        "refine": refine_summary(layers) if cfg.refine else None,
         "timing": timing,
         "versions": versions(),
         "machine": machine(),
         "config": cfg.model_dump(),
     }, masks=pruner.masks, probe_ids=None if calib_ids is None else probe_ids(model, calib_ids))
+
+
+def refine_summary(layers: list[dict]) -> dict:
+    """The refiner over all layers: swaps made, rows changed, and its objective summed before and after."""
+    recs = [l["refine"] for l in layers if l.get("refine")]
+    return {k: sum(r.get(k, 0) for r in recs) for k in ("swaps", "rows_changed", "error_before", "error_after")}
 
 
 def _fmt(x, nd=4):
@@ -121,14 +134,20 @@ def report_markdown(r: dict) -> str:
     m = r["method"]
     p = r["protocol"]
     mp, rp = _params(m.get("metric_params")), _params(m.get("reconstruct_params"))
+    fp = _params(m.get("refine_params"))
     lines = [f"# prunekit report: {r['model']}", "",
              f"- method: metric **{m['metric']}**" + (f" ({mp})" if mp else "")
              + f", pattern {m['pattern']}, allocation {m['allocation']} "
              f"({m['granularity']}), sequential={m['sequential']}"
              + (f", rowwise {describe_rowwise(m)}" if m.get("rowwise") else "")
+             + (f", mask refined by {m['refine']}" + (f" ({fp})" if fp else "") if m.get("refine") else "")
              + (f", weights reconstructed by {m['reconstruct']}" + (f" ({rp})" if rp else "") if m.get("reconstruct")
                 else ""),
              f"- target sparsity {r['target_sparsity']:.4f}; achieved (in memory) {r['overall_sparsity']:.6f}"]
+    if r.get("refine"):
+        f = r["refine"]
+        lines.append(f"- refinement: {f['swaps']:,} swaps in {f['rows_changed']:,} rows; its objective "
+                     f"{f['error_before']:.6g} -> {f['error_after']:.6g} (summed over layers)")
     if "saved" in r:
         lines.append(f"- achieved (counted from the saved safetensors) **{r['saved']['overall_sparsity']:.6f}**")
     lines.append(f"- calibration: {p['calib']} x {p['nsamples']} samples x {p['seqlen']} tokens, seed {p['seed']}, "

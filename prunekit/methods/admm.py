@@ -1,0 +1,163 @@
+"""ADMM weight update (Boža 2024, "Fast and Optimal Weight Update for Pruned Large Language Models").
+
+Fixed mask (``--reconstruct admm`` after any metric, allocation, row-wise method, refiner or N:M pattern). The
+layer's least-squares problem (:mod:`prunekit.core.lsq`: damped, in normalised coordinates Wn = W D)
+
+    min_V  sum_r (wn_r - v_r)^T Hn (wn_r - v_r)   subject to  V = 0 on the mask
+
+is split as f(V) + g(Z) with V = Z (g: zero outside the set {Z = 0 on the mask}, infinite inside it) and solved
+by scaled ADMM, starting from V = Wn, U = 0:
+
+    Z <- (V + U) with the pruned entries set to 0          (projection onto the mask)
+    U <- U + V - Z                                         (scaled dual: the running disagreement)
+    V <- (Wn Hn + rho (Z - U)) (Hn + rho I)^-1             (the quadratic step, one GEMM)
+
+The inverse is computed once per Hessian (one Cholesky, shared by the layers that read the same input). The
+problem is convex, so Z converges to the exact least-squares optimum on the mask; the result is the last Z (exact
+zeros where pruned). ``tol`` > 0 stops once ||V - Z|| and the change of Z in one step are both below tol x ||Z||
+(0: always ``iters`` iterations).
+
+Gradual mask (``--metric admm`` alone: the paper's "ADMM gradual"). The same iterations; during the first
+T = min(``gradual``, ``iters``) of them (at least one) the mask is chosen again at every step from |V + U| (in
+normalised coordinates, |w_ij| x ||x_j||: a Wanda-like score of the current iterate rather than of the dense
+weights), at a sparsity rising on the cubic schedule s_t = s (1 - (1 - t / T)^3), t = 1 .. T; the remaining
+iterations update the weights on the final mask. Unstructured masks compare scores over the whole layer (the paper's default), so a layer prunes
+exactly int(s x numel) weights, as SparseGPT does; per-row ratios prune floor(s_r x in) per row. N:M: at step t the
+weights the N:M rule would prune from |V + U| are the candidates and the lowest s_t of the layer among them are
+pruned, so the last step prunes exactly the N:M mask.
+
+Defaults (the paper's code): rho = 1 on the unit-diagonal Hn, 20 iterations, the first 15 choosing the mask. The
+damping follows prunekit's convention (core.lsq, SparseGPT's 0.01 x mean(diag H) before normalising); the paper's
+code adds 0.1 after normalising, i.e. 0.1 x diag H.
+
+Robustness: the factorisation raises its damping on failure and falls back to the diagonal (core.lsq.damped_inverse);
+a non-finite result (only from non-finite weights) is replaced by the masked dense weights, with a warning. Never
+raises for numerical reasons, never returns NaN.
+
+Memory: Hn and (Hn + rho I)^-1, two (in, in) float32 matrices (cached on the layer's statistics, so q/k/v and
+gate/up share them; the inverse is factored in place), plus five (out, in) float32 matrices (Wn Hn, V, U, Z and one
+buffer; six with ``tol``). Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from ..core.errors import PrunekitError
+from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
+                        damped_inverse, layer_problem, nothing_to_prune, solver_problem)
+from ..core.masks import make_mask, nm_mask, unstructured_mask
+from ..core.metric import register_metric
+from ..core.registry import Int, Params
+from ..core.stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RHO = 1.0
+DEFAULT_ITERS = 20
+DEFAULT_GRADUAL = 15
+
+
+class ADMMParams(Params):
+    rho: float = Field(DEFAULT_RHO, gt=0, description="ADMM penalty on the unit-diagonal normalised Hessian")
+    iters: Int = Field(DEFAULT_ITERS, ge=1, description="ADMM iterations per layer")
+    gradual: Int = Field(DEFAULT_GRADUAL, ge=0, description="first iterations that choose the mask (metric admm only)")
+    percdamp: float = Field(DEFAULT_PERCDAMP, ge=0, description="damping, a fraction of the mean Hessian diagonal")
+    tol: float = Field(0.0, ge=0, description="stop when the residuals are below tol x ||Z|| (0: all iterations)")
+    max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
+
+
+def gradual_mask(score: torch.Tensor, sparsity, pattern, fraction: float) -> torch.Tensor:
+    """The mask of one gradual step: ``fraction`` (0..1] of the final sparsity, from ``score`` (lower = pruned
+    first). Float sparsity: the lowest int(fraction x s x numel) of the layer; per-row tensor: floor(fraction x s_r x
+    in) per row; N:M: the lowest fraction x N/M of the layer among what the N:M rule prunes."""
+    if pattern is not None:
+        cand = nm_mask(score, *pattern)
+        if fraction >= 1.0:
+            return cand
+        return unstructured_mask(score.masked_fill(~cand, float("inf")), fraction * pattern[0] / pattern[1], "layer")
+    if isinstance(sparsity, torch.Tensor):
+        return make_mask(score, (sparsity * fraction).to(score.device))
+    return unstructured_mask(score, float(sparsity) * fraction, "layer")
+
+
+@torch.no_grad()
+def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: tuple[int, int] | None = None,
+               mask: torch.Tensor | None = None, rho: float = DEFAULT_RHO, iters: int = DEFAULT_ITERS,
+               gradual: int = DEFAULT_GRADUAL, percdamp: float = DEFAULT_PERCDAMP, tol: float = 0.0,
+               max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer",
+               problem: Problem | Callable[[], Problem] | None = None,
+               inverse: Callable[[Problem], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune W (out, in) and update its kept weights by ADMM; returns (new float32 weight, bool prune mask).
+
+    ``mask`` given: the weight update on that mask (``sparsity`` and ``pattern`` are not read). Otherwise the
+    gradual variant chooses the mask for ``sparsity`` (a float or per-row ratios) or the N:M ``pattern``.
+    ``H``: the layer Hessian ((2/n) X^T X); or ``problem`` (a :class:`~prunekit.core.lsq.Problem`, or a function
+    returning it, called only when there is something to prune), then H is not read and ``percdamp`` is the
+    problem's. ``inverse(problem)``: (Hn + rho I)^-1 (the engine's adapter caches it); by default computed here.
+    W and H are not modified."""
+    if problem is None and H is None:
+        raise PrunekitError("ADMM needs the Hessian H or its normalised problem")
+    s = check_solver_inputs(W, H.shape if problem is None else None, sparsity, pattern, mask, "ADMM")
+    ADMMParams.check({"rho": rho, "iters": iters, "gradual": gradual, "percdamp": percdamp, "tol": tol,
+                      "max_damp_tries": max_damp_tries}, "ADMM", "admm")
+    if nothing_to_prune(W.shape, s, pattern, mask):
+        return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    P = solver_problem(W, H, problem, percdamp, "ADMM", name)
+    Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
+    V = P.normalise(W)  # starts as Wn; every quadratic step overwrites it in place
+    XY = V @ P.Hn
+    U, Z, T = torch.zeros_like(V), torch.empty_like(V), torch.empty_like(V)
+    choose = mask is None
+    m = None if choose else mask.to(device=V.device, dtype=torch.bool)
+    Z_prev = None
+    steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the full sparsity
+    for t in range(int(iters)):
+        torch.add(V, U, out=Z)
+        if choose and t < steps:
+            m = gradual_mask(Z.abs(), s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
+        Z.masked_fill_(m, 0.0)
+        U.add_(V).sub_(Z)
+        torch.sub(Z, U, out=T).mul_(rho).add_(XY)
+        torch.matmul(T, Ainv, out=V)
+        if tol > 0 and (not choose or t >= steps):
+            zn = float(Z.norm())
+            if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
+                break
+            Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
+    Z = V.add_(U).masked_fill_(m, 0.0)
+    if not all_finite(Z):
+        log.warning("%s: ADMM produced NaN/inf; keeping the dense weights on the mask (no update)", name)
+        Z = P.normalise(W).masked_fill_(m, 0.0)
+    return P.restore(Z), m
+
+
+def admm_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask=None, name: str = "layer",
+                rho: float = DEFAULT_RHO, percdamp: float = DEFAULT_PERCDAMP,
+                max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, **kw):
+    """Adapter with the engine's solver signature: solver(W, stats, sparsity, pattern, mask). The normalised
+    problem and the inverse of Hn + rho I are computed once per statistics object and kept in ``stats.cache``
+    (layers that read the same input share them)."""
+    if stats is None or stats.hessian is None:
+        raise PrunekitError("ADMM needs the layer Hessian: gather statistics with needs=('hessian',)")
+    ADMMParams.check({"rho": rho, "percdamp": percdamp, "max_damp_tries": max_damp_tries}, "ADMM", "admm")
+
+    def inverse(P: Problem) -> torch.Tensor:
+        key = ("admm_inverse", str(W.device), float(percdamp), float(rho), int(max_damp_tries))
+        if key not in stats.cache:
+            stats.cache[key] = damped_inverse(P.Hn, rho, max_damp_tries, name)
+        return stats.cache[key]
+
+    return admm_solve(W, None, sparsity, pattern, mask, rho=rho, percdamp=percdamp, max_damp_tries=max_damp_tries,
+                      name=name, problem=lambda: layer_problem(stats, W.device, percdamp, name), inverse=inverse, **kw)
+
+
+register_metric(
+    "admm", needs=("hessian",), group="layer",
+    description="ADMM (Boza 2024): exact least-squares weight update on a fixed mask (--reconstruct admm), or with "
+                "the gradual mask (--metric admm: |W+U| on a cubic schedule); one (in,in) inverse per Hessian",
+    solver=admm_solver, params=ADMMParams,
+)(None)
