@@ -358,6 +358,9 @@ def main(argv=None):
                "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
                # per run: the file's "environment" is the last invocation's
                "git": file.data["environment"].get("git"), "date": file.data["environment"].get("date")}
+        auto = (report.get("allocation") or {}).get("auto")
+        if auto:  # the values `auto` chose and the proxy's trials
+            rec["auto"] = {"chosen": auto["chosen"], "trials": auto["trials"]}
         rw = rowwise_summary(report["layers"])
         if rw:
             rec["rowwise"] = rw
