@@ -8,6 +8,7 @@ import prunekit.methods  # noqa: F401  (registers every method, as prunekit.prun
 
 SHARED = Path(os.environ.get("PRUNEKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 os.environ.setdefault("PRUNEKIT_DATA_DIR", str(SHARED / "data"))
+os.environ.setdefault("PRUNEKIT_TASKS_DIR", str(SHARED / "tasks"))  # the same shared folder as the data and models
 STORIES_HF = SHARED / "models" / "stories260K" / "hf"
 TINY_TEXT = SHARED / "data" / "TinyStories-valid-excerpt.txt"
 
