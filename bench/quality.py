@@ -191,6 +191,12 @@ def all_suites() -> dict[str, list[dict]]:
     return {**suites(), **new_method_suites()}
 
 
+# why a protocol has the size it has (printed under its description)
+WHY = {"qwen05": "Windows chosen for this 2-core CPU: half of protocol S's calibration and evaluation windows, so that one "
+                 "pipeline on the 630 M-parameter model (4.7x SmolLM2) takes 2-12 minutes here. Compare pipelines within "
+                 "this file, not with SmolLM2's protocol S."}
+
+
 def markdown(data: dict) -> str:
     """quality_<protocol>.md: every run, then the best pipeline per sparsity."""
     p = data["protocol"]
@@ -202,6 +208,8 @@ def markdown(data: dict) -> str:
              f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: {evaluation}, "
              f"{data['dense']['windows']} windows x {p['seqlen']} tokens "
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
+             *([WHY[data["protocol_name"].split("-seed")[0]], ""] if data["protocol_name"].split("-seed")[0] in WHY
+               else []),
              f"Machine: {machine_line(env)}.", "",
              f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times "
              + ("on the GPU (one process, nothing else running)" if env.get("gpu") else
