@@ -203,13 +203,13 @@ def markdown(data: dict) -> str:
     env = data["environment"]
     ev_name, evaluation = EVAL_SETS[eval_set(p)]
     model = data.get("model", "smollm2")  # files without the key were all made on SmolLM2
+    why = WHY.get(data["protocol_name"].split("-seed")[0])  # a seed's file shares its protocol's reason
     lines = [f"# Quality benchmark: {display_name(model)}, protocol {data['protocol_name']}", "",
              f"Calibration: {p['calib']} (offline mirror: C4 validation documents after the first 1,100), "
              f"{p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}. Evaluation: {evaluation}, "
              f"{data['dense']['windows']} windows x {p['seqlen']} tokens "
              f"= {data['dense']['tokens']} tokens, token perplexity (paper convention).", "",
-             *([WHY[data["protocol_name"].split("-seed")[0]], ""] if data["protocol_name"].split("-seed")[0] in WHY
-               else []),
+             *([why, ""] if why else []),
              f"Machine: {machine_line(env)}.", "",
              f"Dense perplexity: **{data['dense']['ppl']:.3f}**. Prune times are wall times "
              + ("on the GPU (one process, nothing else running)" if env.get("gpu") else

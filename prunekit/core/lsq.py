@@ -87,6 +87,11 @@ def nothing_to_prune(shape, sparsity, pattern, mask) -> bool:
         or (isinstance(sparsity, torch.Tensor) and int(torch.floor(sparsity * cols).sum()) == 0))
 
 
+def unpruned(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a solver returns when it has nothing to prune: W as a new float32 tensor and an all-False mask."""
+    return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+
+
 @dataclass
 class Problem:
     """A layer's damped, normalised Hessian (see the module docstring)."""
@@ -104,6 +109,15 @@ class Problem:
     def restore(self, Wn: torch.Tensor) -> torch.Tensor:
         """W = Wn D^-1, non-finite entries 0 (only reachable from a W that held them)."""
         return torch.nan_to_num(Wn / self.scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def finite_or_dense(self, Xn: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, who: str,
+                        name: str = "layer") -> torch.Tensor:
+        """A solver's normalised result Xn, or, if it holds NaN/inf, the dense weights on the mask (no update;
+        logged): the guard every weight-update solver ends with, so that a prune never writes NaN."""
+        if all_finite(Xn):
+            return Xn
+        log.warning("%s: %s produced NaN/inf; keeping the dense weights on the mask (no update)", name, who)
+        return self.normalise(W).masked_fill_(mask, 0.0)
 
     def error(self, Wn: torch.Tensor, Vn: torch.Tensor) -> torch.Tensor:
         """Per-row error (w - v)^T Hn (w - v) of Vn against Wn, float64 (the damped objective)."""

@@ -40,21 +40,19 @@ buffer; six with ``tol``). Measured in bench/results/sparsegpt_memory.md against
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 from pydantic import Field
 
 from ..core.errors import PrunekitError
-from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
-                        damped_inverse, layer_problem, nothing_to_prune, solver_problem)
+from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
+                        layer_problem, nothing_to_prune, solver_problem, unpruned)
 from ..core.masks import make_mask, nm_mask, unstructured_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
 from ..core.stats import LayerStats
 
-log = logging.getLogger(__name__)
 
 DEFAULT_RHO = 1.0
 DEFAULT_ITERS = 20
@@ -105,7 +103,7 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     ADMMParams.check({"rho": rho, "iters": iters, "gradual": gradual, "percdamp": percdamp, "tol": tol,
                       "max_damp_tries": max_damp_tries}, "ADMM", "admm")
     if nothing_to_prune(W.shape, s, pattern, mask):
-        return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ADMM", name)
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
     V = P.normalise(W)  # starts as Wn; every quadratic step overwrites it in place
@@ -128,10 +126,7 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
             if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
                 break
             Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
-    Z = V.add_(U).masked_fill_(m, 0.0)
-    if not all_finite(Z):
-        log.warning("%s: ADMM produced NaN/inf; keeping the dense weights on the mask (no update)", name)
-        Z = P.normalise(W).masked_fill_(m, 0.0)
+    Z = P.finite_or_dense(V.add_(U).masked_fill_(m, 0.0), W, m, "ADMM", name)
     return P.restore(Z), m
 
 
@@ -143,7 +138,6 @@ def admm_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask
     (layers that read the same input share them)."""
     if stats is None or stats.hessian is None:
         raise PrunekitError("ADMM needs the layer Hessian: gather statistics with needs=('hessian',)")
-    ADMMParams.check({"rho": rho, "percdamp": percdamp, "max_damp_tries": max_damp_tries}, "ADMM", "admm")
 
     def inverse(P: Problem) -> torch.Tensor:
         key = ("admm_inverse", str(W.device), float(percdamp), float(rho), int(max_damp_tries))

@@ -41,21 +41,19 @@ in the conjugate gradients. Measured in bench/results/sparsegpt_memory.md agains
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 from pydantic import Field
 
 from ..core.errors import PrunekitError
-from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, all_finite, check_solver_inputs,
-                        damped_inverse, layer_problem, masked_cg, nothing_to_prune, solver_problem)
+from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
+                        layer_problem, masked_cg, nothing_to_prune, solver_problem, unpruned)
 from ..core.masks import make_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
 from ..core.stats import LayerStats
 
-log = logging.getLogger(__name__)
 
 RHO_MAX = 1e6
 
@@ -146,7 +144,7 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
                       "pcg_iters": pcg_iters, "pcg_rtol": pcg_rtol, "percdamp": percdamp,
                       "max_damp_tries": max_damp_tries}, "ALPS", "alps")
     if nothing_to_prune(W.shape, s, pattern, mask):
-        return W.detach().float().clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ALPS", name)
     target = P.normalise(W) @ P.Hn
     if mask is None:
@@ -158,10 +156,8 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
             info.update(extra)
     else:
         B, m = P.normalise(W), mask.to(device=target.device, dtype=torch.bool)
-    X = masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol).masked_fill_(m, 0.0)
-    if not all_finite(X):
-        log.warning("%s: ALPS produced NaN/inf; keeping the dense weights on the mask (no update)", name)
-        X = P.normalise(W).masked_fill_(m, 0.0)
+    X = P.finite_or_dense(masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol).masked_fill_(m, 0.0), W, m, "ALPS",
+                          name)
     return P.restore(X), m
 
 
@@ -172,7 +168,6 @@ def alps_solver(W: torch.Tensor, stats: LayerStats, sparsity, pattern=None, mask
     share it)."""
     if stats is None or stats.hessian is None:
         raise PrunekitError("ALPS needs the layer Hessian: gather statistics with needs=('hessian',)")
-    ALPSParams.check({"percdamp": percdamp, "max_damp_tries": max_damp_tries}, "ALPS", "alps")
     return alps_solve(W, None, sparsity, pattern, mask, percdamp=percdamp, max_damp_tries=max_damp_tries, name=name,
                       problem=lambda: layer_problem(stats, W.device, percdamp, name), **kw)
 

@@ -27,7 +27,7 @@ from ..core.families import (
 from ..core.masks import check_nm_shape
 from ..core.metric import configured_metric
 from ..core.offload import resolve_device
-from ..methods.experts import expert_allocation, remove_experts
+from ..methods.experts import ExpertAllocationParams, expert_allocation, remove_experts
 from ..methods.prototype import parse_select, select_windows
 from ..methods.removal import prune_and_comp, remove_one_shot
 from .allocator_inputs import allocator_inputs
@@ -104,8 +104,8 @@ def prune(model, tokenizer, config: PruneConfig | dict, calib_ids: torch.Tensor 
     ratios, alloc_extra = layer_ratios(cfg, model, tokenizer, blocks, block_layers, calib_ids, device, metric)
     if cfg.expert_allocation != "uniform":
         ratios, alloc_extra["experts"] = expert_allocation(
-            model, calib_ids, block_layers, ratios, cfg.expert_allocation, cfg.expert_allocation_params.get("eps", 0.2),
-            cfg.max_ratio, device, cfg.batch_size)
+            model, calib_ids, block_layers, ratios, cfg.expert_allocation,
+            ExpertAllocationParams(**cfg.expert_allocation_params).eps, cfg.max_ratio, device, cfg.batch_size)
     t_alloc = time.time()
     pruner = LayerPruner.from_config(cfg, metric, ratios)
     if nm is None and all(r == 0 for r in ratios.values()):  # nothing to prune (e.g. block removal only)
