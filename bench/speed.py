@@ -20,8 +20,9 @@ import torch
 
 import prunekit
 from prunekit.core import stats as stats_mod
+from prunekit.core.blocks import auto_batch_size, capture_inputs, tune_malloc
 from prunekit.core.families import get_blocks
-from prunekit.core.offload import resolve_device
+from prunekit.core.offload import on_device, resolve_device, store_device
 from prunekit.methods.sparsegpt import sweep_method
 
 from bench.lib.env import environment
@@ -29,7 +30,7 @@ from bench.lib.models import RANDOM_LLAMA, calibration, dense_snapshot, load
 from bench.lib.protocols import PROTOCOLS, config_fields
 from bench.lib.results import RESULTS, load_results, merge_results, save_markdown
 from bench.lib.tables import document, table
-from bench.lib.timing import peak_rss_gib, phase_timer
+from bench.lib.timing import PeakRSS, peak_rss_gib, phase_timer, sync
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets
 SPEED = RESULTS / "speed.json"
@@ -37,11 +38,17 @@ SPEED = RESULTS / "speed.json"
 # the engine's phases timed by --phases: (module, function, label); SparseGPT's factor of H^-1 is computed once
 # per shared Hessian (factor_hessian) before sparsegpt_solve gets it, so the two are separate phases (records of
 # older versions name other phases: the labels are stored as they were measured)
-PHASES = (("prunekit.core.stats", "gram", "statistics: X^T X (Hessian)"),
+PHASES = (("prunekit.core.blocks", "capture_inputs", "capture of block 0's inputs (embeddings)"),
+          ("prunekit.core.blocks", "probe_block_kwargs", "probe of every block's arguments"),
+          ("prunekit.core.stats:LayerStats", "_accumulate", "statistics: feature sums and counts"),
+          ("prunekit.core.stats", "gram", "statistics: X^T X (Hessian)"),
+          ("prunekit.pruning.layer_pruner", "make_mask", "mask selection"),
+          ("prunekit.core.blocks", "release_memory", "heap trim after each block"),
           ("prunekit.methods.sparsegpt", "factor_hessian",
            "SparseGPT factor of H^-1 (reversed Cholesky, triangular inverse)"),
           ("prunekit.methods.sparsegpt", "sparsegpt_solve", "SparseGPT column sweep"),
           ("prunekit.pruning.layer_pruner", "pack_mask", "mask packing"))
+REST = "rest (block forward passes, metric scores, zeroing, bookkeeping)"
 
 
 # (hidden, intermediate, kv width, blocks, vocab) of the shapes projected on paper
@@ -88,6 +95,9 @@ def main(argv=None):
                     "(time per phase), right after their plain run")
     ap.add_argument("--sweep", choices=("auto", "columns", "triangular"), default="auto",
                     help="SparseGPT's within-block solve (metric parameter sweep); auto: the device's default")
+    ap.add_argument("--forward", type=int, default=2, help="dense blocks-only forwards of the calibration set timed "
+                    "in the same process (half before the prunes, half after; the minimum is the reference the "
+                    "prune times are divided by); 0: none")
     a = ap.parse_args(argv)
     device = resolve_device(a.device).type
     cuda = device == "cuda"
@@ -102,6 +112,8 @@ def main(argv=None):
     phased = [m for m in a.phases.split(",") if m]
     runs = [(m, instr) for m in a.metric.split(",") for instr in ((False, True) if m in phased else (False,))]
     dense = dense_snapshot(model) if len(runs) > 1 else None
+    forwards = [forward_time(model, calib, device) for _ in range((a.forward + 1) // 2)]
+    keys = []
     for metric, instrumented in runs:
         if dense is not None:
             dense.restore()  # every run starts from the dense weights
@@ -112,7 +124,7 @@ def main(argv=None):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
-            with phase_timer(phases, PHASES, cuda, instrumented):
+            with phase_timer(phases, PHASES, cuda, instrumented), PeakRSS() as rss:
                 t = time.time()
                 report = prunekit.prune(model, tok, cfg, calib_ids=calib)
                 if cuda:
@@ -122,7 +134,46 @@ def main(argv=None):
         if instrumented:
             record_phases(key, times[0], phases)
         else:
-            record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense is not None)
+            record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense is not None, rss.peak)
+            keys.append(key)
+    if a.forward:  # on the pruned weights: the same dense kernels, the same time
+        forwards += [forward_time(model, calib, device) for _ in range(a.forward // 2)]
+        record_forward(keys, forwards, auto_batch_size(model, calib.shape[0], calib.shape[1], device))
+
+
+@torch.no_grad()
+def forward_time(model, calib: torch.Tensor, device: str) -> float:
+    """Seconds of one dense blocks-only forward of the calibration set: block 0's inputs captured, then every block
+    run once on all windows, nothing else (no statistics, no heap trims, the batch size a prune would choose): the
+    one pass that any calibration-based method needs, the floor of the engine's time. glibc's heap tuned as in a
+    prune (``tune_malloc``), so that the forward does not pay page faults that the engine avoids."""
+    tune_malloc()
+    dev = torch.device(device)
+    blocks = get_blocks(model)
+    bs = auto_batch_size(model, calib.shape[0], calib.shape[1], dev)
+    sync(device)
+    t = time.time()
+    inputs = capture_inputs(model, blocks, calib, bs, dev, store_device(model, calib, dev, None))
+    for b, block in enumerate(blocks):
+        inputs.block_index = b
+        with on_device(block, dev):
+            for i in range(inputs.n_batches):
+                inputs.hidden[i] = inputs.call(block, i, dev).to(inputs.hidden[i].device)
+    sync(device)
+    return time.time() - t
+
+
+def record_forward(keys: list[str], forwards: list[float], batch: int) -> None:
+    """Add the dense forward's time to this invocation's records, and each prune's multiple of it."""
+    data = load_results(SPEED)
+    for key in keys:
+        r = data[key]
+        r["forward_s"] = round(min(forwards), 2)
+        r["forward_s_all"] = [round(x, 2) for x in forwards]
+        r["forward_batch"] = batch
+        r["x_forward"] = round(r["prune_s"] / min(forwards), 3)
+        save({key: r})
+    print("dense blocks-only forward", [round(x, 2) for x in forwards], "s")
 
 
 def model_label(a) -> str:
@@ -146,12 +197,13 @@ def record_phases(key: str, total: float, phases: dict) -> None:
     if key in data:
         rest = total - sum(v for k, v in phases.items() if not k.startswith(" "))
         data[key]["phases_s"] = {"instrumented_total": round(total, 2), **{k: round(v, 2) for k, v in phases.items()},
-                                 "rest (forward passes, block transfers, masks, bookkeeping)": round(rest, 2)}
+                                 REST: round(rest, 2)}
         save({key: data[key]})
     print(key, "phases", phases, "total", round(total, 2))
 
 
-def record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense_kept: bool) -> None:
+def record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense_kept: bool,
+           run_peak: float) -> None:
     cuda = device == "cuda"
     nsamples, seqlen = proto["nsamples"], proto["seqlen"]
     blocks = get_blocks(model)
@@ -162,6 +214,7 @@ def record(key, a, metric, device, model, proto, load_s, times, rss_before, repo
            "params": sum(p.numel() for p in model.parameters()), "block_params": block_params,
            "load_s": round(load_s, 2), "prune_s": round(min(times), 2), "prune_s_all": [round(x, 2) for x in times],
            "peak_rss_gib": round(peak_rss_gib(), 2), "rss_before_prune_gib": round(rss_before, 2),
+           "peak_rss_last_prune_gib": round(run_peak, 2),
            "overall_sparsity": report["overall_sparsity"], "engine": "sequential, one batch per block",
            "dense_copy_in_rss": dense_kept}  # a copy of the dense layer weights, kept to restore them between runs
     if metric == "sparsegpt":  # how each 128-column block is solved
@@ -197,14 +250,21 @@ def machine_cell(env: dict) -> str:
 
 def markdown(data: dict) -> str:
     lines = ["# Speed benchmark", "", "Wall time of `prunekit.prune` with the model already loaded (min over repeats); "
-             "peak RSS is the process high-water mark (model included).", ""]
-    lines += table(["model", "metric", "device", "calibration", "prune s", "peak RSS GiB", "peak GPU GiB",
-                    "x FLOPs floor", "machine"],
+             "peak RSS is the process high-water mark (model included; where a second figure is given, the first is "
+             "the last prune's own peak, sampled while it ran). \"forward s\" is one dense blocks-only forward of the "
+             "same calibration windows in the same process (block 0's inputs captured, every block run once), the "
+             "floor of any calibration-based method; \"x forward\" is the prune's multiple of it.", ""]
+    lines += table(["model", "metric", "device", "calibration", "prune s", "forward s", "x forward", "peak RSS GiB",
+                    "peak GPU GiB", "x FLOPs floor", "machine", "commit"],
                    [[r["model"], f"{r['metric']} {r['sparsity']}" + (f" ({r['sparsegpt_sweep']})" if "|sweep=" in k
                                                                       else ""),
-                     r["device"], f"{r['nsamples']} x {r['seqlen']}", r["prune_s"], r["peak_rss_gib"],
+                     r["device"], f"{r['nsamples']} x {r['seqlen']}", r["prune_s"], r.get("forward_s", "-"),
+                     r.get("x_forward", "-"),
+                     (f"{r['peak_rss_last_prune_gib']} / " if "peak_rss_last_prune_gib" in r else "")
+                     + str(r["peak_rss_gib"]),
                      r.get("peak_gpu_gib", "-"), r.get("x_floor", "-"),
-                     f"{machine_cell(r['environment'])}, torch {r['environment']['torch']}"] for k, r in data.items()])
+                     f"{machine_cell(r['environment'])}, torch {r['environment']['torch']}",
+                     r["environment"].get("git", "-")] for k, r in data.items()])
     for k, r in data.items():
         if "phases_s" in r:
             lines += ["", f"Phases of `{k}` (a second, instrumented run: GPU synchronised around each phase):", ""]

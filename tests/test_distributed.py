@@ -49,6 +49,18 @@ def _worker(rank, world, init_file, out_dir):
         from prunekit.core.distributed import shutdown
 
         shutdown()  # barrier, then destroy (without the barrier a rank aborted now and then at teardown)
+    _exit_now()
+
+
+def _exit_now():
+    """End a rank that finished its work without the interpreter's teardown. About 1 run in 30, a rank whose
+    work, barrier and ``destroy_process_group`` had all completed still died at exit with "terminate called
+    without an active exception" (SIGABRT): with faulthandler on, the main thread showed "<no Python frame>",
+    i.e. torch's gloo threads torn down in C++ finalisation (torch 2.13, CPU), after everything this test
+    checks. The test checks prunekit's results, not torch's exit path; see NOTES.md (distributed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_ranks_equal_single_process(tmp_path):
@@ -82,6 +94,7 @@ def _cli_worker(rank, world, port, out):
                str(TINY_TEXT), "--nsamples", "4", "--seqlen", "32", "--out", out])
     if rc != 0 or dist.is_initialized():  # the CLI leaves the process group it created
         raise SystemExit(f"rank {rank}: rc {rc}, process group still initialised: {dist.is_initialized()}")
+    _exit_now()
 
 
 def test_cli_under_torchrun_environment_prunes_and_leaves_the_group(tmp_path):

@@ -98,15 +98,20 @@ class PeakRSS:
 @contextlib.contextmanager
 def phase_timer(acc: dict, phases, cuda: bool, on: bool = True):
     """Add to ``acc[label]`` the seconds spent in each of ``phases`` ((module, function, label) triples) by
-    wrapping those functions for the duration (a GPU sync before and after each call, so a timed run is a
-    little slower than a plain one). Each phase's time is exclusive: a wrapped call made inside another (the
-    SparseGPT factor computed lazily inside the solve) counts for its own phase only."""
+    wrapping those functions for the duration, with a GPU sync before and after each call (so a timed run is a
+    little slower than a plain one). ``"module:Class"`` as the module wraps a method of that class. A function is
+    wrapped where its caller looks it up: in the caller's module when the caller imported it by name. Each phase's
+    time is exclusive: a wrapped call made inside another (the SparseGPT factor computed lazily inside the solve)
+    counts for its own phase only."""
     if not on:
         yield
         return
     saved, inner = [], []  # inner: per open wrapped call, the time spent in wrapped calls nested in it
     for mod_name, fn_name, label in phases:
+        mod_name, _, cls = mod_name.partition(":")  # "module:Class": a method of that class
         mod = importlib.import_module(mod_name)
+        if cls:
+            mod = getattr(mod, cls)
         fn = getattr(mod, fn_name)
 
         def wrapped(*args, _fn=fn, _label=label, **kw):

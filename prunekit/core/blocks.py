@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,6 +56,7 @@ class StopForward(Exception):
 
 
 _MALLOC_TUNED = False
+_LIBC: list = []
 
 
 def tune_malloc() -> None:
@@ -79,12 +81,62 @@ def tune_malloc() -> None:
         pass
 
 
-_LIBC: list = []
+def heap_free_bytes() -> int | None:
+    """Bytes free inside glibc's heap (all arenas, ``mallinfo2().fordblks``); None off glibc or before 2.33."""
+    if not _LIBC:
+        return None
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = _LIBC[0].mallinfo2
+    except AttributeError:
+        return None
+    fn.restype = Mallinfo2
+    return int(fn().fordblks)
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (Linux ``/proc/self/statm``), None where unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class HeapKeeper:
+    """Gives the heap's free memory back to the OS when the process has grown, not after every block.
+
+    After the first block, the resident memory is the reference and the free heap is what a block pass needs
+    again (its activations, freed): kept, the next block reuses it without page faults. Trimming after *every*
+    block (``malloc_trim``) made each pass fault its activations in anew: 5-6 s of a 35 s SmolLM2 64 x 512
+    forward (bench/results/engine_profile.md). Never trimming lets fragmentation grow the heap block after block
+    (a 64 x 512 SmolLM2 SparseGPT prune: 7.8 GB; one with many batches reached 24 GB). So: trim once the resident
+    memory exceeds the reference by more than that one pass (at least ``slack``). Where memory cannot be read
+    (not Linux and glibc), trim after every block as before."""
+
+    def __init__(self, slack: int = 256 << 20):
+        self.slack, self.reference, self.allowance, self.trims = slack, None, 0, 0
+
+    def after_block(self) -> None:
+        if not _LIBC:
+            return
+        rss, free = rss_bytes(), heap_free_bytes()
+        if rss is None or free is None:
+            release_memory()
+            self.trims += 1
+        elif self.reference is None:
+            self.reference, self.allowance = rss, max(free, self.slack)
+        elif rss > self.reference + self.allowance:
+            release_memory()
+            self.trims += 1
 
 
 def release_memory() -> None:
-    """Give the heap's free memory back to the OS (called after every block, so the retained heap
-    never exceeds one block pass: without it, fragmentation grew a 64 x 512 SmolLM2 prune to 24 GB)."""
+    """Give the heap's free memory back to the OS now (``malloc_trim``)."""
     if _LIBC:
         _LIBC[0].malloc_trim(0)
 
@@ -125,6 +177,17 @@ class BlockInputs:
         if raw:
             return out
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def store(self, i: int, out: torch.Tensor) -> None:
+        """Make ``out`` batch i's hidden states: copied into the buffer the batch already has when shape and dtype
+        match, so the long-lived hidden states keep their place in memory block after block and the block pass's
+        temporaries free the same holes each time (replacing the buffer by ``out``, allocated amid those
+        temporaries, fragmented the heap: it grew by about 0.3 GB a block in a 64 x 512 SmolLM2 prune)."""
+        h = self.hidden[i]
+        if out is not h and out.shape == h.shape and out.dtype == h.dtype:
+            h.copy_(out)
+        else:
+            self.hidden[i] = out.to(h.device)
 
     @property
     def n_batches(self) -> int:
@@ -197,7 +260,7 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
     if len(blocks) < 2:
         return
     with on_device(blocks[0], device):
-        template = inputs.call(blocks[0], 0, device, raw=True)
+        template = _output_template(blocks[0], inputs, device)
     sizes = {}
     start = 0
     for h in inputs.hidden:  # first batch of every size
@@ -235,6 +298,36 @@ def probe_block_kwargs(model: nn.Module, blocks: nn.ModuleList, inputs: BlockInp
 
 
 _MISSING = object()
+
+
+def _batch_slice(obj, n: int):
+    """Every tensor in ``obj`` (nested tuples, lists, dicts) whose first dimension is ``n`` cut to its first row."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_batch_slice(o, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _batch_slice(v, n) for k, v in obj.items()}
+    return obj
+
+
+def _output_template(block: nn.Module, inputs: BlockInputs, device):
+    """What ``block`` returns (a tensor, or a tuple whose first item is the hidden states), from one call on the
+    first sample of batch 0: only the structure is used (``probe_block_kwargs``), and a call on all of batch 0
+    costs a full block pass (1.1 s of a 64 x 512 SmolLM2 prune). A cut that the block refuses (some argument whose
+    first dimension was not the batch after all) falls back to the whole batch."""
+    n = inputs.hidden[0].shape[0]
+    if n > 1:
+        one = BlockInputs([inputs.hidden[0][:1]], [_batch_slice(inputs.args[0], n)],
+                          [_batch_slice(inputs.kwargs[0], n)], inputs.hidden_in_kwargs)
+        try:
+            out = one.call(block, 0, device, raw=True)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(h, torch.Tensor) and h.shape == one.hidden[0].shape:
+                return out
+        except Exception:  # noqa: BLE001 - any refusal of the cut: the whole batch below
+            pass
+    return inputs.call(block, 0, device, raw=True)
 
 
 def _stages(block, layers: dict[str, nn.Module], inputs: BlockInputs, device) -> tuple[list[list[list[str]]], list[str]]:
@@ -330,7 +423,7 @@ def run_block(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInput
         for i in range(inputs.n_batches):
             out = inputs.call(block, i, device)
             if update_inputs:
-                inputs.hidden[i] = out.to(inputs.hidden[i].device)
+                inputs.store(i, out)
 
     if sequential and inputs.n_batches == 1:
         # single pass: each layer is pruned in its own pre-hook, just before it runs on all samples
@@ -431,6 +524,7 @@ def walk_blocks(model: nn.Module, input_ids: torch.Tensor, device, step: Step, b
     probe_block_kwargs(model, blocks, inputs, input_ids, device, store)
     if store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
+    heap = HeapKeeper()
     for b in tqdm(range(stop), desc=desc, unit="block", leave=False):
         interrupts.check()  # a stop whose KeyboardInterrupt was swallowed somewhere still stops the run
         inputs.block_index = b
@@ -438,7 +532,8 @@ def walk_blocks(model: nn.Module, input_ids: torch.Tensor, device, step: Step, b
             step(b, blocks[b], inputs)
         if on_block_done:
             on_block_done(b)
-        release_memory()
+        heap.after_block()
+    log.debug("heap trimmed after %d of %d blocks", heap.trims, stop)
     return inputs
 
 
@@ -457,7 +552,7 @@ def run_blocks(model: nn.Module, input_ids: torch.Tensor, visit=None, device="cp
                 out = inputs.call(block, i, device)
                 if visit is not None:
                     visit(b, inputs.hidden[i].to(device), out)
-                inputs.hidden[i] = out.to(inputs.hidden[i].device)
+                inputs.store(i, out)
         finally:
             for h in hooks:
                 h.remove()

@@ -38,20 +38,30 @@ def check_nm_shape(nm: tuple[int, int], d_in: int, name: str = "layer") -> None:
         raise PrunekitError(f"{name}: input dimension {d_in} is not divisible by M={nm[1]} of pattern {nm[0]}:{nm[1]}")
 
 
+def _has_nan(scores: torch.Tensor) -> bool:
+    """Whether ``scores`` may hold a NaN: its sum is NaN whenever it does (also for +inf and -inf together,
+    which then takes the caller's general path too). One reduction instead of a boolean copy of the matrix."""
+    return bool(torch.isnan(scores.sum()))
+
+
 def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Mask of the k lowest entries of each row of a 2-D tensor (k may differ per row); ties are taken in
     index order (what a stable sort gives)."""
     rows, cols = scores.shape
-    if scores.device.type == "cpu" and isinstance(k, int) and 0 < k < cols and not bool(torch.isnan(scores).any()):
-        # selection, not a sort: the k-th value per row, everything below it, then the ties at it in index
-        # order (identical to the stable sort below; 2.5-6x faster on the CPU for SparseGPT's 128-column
-        # blocks and per-row Wanda masks). CPU only: CUDA's kthvalue gives each row one thread block, and
-        # SparseGPT selects over one long row per block (11008 x 128 = 1.4 M entries for LLaMA-7B's
-        # gate/up), so GPUs keep the sort
+    if scores.device.type == "cpu" and isinstance(k, int) and 0 < k < cols and not _has_nan(scores):
+        # selection, not a sort: the k-th value per row, everything at or below it, then, in the rows where
+        # ties at it give more than k, only the first ties in index order (identical to the stable sort
+        # below; 2.5-6x faster on the CPU for SparseGPT's 128-column blocks and per-row Wanda masks). CPU
+        # only: CUDA's kthvalue gives each row one thread block, and SparseGPT selects over one long row per
+        # block (11008 x 128 = 1.4 M entries for LLaMA-7B's gate/up), so GPUs keep the sort
         t = scores.kthvalue(k, dim=1, keepdim=True).values
-        below = scores < t
-        tied = scores == t
-        return below | (tied & (tied.cumsum(1) <= k - below.sum(1, keepdim=True)))
+        mask = scores <= t
+        over = torch.nonzero(mask.sum(1) > k).flatten()  # rows with surplus ties at t (usually none)
+        if over.numel():
+            sub, ts = scores[over], t[over]
+            below, tied = sub < ts, sub == ts
+            mask[over] = below | (tied & (tied.cumsum(1) <= k - below.sum(1, keepdim=True)))
+        return mask
     order = torch.sort(scores, dim=1, stable=True).indices
     if isinstance(k, int):
         take = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
@@ -65,7 +75,7 @@ def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 
 def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the value of rank ``k`` (0-based) in ascending order (NaN sorts last, as in the masks)."""
-    if scores.device.type == "cpu" and not bool(torch.isnan(scores).any()):
+    if scores.device.type == "cpu" and not _has_nan(scores):
         return scores.kthvalue(k + 1, dim=1).values
     return torch.sort(scores, dim=1).values[:, k]
 
@@ -139,8 +149,26 @@ def pack_mask(mask: torch.Tensor):
 
     flat = mask.reshape(-1)
     if flat.device.type == "cpu":
-        return torch.from_numpy(np.packbits(flat.numpy().astype(bool)))
-    return pack_bits(flat).cpu()
+        return off_heap(torch.from_numpy(np.packbits(flat.numpy().astype(bool))))
+    return off_heap(pack_bits(flat).cpu())
+
+
+def off_heap(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the CPU tensor ``t`` in its own anonymous memory map, outside malloc's heap.
+
+    For the small results that live until the end of a prune and are made in the middle of a block pass (the
+    packed masks): from the heap, each would settle in a hole that the pass's freed activations leave and split
+    it, so the next block's activations no longer fit and the heap grows (by about 0.3 GB a block in a 64 x 512
+    SmolLM2 prune: a trim and the page faults of a whole pass every few blocks, bench/results/engine_profile.md).
+    """
+    n = t.numel() * t.element_size()
+    if n == 0 or t.device.type != "cpu":
+        return t
+    import mmap
+
+    out = torch.frombuffer(mmap.mmap(-1, n), dtype=t.dtype, count=t.numel()).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def pack_bits(flat: torch.Tensor) -> torch.Tensor:

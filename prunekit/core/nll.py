@@ -47,8 +47,7 @@ def nll_of_windows_blockwise(model, windows: torch.Tensor, device, batch_size: i
             out = inputs.call(block, i, device, raw=True)
             if not template:
                 template.append(out)
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            inputs.hidden[i] = h.to("cpu")
+            inputs.store(i, out[0] if isinstance(out, (tuple, list)) else out)
 
     inputs = walk_blocks(model, windows, device, step, batch_size, offload=True, desc=f"{desc} (block by block)")
     blocks = get_blocks(model)
