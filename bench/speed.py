@@ -95,9 +95,9 @@ def main(argv=None):
                     "(time per phase), right after their plain run")
     ap.add_argument("--sweep", choices=("auto", "columns", "triangular"), default="auto",
                     help="SparseGPT's within-block solve (metric parameter sweep); auto: the device's default")
-    ap.add_argument("--forward", type=int, default=2, help="dense blocks-only forwards of the calibration set timed "
-                    "in the same process (half before the prunes, half after; the minimum is the reference the "
-                    "prune times are divided by); 0: none")
+    ap.add_argument("--forward", type=int, default=2, help="dense blocks-only forwards of the calibration set, each "
+                    "timed in a fresh process of its own (half before the prunes, half after; the minimum is the "
+                    "reference the prune times are divided by); 0: none")
     a = ap.parse_args(argv)
     device = resolve_device(a.device).type
     cuda = device == "cuda"
@@ -112,7 +112,7 @@ def main(argv=None):
     phased = [m for m in a.phases.split(",") if m]
     runs = [(m, instr) for m in a.metric.split(",") for instr in ((False, True) if m in phased else (False,))]
     dense = dense_snapshot(model) if len(runs) > 1 else None
-    forwards = [forward_time(model, calib, device) for _ in range((a.forward + 1) // 2)]
+    forwards = [forward_in_child(a, proto, device) for _ in range((a.forward + 1) // 2)]
     keys = []
     for metric, instrumented in runs:
         if dense is not None:
@@ -137,8 +137,23 @@ def main(argv=None):
             record(key, a, metric, device, model, proto, load_s, times, rss_before, report, dense is not None, rss.peak)
             keys.append(key)
     if a.forward:  # on the pruned weights: the same dense kernels, the same time
-        forwards += [forward_time(model, calib, device) for _ in range(a.forward // 2)]
+        forwards += [forward_in_child(a, proto, device) for _ in range(a.forward // 2)]
         record_forward(keys, forwards, auto_batch_size(model, calib.shape[0], calib.shape[1], device))
+
+
+def forward_in_child(a, proto: dict, device: str) -> float:
+    """``forward_time`` in a fresh process (the model loaded there, not timed): glibc's heap carries over from one
+    run to the next in one process, so a forward before a prune changed the prune's time and peak memory (and the
+    other way round); each prune and each forward starts from a fresh heap, as a user's run does."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_forward_child, (a.model, a.dtype, a.blocks, proto, device))
+
+
+def _forward_child(spec: str, dtype: str | None, blocks: int, proto: dict, device: str) -> float:
+    model, tok = load(spec, dtype or "auto", blocks=blocks)
+    return forward_time(model, calibration(tok, proto), device)
 
 
 @torch.no_grad()
@@ -252,7 +267,8 @@ def markdown(data: dict) -> str:
     lines = ["# Speed benchmark", "", "Wall time of `prunekit.prune` with the model already loaded (min over repeats); "
              "peak RSS is the process high-water mark (model included; where a second figure is given, the first is "
              "the last prune's own peak, sampled while it ran). \"forward s\" is one dense blocks-only forward of the "
-             "same calibration windows in the same process (block 0's inputs captured, every block run once), the "
+             "same calibration windows, run by the same benchmark in a fresh process of its own (block 0's inputs "
+             "captured, every block run once), the "
              "floor of any calibration-based method; \"x forward\" is the prune's multiple of it.", ""]
     lines += table(["model", "metric", "device", "calibration", "prune s", "forward s", "x forward", "peak RSS GiB",
                     "peak GPU GiB", "x FLOPs floor", "machine", "commit"],

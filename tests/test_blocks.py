@@ -271,3 +271,89 @@ def test_row_rounding_reaches_the_layer_ratio_where_floor_falls_short(calib_ids)
     ra = prunekit.prune(a, None, {"metric": "magnitude", "sparsity": 0.7})
     rb = prunekit.prune(b, None, {"metric": "magnitude", "sparsity": 0.7, "row_rounding": "floor"})
     assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+
+
+def test_heap_keeper_trims_only_when_the_process_grew_past_its_allowance(monkeypatch):
+    """After the first block the resident memory is the reference and half the free heap (at least ``slack``) the
+    allowance; a trim happens exactly when a later block ends above reference + allowance."""
+    import prunekit.core.blocks as B
+
+    rss = iter([1000, 1100, 1600, 1601, 900, 1400])  # MB, one per block
+    trims = []
+    monkeypatch.setattr(B, "_LIBC", [object()])
+    monkeypatch.setattr(B, "rss_bytes", lambda: next(rss) << 20)
+    monkeypatch.setattr(B, "heap_free_bytes", lambda: 1000 << 20)  # allowance: max(500, 256) MB
+    monkeypatch.setattr(B, "release_memory", lambda: trims.append(1))
+    keeper = B.HeapKeeper(slack=256 << 20)
+    grew = []
+    for _ in range(6):
+        before = len(trims)
+        keeper.after_block()
+        grew.append(len(trims) > before)
+    assert grew == [False, False, True, True, False, False]  # 1600 and 1601 > 1000 + 500; 1100, 900, 1400 are not
+    assert keeper.trims == 2
+
+
+def test_heap_keeper_trims_every_block_where_memory_cannot_be_read(monkeypatch):
+    import prunekit.core.blocks as B
+
+    trims = []
+    monkeypatch.setattr(B, "_LIBC", [object()])
+    monkeypatch.setattr(B, "rss_bytes", lambda: None)
+    monkeypatch.setattr(B, "heap_free_bytes", lambda: None)
+    monkeypatch.setattr(B, "release_memory", lambda: trims.append(1))
+    keeper = B.HeapKeeper()
+    for _ in range(3):
+        keeper.after_block()
+    assert len(trims) == 3
+
+
+def test_store_copies_into_the_batch_buffer_and_replaces_on_a_new_shape():
+    from prunekit.core.blocks import BlockInputs
+
+    h = torch.zeros(2, 3, 4)
+    inputs = BlockInputs([h], [()], [{}], False)
+    out = torch.randn(2, 3, 4)
+    inputs.store(0, out)
+    assert inputs.hidden[0] is h and torch.equal(h, out)  # same buffer, new values
+    wider = torch.randn(2, 3, 5)
+    inputs.store(0, wider)
+    assert torch.equal(inputs.hidden[0], wider) and inputs.hidden[0].shape == (2, 3, 5)
+    half = torch.randn(2, 3, 5, dtype=torch.float16)
+    inputs.store(0, half)
+    assert inputs.hidden[0].dtype == torch.float16 and torch.equal(inputs.hidden[0], half)
+
+
+def test_output_template_from_one_sample_and_fallback_to_the_whole_batch():
+    """The probe learns a block's output structure from the first sample; a block that refuses the cut (here: an
+    argument whose first dimension equals the batch size but must not be cut) is called on the whole batch."""
+    from prunekit.core.blocks import BlockInputs, _output_template
+
+    seen = []
+
+    class Block(torch.nn.Module):
+        def forward(self, h, table=None):
+            seen.append(h.shape[0])
+            if table is not None and table.shape[0] != 3:
+                raise ValueError("table must keep its 3 rows")
+            return (h * 2, None)
+
+    h = torch.randn(3, 5, 4)
+    out = _output_template(Block(), BlockInputs([h], [()], [{}], False), "cpu")
+    assert isinstance(out, tuple) and len(out) == 2 and seen == [1]
+    seen.clear()
+    out = _output_template(Block(), BlockInputs([h], [()], [{"table": torch.zeros(3, 7)}], False), "cpu")
+    assert seen == [1, 3] and out[0].shape == (3, 5, 4)
+
+
+def test_off_heap_copy_is_equal_and_independent():
+    from prunekit.core.masks import off_heap, pack_mask, unpack_mask
+
+    t = torch.arange(100, dtype=torch.uint8)
+    c = off_heap(t)
+    assert torch.equal(c, t) and c.data_ptr() != t.data_ptr()
+    t[0] = 7
+    assert c[0] == 0
+    m = torch.rand(33, 17, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
+    assert off_heap(torch.zeros(0)).numel() == 0
