@@ -42,6 +42,26 @@ def test_nested_phases_are_not_counted_twice(monkeypatch):
     assert mod.solve is solve and mod.factor is factor  # unwrapped afterwards
 
 
+def test_phase_timer_wraps_a_method_named_module_colon_class(monkeypatch):
+    clock = [0.0]
+    mod = types.ModuleType("fake_cls_phases")
+
+    class Stats:
+        def accumulate(self, n):
+            clock[0] += n
+            return n
+
+    mod.Stats = Stats
+    monkeypatch.setitem(sys.modules, "fake_cls_phases", mod)
+    monkeypatch.setattr(timing.time, "time", lambda: clock[0])
+    acc = {}
+    original = Stats.accumulate
+    with timing.phase_timer(acc, (("fake_cls_phases:Stats", "accumulate", "sums"),), False, True):
+        assert Stats().accumulate(2.0) == 2.0 and Stats().accumulate(0.5) == 0.5
+    assert acc == {"sums": 2.5}
+    assert Stats.accumulate is original
+
+
 def test_runs_resume_skip_redo_and_settings(tmp_path):
     path = tmp_path / "r.json"
     md = lambda data: f"{len(data['runs'])} runs\n"  # noqa: E731

@@ -119,8 +119,17 @@ class HeapKeeper:
     allowance, SparseGPT's peak rose from 2.5 to 3.7 GB. Where memory cannot be read
     (not Linux and glibc), trim after every block as before."""
 
+    ANCHORS = 128  # untouched 320 KB allocations held while the walk runs (see below)
+
     def __init__(self, slack: int = 256 << 20):
         self.slack, self.reference, self.allowance, self.trims = slack, None, 0, 0
+        # Measured, not understood: with about a hundred live medium allocations in the heap before the first block
+        # (a dense snapshot of the weights, or 125 untouched 320 KB tensors), the fresh-process SmolLM2 Wanda prune
+        # kept reusing its freed activations (0 trims, 0.34 M page faults, 31 s); without them its heap grew and
+        # was trimmed after 13-24 of 30 blocks (6-9 M page faults, 38 s). 25 such tensors of 16 MB, or one of
+        # 400 MB, did not help. Untouched pages cost no resident memory (40 MB of address space).
+        # bench/results/engine_profile.md.
+        self._anchors = [torch.empty(80_000) for _ in range(self.ANCHORS)] if _LIBC else []
 
     def after_block(self) -> None:
         if not _LIBC:
@@ -517,6 +526,7 @@ def walk_blocks(model: nn.Module, input_ids: torch.Tensor, device, step: Step, b
     inputs: ``hidden`` is then the stream entering block ``stop``."""
     device = torch.device(device)
     tune_malloc()
+    heap = HeapKeeper()  # before the first allocation of the walk (its anchors)
     blocks = get_blocks(model)
     stop = len(blocks) if stop is None else stop
     store = store_device(model, input_ids, device, offload)
@@ -525,7 +535,6 @@ def walk_blocks(model: nn.Module, input_ids: torch.Tensor, device, step: Step, b
     probe_block_kwargs(model, blocks, inputs, input_ids, device, store)
     if store.type == "cpu" and device.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
-    heap = HeapKeeper()
     for b in tqdm(range(stop), desc=desc, unit="block", leave=False):
         interrupts.check()  # a stop whose KeyboardInterrupt was swallowed somewhere still stops the run
         inputs.block_index = b
