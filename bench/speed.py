@@ -19,6 +19,7 @@ import time
 import torch
 
 import prunekit
+from prunekit.core import blocks as blocks_mod
 from prunekit.core import stats as stats_mod
 from prunekit.core.blocks import auto_batch_size, capture_inputs, tune_malloc
 from prunekit.core.families import get_blocks
@@ -160,9 +161,11 @@ def _forward_child(spec: str, dtype: str | None, blocks: int, proto: dict, devic
 def forward_time(model, calib: torch.Tensor, device: str) -> float:
     """Seconds of one dense blocks-only forward of the calibration set: block 0's inputs captured, then every block
     run once on all windows, nothing else (no statistics, no heap trims, the batch size a prune would choose): the
-    one pass that any calibration-based method needs, the floor of the engine's time. glibc's heap tuned as in a
-    prune (``tune_malloc``), so that the forward does not pay page faults that the engine avoids."""
+    one pass that any calibration-based method needs, the floor of the engine's time. glibc's heap is tuned and
+    anchored as in a prune (``tune_malloc``, ``HeapKeeper``), so that the forward does not pay page faults that the
+    engine avoids; it is never trimmed."""
     tune_malloc()
+    heap = blocks_mod.HeapKeeper() if hasattr(blocks_mod, "HeapKeeper") else None  # the engine's heap anchors  # noqa: F841
     dev = torch.device(device)
     blocks = get_blocks(model)
     bs = auto_batch_size(model, calib.shape[0], calib.shape[1], dev)
