@@ -19,9 +19,8 @@ import time
 import torch
 
 import prunekit
-from prunekit.core import blocks as blocks_mod
 from prunekit.core import stats as stats_mod
-from prunekit.core.blocks import auto_batch_size, capture_inputs, tune_malloc
+from prunekit.core.blocks import HeapKeeper, auto_batch_size, capture_inputs, tune_malloc
 from prunekit.core.families import get_blocks
 from prunekit.core.offload import on_device, resolve_device, store_device
 from prunekit.methods.sparsegpt import sweep_method
@@ -139,10 +138,10 @@ def main(argv=None):
             keys.append(key)
     if a.forward:  # on the pruned weights: the same dense kernels, the same time
         forwards += [forward_in_child(a, proto, device) for _ in range(a.forward // 2)]
-        record_forward(keys, forwards, auto_batch_size(model, calib.shape[0], calib.shape[1], device))
+        record_forward(keys, forwards)
 
 
-def forward_in_child(a, proto: dict, device: str) -> float:
+def forward_in_child(a, proto: dict, device: str) -> tuple[float, int]:
     """``forward_time`` in a fresh process (the model loaded there, not timed): glibc's heap carries over from one
     run to the next in one process, so a forward before a prune changed the prune's time and peak memory (and the
     other way round); each prune and each forward starts from a fresh heap, as a user's run does."""
@@ -152,20 +151,20 @@ def forward_in_child(a, proto: dict, device: str) -> float:
         return pool.apply(_forward_child, (a.model, a.dtype, a.blocks, proto, device))
 
 
-def _forward_child(spec: str, dtype: str | None, blocks: int, proto: dict, device: str) -> float:
+def _forward_child(spec: str, dtype: str | None, blocks: int, proto: dict, device: str) -> tuple[float, int]:
     model, tok = load(spec, dtype or "auto", blocks=blocks)
     return forward_time(model, calibration(tok, proto), device)
 
 
 @torch.no_grad()
-def forward_time(model, calib: torch.Tensor, device: str) -> float:
-    """Seconds of one dense blocks-only forward of the calibration set: block 0's inputs captured, then every block
-    run once on all windows, nothing else (no statistics, no heap trims, the batch size a prune would choose): the
-    one pass that any calibration-based method needs, the floor of the engine's time. glibc's heap is tuned and
-    anchored as in a prune (``tune_malloc``, ``HeapKeeper``), so that the forward does not pay page faults that the
-    engine avoids; it is never trimmed."""
+def forward_time(model, calib: torch.Tensor, device: str) -> tuple[float, int]:
+    """(seconds, batch size) of one dense blocks-only forward of the calibration set: block 0's inputs captured,
+    then every block run once on all windows, nothing else (no statistics, no heap trims, the batch size a prune
+    would choose): the one pass that any calibration-based method needs, the floor of the engine's time. glibc's
+    heap is tuned and anchored as in a prune (``tune_malloc``, ``HeapKeeper``), so that the forward does not pay
+    page faults that the engine avoids; it is never trimmed."""
     tune_malloc()
-    heap = blocks_mod.HeapKeeper() if hasattr(blocks_mod, "HeapKeeper") else None  # the engine's heap anchors  # noqa: F841
+    _anchored = HeapKeeper()  # held while the forward runs: the engine's heap anchors; never asked to trim
     dev = torch.device(device)
     blocks = get_blocks(model)
     bs = auto_batch_size(model, calib.shape[0], calib.shape[1], dev)
@@ -178,17 +177,20 @@ def forward_time(model, calib: torch.Tensor, device: str) -> float:
             for i in range(inputs.n_batches):
                 inputs.hidden[i] = inputs.call(block, i, dev).to(inputs.hidden[i].device)
     sync(device)
-    return time.time() - t
+    return time.time() - t, bs
 
 
-def record_forward(keys: list[str], forwards: list[float], batch: int) -> None:
-    """Add the dense forward's time to this invocation's records, and each prune's multiple of it."""
+def record_forward(keys: list[str], runs: list[tuple[float, int]]) -> None:
+    """Add the dense forward's time (and the batch size it ran with) to this invocation's records, and each prune's
+    multiple of it."""
+    forwards = [t for t, _ in runs]
+    batch = sorted({b for _, b in runs})
     data = load_results(SPEED)
     for key in keys:
         r = data[key]
         r["forward_s"] = round(min(forwards), 2)
         r["forward_s_all"] = [round(x, 2) for x in forwards]
-        r["forward_batch"] = batch
+        r["forward_batch"] = batch[0] if len(batch) == 1 else batch
         r["x_forward"] = round(r["prune_s"] / min(forwards), 3)
         save({key: r})
     print("dense blocks-only forward", [round(x, 2) for x in forwards], "s")

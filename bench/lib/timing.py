@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from prunekit.core.offload import rss_bytes
+
 
 def sync(device) -> None:
     """Wait for the GPU's queued work (nothing on the CPU), so that a wall-clock reading covers it."""
@@ -57,8 +59,8 @@ def _proc_status_gib(field: str) -> float | None:
 
 def rss_gib() -> float:
     """The process's resident memory now (the peak where /proc is unreadable)."""
-    now = _proc_status_gib("VmRSS")
-    return peak_rss_gib() if now is None else now
+    now = rss_bytes()
+    return peak_rss_gib() if now is None else now / 2**30
 
 
 def peak_rss_gib() -> float:

@@ -32,8 +32,8 @@ the next (each depends on its own expert only), not one stage per expert.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import distributed, interrupts
 from .experts import ExpertMatrix
 from .families import activation_bytes_per_token, get_blocks, in_features
-from .offload import free_memory, on_device, store_device
+from .offload import free_memory, on_device, rss_bytes, store_device
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,6 @@ def tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give memory back below 2 GiB of slack
@@ -81,43 +79,31 @@ def tune_malloc() -> None:
         pass
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
 def heap_free_bytes() -> int | None:
     """Bytes free inside glibc's heap (all arenas, ``mallinfo2().fordblks``); None off glibc or before 2.33."""
-    if not _LIBC:
+    fn = getattr(_LIBC[0], "mallinfo2", None) if _LIBC else None
+    if fn is None:
         return None
-    import ctypes
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
-    try:
-        fn = _LIBC[0].mallinfo2
-    except AttributeError:
-        return None
-    fn.restype = Mallinfo2
+    fn.restype = _Mallinfo2
     return int(fn().fordblks)
-
-
-def rss_bytes() -> int | None:
-    """The process's resident memory now (Linux ``/proc/self/statm``), None where unreadable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
 
 
 class HeapKeeper:
     """Gives the heap's free memory back to the OS when the process has grown, not after every block.
 
-    After the first block, the resident memory is the reference and the free heap is what a block pass needs
-    again (its activations, freed): kept, the next block reuses most of it without page faults. Trimming after *every*
-    block (``malloc_trim``) made each pass fault its activations in anew: 5-6 s of a 35 s SmolLM2 64 x 512
-    forward (bench/results/engine_profile.md). Never trimming lets fragmentation grow the heap block after block
-    (a 64 x 512 SmolLM2 SparseGPT prune: 7.8 GB; one with many batches reached 24 GB). So: trim once the resident
+    After the first block, the resident memory is the reference and the free heap is what a block pass needs again
+    (its activations, freed): kept, the next block reuses most of it without page faults. Trimming after *every*
+    block (``malloc_trim``) made each pass fault its activations in anew: 5-6 s of a 35 s SmolLM2 64 x 512 forward
+    (bench/results/engine_profile.md). Never trimming lets fragmentation grow the heap block after block (a
+    64 x 512 SmolLM2 SparseGPT prune: 7.8 GB; one with many batches reached 24 GB). So: trim once the resident
     memory exceeds the reference by more than half of that pass (at least ``slack``): with the whole pass as the
-    allowance, SparseGPT's peak rose from 2.5 to 3.7 GB. Where memory cannot be read
-    (not Linux and glibc), trim after every block as before."""
+    allowance, SparseGPT's peak rose from 2.5 to 3.7 GB. Where memory cannot be read (not Linux and glibc), trim
+    after every block as before."""
 
     ANCHORS = 128  # untouched 320 KB allocations held while the walk runs (see below)
 
@@ -135,12 +121,9 @@ class HeapKeeper:
         if not _LIBC:
             return
         rss, free = rss_bytes(), heap_free_bytes()
-        if rss is None or free is None:
-            release_memory()
-            self.trims += 1
-        elif self.reference is None:
+        if rss is not None and free is not None and self.reference is None:
             self.reference, self.allowance = rss, max(free // 2, self.slack)
-        elif rss > self.reference + self.allowance:
+        elif rss is None or free is None or rss > self.reference + self.allowance:
             release_memory()
             self.trims += 1
 

@@ -49,6 +49,15 @@ def free_memory(device) -> int:
         return 8 << 30
 
 
+def rss_bytes() -> int | None:
+    """The process's resident memory now (Linux ``/proc/self/statm``), None where unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def store_device(model: nn.Module, input_ids: torch.Tensor, device, offload: bool | None = None) -> torch.device:
     """Where the hidden states of ``input_ids`` wait between blocks (``offload``: force the CPU or the device)."""
     device = torch.device(device)
