@@ -40,6 +40,23 @@ def test_fixed_mask_update_is_the_least_squares_optimum(lsq_small, kind):
     assert objective(W, got, Hd) == pytest.approx(objective(W, want, Hd), rel=1e-6)
 
 
+def test_fixed_mask_iterates_on_slices_of_rows():
+    """On a fixed mask the rows are iterated on max(32, in / 8) at a time (memory): a 100-row layer takes four
+    slices, the last of 4 rows, and every row still reaches its brute-force optimum; tol stops each slice."""
+    from conftest import correlated_inputs
+
+    X = correlated_inputs(n=512, d=32, seed=5)
+    W = torch.randn(100, 32, generator=generator(6))
+    H = stats_of(X).hessian_mean()
+    mask = make_mask(W.abs() * X.norm(dim=0), 0.6, None, "layer")
+    Hd = damped(H, 0.01)
+    want = brute_force_optimum(W, Hd, mask)
+    for tol in (0.0, 1e-9):
+        got, m = admm_solve(W, H, mask=mask, iters=2000, tol=tol)
+        assert torch.equal(m, mask) and not got[mask].any()
+        assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3)
+
+
 def test_default_iterations_are_close_to_the_optimum(lsq_layer):
     W, X, st = lsq_layer
     H = st.hessian_mean()

@@ -41,6 +41,22 @@ def test_fixed_mask_is_the_least_squares_optimum(lsq_small):
     assert objective(W, got, Hd) == pytest.approx(objective(W, brute_force_optimum(W, Hd, mask), Hd), rel=1e-6)
 
 
+def test_fixed_mask_on_slices_of_rows():
+    """With a fixed mask the conjugate gradients run on slices of max(32, in / 8) rows (memory): a 100-row layer
+    takes four, and every row still reaches its brute-force optimum."""
+    from conftest import correlated_inputs, generator, stats_of
+
+    X = correlated_inputs(n=512, d=32, seed=5)
+    W = torch.randn(100, 32, generator=generator(6))
+    H = stats_of(X).hessian_mean()
+    mask = make_mask(W.abs() * X.norm(dim=0), 0.6, None, "layer")
+    got, m = alps_solve(W, H, mask=mask, pcg_iters=500, pcg_rtol=1e-10)
+    assert torch.equal(m, mask) and not got[mask].any()
+    Hd = damped(H, 0.01)
+    want = brute_force_optimum(W, Hd, mask)
+    assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3)
+
+
 def test_lower_layer_error_than_sparsegpt(lsq_layer):
     W, X, st = lsq_layer
     H = st.hessian_mean()

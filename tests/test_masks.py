@@ -34,6 +34,38 @@ def test_lowest_k_selection_equals_a_stable_sort_with_ties():
     assert not got[0, 0] and (got.sum(1) == 5).all()
 
 
+def test_long_row_selection_equals_a_stable_sort(monkeypatch):
+    """A layer compared as a whole (one long row: ADMM's gradual mask, ALPS's projection) is selected through a
+    sample that brackets the k-th value (bounded memory): the mask equals a stable argsort's for every kind of
+    score order, with ties, infinities and k at both ends; a row the sample misrepresents (every sampled entry
+    0, the rest 1) falls back to a whole-row selection and is still exact."""
+    from prunekit.core import masks
+
+    monkeypatch.setattr(masks, "LONG_ROW", 4096)
+    monkeypatch.setattr(masks, "_SAMPLE", 256)
+    g = torch.Generator().manual_seed(1)
+    n = 20011
+    trap = torch.ones(n)
+    trap[:: n // 256] = 0.0  # exactly the strided sample is 0
+    rows = {"random": torch.randn(n, generator=g), "ascending": torch.arange(n).float(),
+            "descending": -torch.arange(n).float(), "constant": torch.zeros(n),
+            "ties": torch.randint(0, 5, (n,), generator=g).float(),
+            "half inf": torch.cat([torch.full((n // 2,), float("inf")), torch.randn(n - n // 2, generator=g)]),
+            "trap": trap}
+    calls = []
+    real = masks._kth_in_long_row
+    monkeypatch.setattr(masks, "_kth_in_long_row", lambda x, k: calls.append(k) or real(x, k))
+    for name, x in rows.items():
+        order = torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+        for k in (1, 2, n // 3, n // 2, 1500, n - 1):
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[order[:k]] = True
+            got = masks._lowest_k_mask(x[None], k)
+            assert torch.equal(got[0], ref), (name, k)
+    assert len(calls) == 6 * len(rows)  # every selection above took the long-row path
+    assert masks._kth_in_long_row(trap, 1500) == 1.0  # the bracket [0, 0] holds 79 entries < 1500: fallback
+
+
 def test_row_counts_against_brute_force():
     """row_counts: the layer total is floor(numel * s); every row prunes b = total // rows, and the rows whose
     (b+1)-th lowest score is smallest (ties by row index) prune one more; the exact per-row mask prunes each

@@ -71,6 +71,17 @@ def peak_rss_gib() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Start the high-water mark afresh from the current resident size (Linux: ``clear_refs`` 5 resets VmHWM);
+    False where that is not possible (the mark then keeps what came before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakRSS:
     """The highest resident memory seen while the block runs, sampled every ``interval`` seconds by a thread
     (``ru_maxrss`` never goes down, so it cannot give the peak of one of many prunes in one process). A spike

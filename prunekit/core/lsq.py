@@ -100,15 +100,16 @@ class Problem:
     scale: torch.Tensor  # (in,) D = sqrt(diag H_d): Wn = W * scale, W = Wn / scale
     dead: torch.Tensor  # (in,) bool: inputs that are 0 on every calibration token
 
-    def normalise(self, W: torch.Tensor) -> torch.Tensor:
-        """Wn = W D (a new float32 tensor) with the dead columns 0."""
-        Wn = W.to(device=self.Hn.device, dtype=torch.float32) * self.scale
+    def normalise(self, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Wn = W D with the dead columns 0: a new float32 tensor, or written into ``out`` (float32, W's shape)."""
+        Wn = torch.mul(W.to(device=self.Hn.device, dtype=torch.float32), self.scale, out=out)
         Wn[:, self.dead] = 0.0
         return Wn
 
     def restore(self, Wn: torch.Tensor) -> torch.Tensor:
-        """W = Wn D^-1, non-finite entries 0 (only reachable from a W that held them)."""
-        return torch.nan_to_num(Wn / self.scale, nan=0.0, posinf=0.0, neginf=0.0)
+        """W = Wn D^-1 in place of Wn (a solver's own result), non-finite entries 0 (only reachable from a W that
+        held them)."""
+        return Wn.div_(self.scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
     def finite_or_dense(self, Xn: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, who: str,
                         name: str = "layer") -> torch.Tensor:
@@ -184,12 +185,17 @@ def damped_inverse(Hn: torch.Tensor, rho: float, max_damp_tries: int = DEFAULT_M
     n = Hn.shape[0]
     extra = 0.0
     for attempt in range(max(int(max_damp_tries), 0)):
-        A = Hn.clone()
+        # the factor, then the inverse, in place in one (in, in) matrix: At is Hn + (rho + extra) I in the
+        # column-major layout LAPACK works in (A holds Hn transposed). Given a row-major matrix, torch factors a
+        # column-major copy of it (one more (in, in) matrix at the peak, measured). Hn is symmetric only to
+        # rounding, so the transposed copy keeps the factor bit-identical to factoring Hn itself
+        A = torch.empty_like(Hn).copy_(Hn.mT)
         A.diagonal().add_(rho + extra)
+        At = A.mT
         info = torch.empty((), dtype=torch.int32, device=A.device)
-        torch.linalg.cholesky_ex(A, out=(A, info))  # in place: the factor, then the inverse, in one (in, in) matrix
+        torch.linalg.cholesky_ex(At, out=(At, info))
         if int(info) == 0 and all_finite(A) and bool((A.diagonal() > 0).all()):
-            inv = torch.cholesky_inverse(A, out=A)
+            inv = torch.cholesky_inverse(At, out=At).mT
             if all_finite(inv):
                 if attempt:
                     log.warning("%s: Cholesky of Hn + rho I succeeded with %.3g extra damping", name, extra)
@@ -204,22 +210,23 @@ def damped_inverse(Hn: torch.Tensor, rho: float, max_damp_tries: int = DEFAULT_M
 
 @torch.no_grad()
 def masked_cg(Hn: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, X0: torch.Tensor, iters: int,
-              rtol: float = 1e-6) -> torch.Tensor:
+              rtol: float = 1e-6, overwrite: bool = False) -> torch.Tensor:
     """The kept weights that minimise the error on a fixed support: for every row r, the solution of
     Hn[K_r, K_r] x_K = target_r[K_r] with x = 0 off K_r, by conjugate gradients on all rows at once.
 
     ``target`` is Wn @ Hn (the right side of the normal equations), ``keep`` the bool support (True = kept),
-    ``X0`` the start (its pruned entries are ignored). Each iteration costs one (out, in) x (in, in) GEMM. CG on a
+    ``X0`` the start (its pruned entries are ignored; ``overwrite=True`` iterates in X0 itself, one (out, in)
+    matrix less). Each iteration costs one (out, in) x (in, in) GEMM. CG on a
     row stops improving once its residual is below ``rtol`` times its target's norm (that row's step is then 0);
     the loop ends when every row is there or after ``iters`` iterations. Steps whose curvature is not positive (a
     singular restricted Hn) or not finite are skipped for that row, so the result is finite whenever X0 is.
     Memory: four (out, in) float32 matrices (X, the residual, the direction and its product with Hn)."""
     drop = ~keep
-    X = X0.masked_fill(drop, 0.0)
+    X = X0.masked_fill_(drop, 0.0) if overwrite else X0.masked_fill(drop, 0.0)
+    stop = (rtol * torch.linalg.vector_norm(target.masked_fill(drop, 0.0), dim=1)).square_()  # before R, P, AP
     R = torch.matmul(X, Hn).neg_().add_(target).masked_fill_(drop, 0.0)
     P, AP = R.clone(), torch.empty_like(R)
     rr = torch.linalg.vector_norm(R, dim=1).square_()
-    stop = (rtol * torch.linalg.vector_norm(target.masked_fill(drop, 0.0), dim=1)).square_()
     for _ in range(max(int(iters), 0)):
         active = rr > stop
         if not bool(active.any()):
@@ -235,6 +242,15 @@ def masked_cg(Hn: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, X0: to
         P.mul_(beta[:, None]).add_(R)
         rr = torch.where(ok, rr_new, torch.zeros_like(rr))  # a row whose step failed stops there
     return X
+
+
+def row_slices(shape, min_rows: int = 32) -> list[slice]:
+    """Slices of the rows of an (out, in) weight, max(``min_rows``, in / 8) rows each: what a fixed-mask solver
+    iterates on at once (its rows are independent problems), so that each (rows, in) work matrix is at most an
+    eighth of the (in, in) Hessian, and the GEMMs against it still have hundreds of rows."""
+    rows, cols = shape
+    step = max(int(min_rows), cols // 8)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def layer_problem(stats, device, percdamp: float = DEFAULT_PERCDAMP, name: str = "layer") -> Problem:

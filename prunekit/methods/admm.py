@@ -15,7 +15,7 @@ by scaled ADMM, starting from V = Wn, U = 0:
 The inverse is computed once per Hessian (one Cholesky, shared by the layers that read the same input). The
 problem is convex, so Z converges to the exact least-squares optimum on the mask; the result is the last Z (exact
 zeros where pruned). ``tol`` > 0 stops once ||V - Z|| and the change of Z in one step are both below tol x ||Z||
-(0: always ``iters`` iterations).
+(0: always ``iters`` iterations; on a fixed mask, for each slice of rows separately, see Memory).
 
 Gradual mask (``--metric admm`` alone: the paper's "ADMM gradual"). The same iterations; during the first
 T = min(``gradual``, ``iters``) of them (at least one) the mask is chosen again at every step from |V + U| (in
@@ -35,8 +35,11 @@ a non-finite result (only from non-finite weights) is replaced by the masked den
 raises for numerical reasons, never returns NaN.
 
 Memory: Hn and (Hn + rho I)^-1, two (in, in) float32 matrices (cached on the layer's statistics, so q/k/v and
-gate/up share them; the inverse is factored in place), plus five (out, in) float32 matrices (Wn Hn, V, U, Z and one
-buffer; six with ``tol``). Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
+gate/up share them; the inverse is factored in place), plus four matrices of the rows iterated on (Wn Hn, V, U
+and one buffer that holds V + U, then Z, then the right side of the quadratic step; the gradual mask's scores
+|V + U| go into V, which the step overwrites; two more with ``tol``). On a fixed mask the rows are independent
+problems and are iterated on slices of max(32, in / 8) rows (core.lsq.row_slices), so the four are half an (in, in)
+matrix together and the result is the only (out, in) one; the gradual mask compares the whole layer, so it iterates on all rows at once. Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, nothing_to_prune, solver_problem, unpruned)
+                        layer_problem, nothing_to_prune, row_slices, solver_problem, unpruned)
 from ..core.masks import make_mask, nm_mask, unstructured_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -83,6 +86,37 @@ def gradual_mask(score: torch.Tensor, sparsity, pattern, fraction: float) -> tor
 
 
 @torch.no_grad()
+def _iterate(V: torch.Tensor, XY: torch.Tensor, Ainv: torch.Tensor, m: torch.Tensor | None, rho: float, iters: int,
+             tol: float, choose: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+             steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled ADMM iterations of the module docstring on the rows in V (Wn on entry, overwritten) with their
+    ``XY`` = Wn Hn, on the fixed mask ``m``, or with ``choose(|V + U|, t)`` giving the mask at the first ``steps``
+    iterations. Returns (the projection Z, in V's storage; the final mask). Besides V and XY, two matrices of
+    V's shape: U and T (V + U, then Z, then the right side of the quadratic step); the mask's scores go into V,
+    which the step overwrites; two more with ``tol``."""
+    U, T = torch.zeros_like(V), torch.empty_like(V)
+    zero = V.new_zeros(())
+    Z = Z_prev = None
+    for t in range(iters):
+        torch.add(V, U, out=T)  # V + U, before the projection; V is not read again before the next step
+        if choose is not None and t < steps:
+            m = choose(torch.abs(T, out=V), t)
+        torch.where(m, T, zero, out=U)  # U + V - Z: the pruned part of V + U
+        T.masked_fill_(m, 0.0)  # Z, the projection
+        check = tol > 0 and (choose is None or t >= steps)
+        if check:
+            Z = T.clone() if Z is None else Z.copy_(T)
+        T.sub_(U).mul_(rho).add_(XY)
+        torch.matmul(T, Ainv, out=V)
+        if check:
+            zn = float(Z.norm())
+            if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
+                break
+            Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
+    return V.add_(U).masked_fill_(m, 0.0), m
+
+
+@torch.no_grad()
 def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: tuple[int, int] | None = None,
                mask: torch.Tensor | None = None, rho: float = DEFAULT_RHO, iters: int = DEFAULT_ITERS,
                gradual: int = DEFAULT_GRADUAL, percdamp: float = DEFAULT_PERCDAMP, tol: float = 0.0,
@@ -106,27 +140,22 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
         return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ADMM", name)
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
-    V = P.normalise(W)  # starts as Wn; every quadratic step overwrites it in place
-    XY = V @ P.Hn
-    U, Z, T = torch.zeros_like(V), torch.empty_like(V), torch.empty_like(V)
-    choose = mask is None
-    m = None if choose else mask.to(device=V.device, dtype=torch.bool)
-    Z_prev = None
-    steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the full sparsity
-    for t in range(int(iters)):
-        torch.add(V, U, out=Z)
-        if choose and t < steps:
-            m = gradual_mask(Z.abs(), s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
-        Z.masked_fill_(m, 0.0)
-        U.add_(V).sub_(Z)
-        torch.sub(Z, U, out=T).mul_(rho).add_(XY)
-        torch.matmul(T, Ainv, out=V)
-        if tol > 0 and (not choose or t >= steps):
-            zn = float(Z.norm())
-            if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
-                break
-            Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
-    Z = P.finite_or_dense(V.add_(U).masked_fill_(m, 0.0), W, m, "ADMM", name)
+    if mask is not None:  # rows are independent: iterate on slices of them (the four iterates stay small)
+        m = mask.to(device=P.Hn.device, dtype=torch.bool)
+        Z = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
+        for rows in row_slices(W.shape):
+            V = P.normalise(W[rows])
+            Z[rows] = _iterate(V, V @ P.Hn, Ainv, m[rows], rho, int(iters), tol)[0]
+            del V
+    else:
+        steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the sparsity
+
+        def choose(score: torch.Tensor, t: int) -> torch.Tensor:
+            return gradual_mask(score, s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
+
+        V = P.normalise(W)
+        Z, m = _iterate(V, V @ P.Hn, Ainv, None, rho, int(iters), tol, choose, steps)
+    Z = P.finite_or_dense(Z, W, m, "ADMM", name)
     return P.restore(Z), m
 
 

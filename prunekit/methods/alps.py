@@ -36,8 +36,11 @@ cross-column terms; core.lsq.damped_inverse); a non-finite result (only from non
 masked dense weights, with a warning. Never raises for numerical reasons.
 
 Memory: Hn (cached on the layer's statistics, so q/k/v and gate/up share it) and (Hn + rho I)^-1, two (in, in)
-float32 matrices, plus five (out, in) float32 matrices during the iterations (Wn Hn, B, D, V and one buffer) and four
-in the conjugate gradients. Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
+float32 matrices, plus five (out, in) float32 matrices during the iterations (Wn Hn, B, D, V and one buffer; the
+projection's scores |.| go into a buffer that is overwritten next) and five in the conjugate gradients (Wn Hn, the
+iterate, which reuses B, and three more). With a fixed mask only Hn and the result are whole: the conjugate
+gradients run on slices of rows (core.lsq.row_slices), their five matrices together 5/8 of an (in, in) one.
+Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, masked_cg, nothing_to_prune, solver_problem, unpruned)
+                        layer_problem, masked_cg, nothing_to_prune, row_slices, solver_problem, unpruned)
 from ..core.masks import make_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -69,10 +72,10 @@ class ALPSParams(Params):
     max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
 
 
-def project(B: torch.Tensor, sparsity, pattern) -> torch.Tensor:
+def project(B: torch.Tensor, sparsity, pattern, work: torch.Tensor | None = None) -> torch.Tensor:
     """The prune mask that keeps the largest |B|: over the layer (float sparsity), per row (per-row ratios), or per
-    group of M (N:M)."""
-    return make_mask(B.abs(), sparsity, pattern, "layer")
+    group of M (N:M). ``work``: a free tensor of B's shape to hold |B| (else a new one)."""
+    return make_mask(torch.abs(B, out=work) if work is not None else B.abs(), sparsity, pattern, "layer")
 
 
 @torch.no_grad()
@@ -95,7 +98,7 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
         torch.add(target, D, alpha=rho, out=R).sub_(V)
         torch.matmul(R, inverse, out=B)
         torch.div(V, rho, out=R).add_(B)  # R now holds B + V / rho
-        M = project(R, sparsity, pattern)
+        M = project(R, sparsity, pattern, work=D)  # D is overwritten next
         D.copy_(R).masked_fill_(M, 0.0)
         V.add_(B, alpha=rho).sub_(D, alpha=rho)
         if (t + 1) % update_every:
@@ -112,7 +115,7 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
                 rho *= 1.1
             else:  # the support barely moves: a smaller penalty, from the start again
                 rho /= 5.0
-                D.copy_(P.normalise(W)).masked_fill_(start, 0.0)
+                P.normalise(W, out=D).masked_fill_(start, 0.0)
                 V.zero_()
                 restarts += 1
         elif warmed:
@@ -122,7 +125,7 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
         rho = min(rho, RHO_MAX)
         if t + 1 >= min_iters and frac < 3e-4:
             break
-    return B, project(B, sparsity, pattern), {"iters": its, "rho": rho, "restarts": restarts}
+    return B, project(B, sparsity, pattern, work=R), {"iters": its, "rho": rho, "restarts": restarts}
 
 
 @torch.no_grad()
@@ -146,18 +149,23 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     if nothing_to_prune(W.shape, s, pattern, mask):
         return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ALPS", name)
-    target = P.normalise(W) @ P.Hn
     if mask is None:
+        target = P.normalise(W) @ P.Hn
         if isinstance(s, torch.Tensor):
             s = s.to(target.device)
         B, m, extra = admm_support(W, P, target, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries,
                                    name)
         if info is not None:
             info.update(extra)
-    else:
-        B, m = P.normalise(W), mask.to(device=target.device, dtype=torch.bool)
-    X = P.finite_or_dense(masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol).masked_fill_(m, 0.0), W, m, "ALPS",
-                          name)
+        X = masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol, overwrite=True)  # B is not needed again
+    else:  # rows are independent: conjugate gradients on slices of them (core.lsq.row_slices)
+        m = mask.to(device=P.Hn.device, dtype=torch.bool)
+        X = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
+        for rows in row_slices(W.shape):
+            B = P.normalise(W[rows])
+            X[rows] = masked_cg(P.Hn, B @ P.Hn, ~m[rows], B, pcg_iters, pcg_rtol, overwrite=True)
+            del B
+    X = P.finite_or_dense(X.masked_fill_(m, 0.0), W, m, "ALPS", name)
     return P.restore(X), m
 
 
