@@ -30,7 +30,7 @@ def weighted_mean(s: ModelSummary, r: dict) -> float:
 
 def test_one_parameter():
     assert list(ATPParams.model_fields) == ["beta"]
-    assert ALLOCATORS["atp"].auto == {"beta": [0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015]}
+    assert ALLOCATORS["atp"].auto == {"beta": [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015]}
     assert ALLOCATORS["atp"].needs == frozenset()
 
 

@@ -15,7 +15,7 @@ def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
                                   "allocation_params": {"eps": "auto"}}, calib_ids=calib_ids)
     auto = ra["allocation"]["auto"]
     eps = auto["chosen"]["eps"]
-    assert eps in (0.1, 0.2, 0.3, 0.4, 0.5) and len(auto["trials"]) == 5
+    assert [t["params"]["eps"] for t in auto["trials"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     best = min(auto["trials"], key=lambda t: t["heldout_nll"])
     assert best["params"]["eps"] == eps
     # the final model equals a direct run with the chosen value: trials left no trace
@@ -24,6 +24,22 @@ def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
                                   "allocation_params": {"eps": eps}}, calib_ids=calib_ids)
     for n in ra.masks:
         assert torch.equal(ra.masks[n], rb.masks[n])
+
+
+def test_every_auto_grid_can_choose_uniform(calib_ids):
+    """Every registered grid holds the value at which its allocator is uniform (AlphaPruning's and FARMS's eps,
+    OWL's lam, ATP's beta = 0), so ``auto`` can decide that reallocating does not pay on the model at hand: that
+    value's ratios are the target in every layer."""
+    from prunekit.core.allocation import get_allocator
+
+    plan = {"alphapruning": "eps", "farms": "eps", "owl": "lam", "atp": "beta"}
+    for name, key in plan.items():
+        assert 0.0 in get_allocator(name).auto[key], name
+        r = prunekit.prune(tiny_model("llama", layers=4), None,
+                           {"metric": "wanda", "sparsity": 0.6, "allocation": name, "allocation_params": {key: 0.0}},
+                           calib_ids=calib_ids)
+        sparsities = [b["sparsity"] for b in r["blocks"]]
+        assert max(sparsities) - min(sparsities) < 1e-3, (name, sparsities)
 
 
 def test_auto_unknown_parameter_is_refused(calib_ids):

@@ -14,7 +14,7 @@ class AlphaPruningParams(ESDFitParams):
     level: Literal["block", "layer"] = "block"
 
 
-@register_allocator("alphapruning", needs=("weights",), params=AlphaPruningParams, auto={"eps": [0.1, 0.2, 0.3, 0.4, 0.5]},
+@register_allocator("alphapruning", needs=("weights",), params=AlphaPruningParams, auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
                     description="AlphaPruning: ESD power-law alpha, larger alpha -> more pruning")
 def alphapruning(summary: ModelSummary, target: float, eps: float = 0.3, xmin_mode: str = "all",
                  compat: bool = False, level: str = "block", device=None, min_tail: int | None = None,

@@ -30,7 +30,7 @@ from ..core.errors import PrunekitError
 from ..core.registry import Params
 
 DEFAULT_BETA = 0.005
-BETA_GRID = [0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015]
+BETA_GRID = [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015]
 
 
 class ATPParams(Params):

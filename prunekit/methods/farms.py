@@ -18,7 +18,7 @@ class FARMSParams(ESDFitParams):
     grid: Int = Field(12, ge=1, description="window positions per dimension")
 
 
-@register_allocator("farms", needs=("weights",), params=FARMSParams, auto={"eps": [0.1, 0.2, 0.3, 0.4, 0.5]},
+@register_allocator("farms", needs=("weights",), params=FARMSParams, auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
                     description="FARMS: AlphaPruning mapping on fixed-aspect-ratio submatrix ESDs")
 def farms(summary: ModelSummary, target: float, eps: float = 0.3, max_side: int = 2000, q: float = 1.0,
           grid: int = 12, xmin_mode: str = "all", compat: bool = False, level: str = "block", device=None,
