@@ -143,13 +143,19 @@ def suites() -> dict[str, list[dict]]:
     # AlphaPruning's spread at 70% below its default 0.3 (on Qwen the default is worse than uniform)
     crossmodel_eps = [{"metric": w, "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": e}}
                       for e in (0.1, 0.2)]
+    # the same allocations evaluated on C4 (protocol qwen05-c4): does the evaluation text decide for or against them?
+    crossmodel_domain = [{"metric": w, "sparsity": 0.7}, {"metric": w, "sparsity": 0.7, "allocation": "alphapruning"},
+                         {"metric": w, "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": 0.2}}]
+    # ATP's beta chosen by auto on both models (0.01), fixed, for the other calibration seed (--seed 1)
+    crossmodel_atp = [{"metric": w, "sparsity": 0.7, "allocation": "atp", "allocation_params": {"beta": 0.01}}]
     # SparseGPT with ten times the damping (on Qwen its default 0.01 loses to Wanda at 50 / 70%)
     crossmodel_damp = [{"metric": "sparsegpt", "sparsity": 0.5, "metric_params": {"percdamp": 0.1}}]
     # the 70% rows again at another calibration seed (--seed 1)
     crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7 and r["metric"] in (w, sg)
                         and r.get("allocation", "uniform") in ("uniform", "alphapruning", "owl")
                         and not r.get("allocation_params")]
-    return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps,
+    return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps, "crossmodel-domain": crossmodel_domain,
+            "crossmodel-atp": crossmodel_atp,
             "crossmodel-damp": crossmodel_damp, "core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
             "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
@@ -194,7 +200,8 @@ def all_suites() -> dict[str, list[dict]]:
 # why a protocol has the size it has (printed under its description)
 WHY = {"qwen05": "Windows chosen for this 2-core CPU: half of protocol S's calibration and evaluation windows, so that one "
                  "pipeline on the 630 M-parameter model (4.7x SmolLM2) takes 2-12 minutes here. Compare pipelines within "
-                 "this file, not with SmolLM2's protocol S."}
+                 "this file, not with SmolLM2's protocol S.",
+       "qwen05-c4": "qwen05's windows, evaluated on 32 C4 windows held out from calibration (as S-c4 for SmolLM2)."}
 
 
 def markdown(data: dict) -> str:

@@ -17,6 +17,9 @@ PROTOCOLS = {
     # for the side-by-side table. A protocol that names a model is that model's file.
     "qwen05": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0,
                "model": "qwen2.5-coder-0.5b"},
+    # qwen05 evaluated on C4 (as S-c4): is AlphaPruning's effect on Qwen the evaluation text's?
+    "qwen05-c4": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0,
+                  "model": "qwen2.5-coder-0.5b", "eval": "c4"},
     "smollm2-32": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0, "model": "smollm2"},
     # mixture of experts (CPU, bench.moe): SmolLM2 upcycled to 8 experts is ~5x its size; 16 C4 windows of 256 tokens
     # and the first 16 WikiText-2 windows of 256
