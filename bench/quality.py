@@ -154,8 +154,8 @@ def suites() -> dict[str, list[dict]]:
     crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7 and r["metric"] in (w, sg)
                         and r.get("allocation", "uniform") in ("uniform", "alphapruning", "owl")
                         and not r.get("allocation_params")]
-    return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps, "crossmodel-domain": crossmodel_domain,
-            "crossmodel-atp": crossmodel_atp,
+    return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps,
+            "crossmodel-domain": crossmodel_domain, "crossmodel-atp": crossmodel_atp,
             "crossmodel-damp": crossmodel_damp, "core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
             "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,

@@ -59,7 +59,6 @@ def main(argv=None):
     del X
     gc.collect()
     given = (W.abs() <= W.abs().median()) if a.fixed_mask else None
-    gc.collect()
     reset_peak_rss()  # the mask's temporaries above must not raise the mark the solve is measured from
     before = peak_rss_gib() * 1024
     t = time.time()
@@ -68,7 +67,8 @@ def main(argv=None):
     peak = peak_rss_gib() * 1024
     h_mib = a.inp * a.inp * 4 / 2**20
     w_mib = a.out * a.inp * 4 / 2**20
-    row = {"label": a.label, "solver": a.solver + (" (fixed mask)" if a.fixed_mask else "") + (" mmap" if a.mmap else ""),
+    solver = a.solver + (" (fixed mask)" if a.fixed_mask else "") + (" mmap" if a.mmap else "")
+    row = {"label": a.label, "solver": solver,
            "prunekit_file": prunekit.__file__, "shape": [a.out, a.inp],
            "rss_before_mib": round(before, 1), "rss_peak_mib": round(peak, 1),
            "solve_extra_mib": round(peak - before, 1), "hessian_mib": round(h_mib, 1), "weight_mib": round(w_mib, 1),

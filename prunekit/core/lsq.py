@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -244,13 +245,19 @@ def masked_cg(Hn: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, X0: to
     return X
 
 
-def row_slices(shape, min_rows: int = 32) -> list[slice]:
-    """Slices of the rows of an (out, in) weight, max(``min_rows``, in / 8) rows each: what a fixed-mask solver
-    iterates on at once (its rows are independent problems), so that each (rows, in) work matrix is at most an
-    eighth of the (in, in) Hessian, and the GEMMs against it still have hundreds of rows."""
-    rows, cols = shape
+def solve_row_slices(P: Problem, W: torch.Tensor, mask: torch.Tensor,
+                     solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], min_rows: int = 32) -> torch.Tensor:
+    """A fixed-mask solver's normalised result, made on slices of max(``min_rows``, in / 8) rows of W at a time:
+    on a fixed mask the rows are independent problems, so each slice's (rows, in) work matrices are at most an
+    eighth of the (in, in) Hessian while the GEMMs against it still have hundreds of rows. ``solve(Wn, mask)``
+    gets a slice's normalised weights (its own tensor, free to overwrite) and prune mask, and returns its result;
+    the result of the whole layer is the only (out, in) matrix kept."""
+    rows, cols = W.shape
     step = max(int(min_rows), cols // 8)
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+    out = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
+    for r in range(0, rows, step):
+        out[r:r + step] = solve(P.normalise(W[r:r + step]), mask[r:r + step])
+    return out
 
 
 def layer_problem(stats, device, percdamp: float = DEFAULT_PERCDAMP, name: str = "layer") -> Problem:

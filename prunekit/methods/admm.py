@@ -38,8 +38,9 @@ Memory: Hn and (Hn + rho I)^-1, two (in, in) float32 matrices (cached on the lay
 gate/up share them; the inverse is factored in place), plus four matrices of the rows iterated on (Wn Hn, V, U
 and one buffer that holds V + U, then Z, then the right side of the quadratic step; the gradual mask's scores
 |V + U| go into V, which the step overwrites; two more with ``tol``). On a fixed mask the rows are independent
-problems and are iterated on slices of max(32, in / 8) rows (core.lsq.row_slices), so the four are half an (in, in)
-matrix together and the result is the only (out, in) one; the gradual mask compares the whole layer, so it iterates on all rows at once. Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
+problems and are iterated on slices of max(32, in / 8) rows (core.lsq.solve_row_slices), so the four are half an
+(in, in) matrix together and the result is the only (out, in) one; the gradual mask compares the whole layer, so it
+iterates on all rows at once. Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, nothing_to_prune, row_slices, solver_problem, unpruned)
+                        layer_problem, nothing_to_prune, solve_row_slices, solver_problem, unpruned)
 from ..core.masks import make_mask, nm_mask, unstructured_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -142,11 +143,7 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
     if mask is not None:  # rows are independent: iterate on slices of them (the four iterates stay small)
         m = mask.to(device=P.Hn.device, dtype=torch.bool)
-        Z = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
-        for rows in row_slices(W.shape):
-            V = P.normalise(W[rows])
-            Z[rows] = _iterate(V, V @ P.Hn, Ainv, m[rows], rho, int(iters), tol)[0]
-            del V
+        Z = solve_row_slices(P, W, m, lambda V, m_rows: _iterate(V, V @ P.Hn, Ainv, m_rows, rho, int(iters), tol)[0])
     else:
         steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the sparsity
 

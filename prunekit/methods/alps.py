@@ -39,7 +39,7 @@ Memory: Hn (cached on the layer's statistics, so q/k/v and gate/up share it) and
 float32 matrices, plus five (out, in) float32 matrices during the iterations (Wn Hn, B, D, V and one buffer; the
 projection's scores |.| go into a buffer that is overwritten next) and five in the conjugate gradients (Wn Hn, the
 iterate, which reuses B, and three more). With a fixed mask only Hn and the result are whole: the conjugate
-gradients run on slices of rows (core.lsq.row_slices), their five matrices together 5/8 of an (in, in) one.
+gradients run on slices of rows (core.lsq.solve_row_slices), their five matrices together 5/8 of an (in, in) one.
 Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, masked_cg, nothing_to_prune, row_slices, solver_problem, unpruned)
+                        layer_problem, masked_cg, nothing_to_prune, solve_row_slices, solver_problem, unpruned)
 from ..core.masks import make_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
@@ -158,13 +158,10 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
         if info is not None:
             info.update(extra)
         X = masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol, overwrite=True)  # B is not needed again
-    else:  # rows are independent: conjugate gradients on slices of them (core.lsq.row_slices)
+    else:  # rows are independent: conjugate gradients on slices of them
         m = mask.to(device=P.Hn.device, dtype=torch.bool)
-        X = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
-        for rows in row_slices(W.shape):
-            B = P.normalise(W[rows])
-            X[rows] = masked_cg(P.Hn, B @ P.Hn, ~m[rows], B, pcg_iters, pcg_rtol, overwrite=True)
-            del B
+        X = solve_row_slices(P, W, m, lambda B, m_rows: masked_cg(P.Hn, B @ P.Hn, ~m_rows, B, pcg_iters, pcg_rtol,
+                                                                  overwrite=True))
     X = P.finite_or_dense(X.masked_fill_(m, 0.0), W, m, "ALPS", name)
     return P.restore(X), m
 

@@ -3,10 +3,10 @@
 For each parameter given as ``auto`` (in the order given), every value of the allocator's registered grid is
 tried: allocate with the other parameters fixed, prune with 16 calibration windows, measure the mean NLL on 8
 held-out windows (the calibration source drawn with seed + 1000; without a tokenizer, the last calibration
-windows), restore the dense weights, keep the best value (coordinate search). The trials are reported. Every registered grid
-holds the value at which its allocator is uniform (eps, lam, beta = 0), so ``auto`` can decide that reallocating
-does not pay on the model at hand (on Qwen2.5-Coder-0.5B AlphaPruning's default eps made Wanda 70% worse than
-uniform; NOTES, issue 23).
+windows), restore the dense weights, keep the best value (coordinate search). The trials are reported. Every
+registered grid holds the value at which its allocator is uniform (eps, lam, beta = 0), so ``auto`` can decide that
+reallocating does not pay on the model at hand (on Qwen2.5-Coder-0.5B AlphaPruning's default eps made Wanda 70%
+worse than uniform; NOTES, issue 23).
 """
 from __future__ import annotations
 
