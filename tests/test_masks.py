@@ -53,8 +53,8 @@ def test_long_row_selection_equals_a_stable_sort(monkeypatch):
             "half inf": torch.cat([torch.full((n // 2,), float("inf")), torch.randn(n - n // 2, generator=g)]),
             "trap": trap}
     calls = []
-    real = masks._kth_in_long_row
-    monkeypatch.setattr(masks, "_kth_in_long_row", lambda x, k: calls.append(k) or real(x, k))
+    real = masks._kth_by_slices
+    monkeypatch.setattr(masks, "_kth_by_slices", lambda *a: calls.append(a[-1]) or real(*a))
     for name, x in rows.items():
         order = torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
         for k in (1, 2, n // 3, n // 2, 1500, n - 1):
@@ -63,7 +63,45 @@ def test_long_row_selection_equals_a_stable_sort(monkeypatch):
             got = masks._lowest_k_mask(x[None], k)
             assert torch.equal(got[0], ref), (name, k)
     assert len(calls) == 6 * len(rows)  # every selection above took the long-row path
-    assert masks._kth_in_long_row(trap, 1500) == 1.0  # the bracket [0, 0] holds 79 entries < 1500: fallback
+    # the bracket [0, 0] holds 79 entries < 1500: fallback
+    assert real(lambda a, b: trap[a:b], [(0, n)], n, 1500) == 1.0
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_masks_by_row_slices_equal_the_whole_matrix_masks(monkeypatch, pattern):
+    """A layer-wide mask of a score given by slices of rows (what ADMM's gradual mask and ALPS compute from an
+    iterate they do not copy) is make_mask's of the whole score matrix: one ratio over the layer (with ties,
+    infinities, NaN, k at 0), per-row ratios and N:M, for slices that do not divide the rows; the score is only
+    ever asked for whole slices of rows."""
+    from prunekit.core import masks
+
+    monkeypatch.setattr(masks, "LONG_ROW", 4096)
+    monkeypatch.setattr(masks, "_SAMPLE", 256)
+    g = torch.Generator().manual_seed(2)
+    rows, cols, step = 101, 96, 16
+    bounds = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    mats = {"random": torch.randn(rows, cols, generator=g),
+            "ties": torch.randint(0, 3, (rows, cols), generator=g).float(),
+            "inf": torch.randn(rows, cols, generator=g).masked_fill(torch.rand(rows, cols, generator=g) < 0.3,
+                                                                     float("inf")),
+            "nan": torch.randn(rows, cols, generator=g)}
+    mats["nan"][3, 5] = float("nan")
+    asked = []
+
+    for name, S in mats.items():
+        def score(a, b, S=S):
+            asked.append((a, b))
+            return S[a:b].clone()
+
+        cases = [0.0, 0.3, 0.5, 0.7] if pattern is None else [0.5]
+        for s in cases:
+            want = masks.make_mask(S, s, pattern, "layer")
+            assert torch.equal(masks.mask_by_row_slices(score, (rows, cols), s, pattern, bounds), want), (name, s)
+        if pattern is None and name != "nan":
+            ratios = torch.linspace(0.1, 0.9, rows).double()
+            want = masks.make_mask(S, ratios)
+            assert torch.equal(masks.mask_by_row_slices(score, (rows, cols), ratios, None, bounds), want), name
+    assert {b - a for a, b in asked} <= {step, rows % step, rows}  # slices, or the whole for a NaN fallback
 
 
 def test_row_counts_against_brute_force():

@@ -27,8 +27,7 @@ the diagonal as the last resort, never NaN). Memory: a Problem holds Hn (in x in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,12 +99,20 @@ class Problem:
     Hn: torch.Tensor  # (in, in) float32, unit diagonal
     scale: torch.Tensor  # (in,) D = sqrt(diag H_d): Wn = W * scale, W = Wn / scale
     dead: torch.Tensor  # (in,) bool: inputs that are 0 on every calibration token
+    live: torch.Tensor | None = field(default=None, repr=False)  # scale with the dead inputs 0 (made on first use)
 
     def normalise(self, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wn = W D with the dead columns 0: a new float32 tensor, or written into ``out`` (float32, W's shape)."""
         Wn = torch.mul(W.to(device=self.Hn.device, dtype=torch.float32), self.scale, out=out)
         Wn[:, self.dead] = 0.0
         return Wn
+
+    def add_normalised(self, X: torch.Tensor, W: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """X += alpha Wn in place (W's rows matching X's; no Wn tensor): for the solvers that need Wn once per
+        iteration and take it from W rather than keep it."""
+        if self.live is None:
+            self.live = self.scale.masked_fill(self.dead, 0.0)
+        return X.addcmul_(W.to(device=X.device), self.live, value=alpha)
 
     def restore(self, Wn: torch.Tensor) -> torch.Tensor:
         """W = Wn D^-1 in place of Wn (a solver's own result), non-finite entries 0 (only reachable from a W that
@@ -245,19 +252,13 @@ def masked_cg(Hn: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, X0: to
     return X
 
 
-def solve_row_slices(P: Problem, W: torch.Tensor, mask: torch.Tensor,
-                     solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], min_rows: int = 32) -> torch.Tensor:
-    """A fixed-mask solver's normalised result, made on slices of max(``min_rows``, in / 8) rows of W at a time:
-    on a fixed mask the rows are independent problems, so each slice's (rows, in) work matrices are at most an
-    eighth of the (in, in) Hessian while the GEMMs against it still have hundreds of rows. ``solve(Wn, mask)``
-    gets a slice's normalised weights (its own tensor, free to overwrite) and prune mask, and returns its result;
-    the result of the whole layer is the only (out, in) matrix kept."""
-    rows, cols = W.shape
+def row_slices(rows: int, cols: int, min_rows: int = 32) -> list[tuple[int, int]]:
+    """The slices of rows (start, stop) a solver works on: max(``min_rows``, cols / 8) rows each, so a slice's
+    (rows, in) work matrices are at most an eighth of the (in, in) Hessian while its GEMMs against the Hessian
+    still have hundreds of rows. On a fixed mask the rows are independent problems; a solver that compares its
+    iterate over the whole layer (a layer-wide mask) still computes each iteration slice by slice."""
     step = max(int(min_rows), cols // 8)
-    out = torch.empty(W.shape, dtype=torch.float32, device=P.Hn.device)
-    for r in range(0, rows, step):
-        out[r:r + step] = solve(P.normalise(W[r:r + step]), mask[r:r + step])
-    return out
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def layer_problem(stats, device, percdamp: float = DEFAULT_PERCDAMP, name: str = "layer") -> Problem:

@@ -12,6 +12,7 @@ Ties are broken by position (stable sort), so masks are deterministic.
 from __future__ import annotations
 
 import re
+from typing import Callable, Sequence
 
 import torch
 
@@ -55,7 +56,8 @@ def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         # only: CUDA's kthvalue gives each row one thread block, and SparseGPT selects over one long row per
         # block (11008 x 128 = 1.4 M entries for LLaMA-7B's gate/up), so GPUs keep the sort
         if rows == 1 and cols >= LONG_ROW:  # one layer-wide comparison: bounded memory, same mask
-            return _lowest_k_in_long_row(scores[0], k).reshape(1, cols)
+            row = scores[0]
+            return lowest_k_by_slices(lambda a, b: row[a:b], [(0, cols)], cols, k).reshape(1, cols)
         t = scores.kthvalue(k, dim=1, keepdim=True).values
         mask = scores <= t
         over = torch.nonzero(mask.sum(1) > k).flatten()  # rows with surplus ties at t (usually none)
@@ -75,48 +77,110 @@ def _lowest_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     return mask
 
 
-LONG_ROW = 1 << 20  # rows at least this long select through a sample (_kth_in_long_row)
+LONG_ROW = 1 << 20  # rows at least this long select through a sample (lowest_k_by_slices)
 _SAMPLE = 1 << 16
 
 
-def _kth_in_long_row(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of a long 1-D CPU tensor without NaN: the same value as
-    ``x.kthvalue(k)``, without its copy of x and int64 index per entry (3 x the scores' bytes, 48 MiB for
-    a 1024 x 4096 layer compared as a whole, as ADMM's gradual mask and ALPS's projection do every iteration).
+def _kth_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]], n: int,
+                   k: int) -> torch.Tensor | None:
+    """The k-th smallest value (1-based) of a long 1-D row of ``n`` scores given by slices: ``score(a, b)`` is
+    entries a..b-1 (``bounds`` cover 0..n in order). The same value as ``kthvalue(k)`` of the whole row, without
+    the row (the slices may be computed on demand) and without kthvalue's copy of it and int64 index per entry
+    (3 x the scores' bytes, 48 MiB for a 1024 x 4096 layer compared as a whole, as ADMM's gradual mask and ALPS's
+    projection do every iteration). None when a score is NaN (the caller then sorts, NaN last).
 
     A strided sample of about 65 k entries brackets the k-th value between two of its order statistics (the
-    expected rank +- 4 standard deviations and a margin); two counting passes check that the bracket holds it
-    and the few entries inside it are selected exactly. A bracket that misses (scores in an order the sample
-    does not represent) falls back to ``kthvalue`` on the whole row. Extra memory: two bool vectors of x's
-    length and the entries in the bracket."""
-    n = x.numel()
-    sample = torch.sort(x[:: max(n // _SAMPLE, 1)]).values
+    expected rank +- 4 standard deviations and a margin); one more pass counts the entries below the bracket and
+    gathers those inside it, and the k-th value is selected among them. A bracket that misses (scores in an order
+    the sample does not represent) falls back to ``kthvalue`` on the whole row. Extra memory: a slice's bool
+    vectors and the entries in the bracket."""
+    stride = max(n // _SAMPLE, 1)
+    parts = []
+    for a, b in bounds:
+        x = score(a, b)
+        if _has_nan(x):
+            return None
+        # the whole row's x[::stride] in this slice, copied (a view would keep the slice's scores alive)
+        parts.append(x[(-a) % stride::stride].clone())
+    sample = torch.sort(torch.cat(parts)).values
     m = sample.numel()
     centre = k / n * m
     slack = 4.0 * (centre * (1.0 - k / n)) ** 0.5 + 32.0
     lo_rank, hi_rank = int(centre - slack), int(centre + slack) + 1
     lo = float(sample[lo_rank - 1]) if lo_rank >= 1 else None
     hi = float(sample[hi_rank - 1]) if hi_rank <= m else None
-    below = 0 if lo is None else int(torch.count_nonzero(x < lo))
-    if below < k:
-        inside = torch.ones_like(x, dtype=torch.bool) if lo is None else x >= lo
+    del parts, sample
+    below, inside = 0, []
+    for a, b in bounds:
+        x = score(a, b)
+        keep = torch.ones_like(x, dtype=torch.bool) if lo is None else x >= lo
+        if lo is not None:
+            below += int(x.numel() - torch.count_nonzero(keep))
         if hi is not None:
-            inside &= x <= hi
-        if below + int(torch.count_nonzero(inside)) >= k:
-            return x[inside].kthvalue(k - below).values
-    return x.kthvalue(k).values
+            keep &= x <= hi
+        inside.append(x[keep])
+    if below < k and below + sum(v.numel() for v in inside) >= k:
+        return torch.cat(inside).kthvalue(k - below).values
+    del inside
+    whole = score(0, n) if len(bounds) == 1 else torch.cat([score(a, b) for a, b in bounds])
+    return whole.kthvalue(k).values
 
 
-def _lowest_k_in_long_row(x: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`_lowest_k_mask` of one long row ``x`` (1-D, 0 < k < len, no NaN): the entries at or below the
-    k-th smallest value, of the ties at it only the first in index order."""
-    t = _kth_in_long_row(x, k)
-    mask = x <= t
-    surplus = int(torch.count_nonzero(mask)) - k
-    if surplus > 0:
-        tied = torch.nonzero(x == t).flatten()
-        mask[tied[tied.numel() - surplus:]] = False
+def lowest_k_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]], n: int,
+                       k: int) -> torch.Tensor:
+    """:func:`_lowest_k_mask` of one long row of ``n`` scores given by slices (see :func:`_kth_by_slices`):
+    a bool vector, True at the entries at or below the k-th smallest value, of the ties at it only the first
+    in index order; NaN scores sort last. Scores are computed slice by slice (three passes, a fourth over the
+    last slices when ties at the k-th value exceed k), so a layer-wide mask of a score that is not stored (|V|
+    of a solver's iterate) needs no score matrix."""
+    if k <= 0 or k >= n:
+        first = score(*bounds[0])
+        return torch.full((n,), k > 0, dtype=torch.bool, device=first.device)
+    t = _kth_by_slices(score, bounds, n, k)
+    if t is None:  # NaN: the stable sort's order, NaN last
+        whole = score(0, n) if len(bounds) == 1 else torch.cat([score(a, b) for a, b in bounds])
+        return _lowest_k_mask(whole[None], k)[0]
+    mask, count = None, 0
+    for a, b in bounds:
+        x = score(a, b)
+        if mask is None:
+            mask = torch.empty(n, dtype=torch.bool, device=x.device)
+        torch.le(x, t, out=mask[a:b])
+        count += int(torch.count_nonzero(mask[a:b]))
+    surplus = count - k
+    for a, b in reversed(bounds):  # too many ties at t: drop the last ones in index order
+        if surplus <= 0:
+            break
+        tied = torch.nonzero(score(a, b) == t).flatten()
+        drop = tied[max(tied.numel() - surplus, 0):]
+        mask[a + drop] = False
+        surplus -= drop.numel()
     return mask
+
+
+def mask_by_row_slices(score: Callable[[int, int], torch.Tensor], shape: tuple[int, int], sparsity,
+                       pattern: tuple[int, int] | None, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``make_mask(S, sparsity, pattern, group='layer')`` of a score matrix S of ``shape`` given by slices of rows
+    (``score(r0, r1)`` = S[r0:r1], computed on demand for the (r0, r1) in ``bounds``, which cover the rows in
+    order): N:M and per-row ratios slice by slice, one ratio over the whole layer by :func:`lowest_k_by_slices`.
+    The same mask, without S: what a solver that compares its iterate over the whole layer every iteration needs
+    (ADMM's gradual mask, ALPS's projection)."""
+    rows, cols = shape
+    if pattern is not None or isinstance(sparsity, torch.Tensor):
+        out = None
+        for a, b in bounds:
+            part = make_mask(score(a, b), sparsity if pattern is not None else sparsity[a:b], pattern)
+            if out is None:
+                out = torch.empty(shape, dtype=torch.bool, device=part.device)
+            out[a:b] = part
+        return out
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
+    n = rows * cols
+    flat = lowest_k_by_slices(lambda a, b: score(a // cols, b // cols).reshape(-1),
+                              [(a * cols, b * cols) for a, b in bounds], n, int(n * s))
+    return flat.view(rows, cols)
 
 
 def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -51,8 +51,8 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, nothing_to_prune, solve_row_slices, solver_problem, unpruned)
-from ..core.masks import make_mask, nm_mask, unstructured_mask
+                        layer_problem, nothing_to_prune, row_slices, solver_problem, unpruned)
+from ..core.masks import mask_by_row_slices, nm_mask
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
 from ..core.stats import LayerStats
@@ -72,49 +72,75 @@ class ADMMParams(Params):
     max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
 
 
-def gradual_mask(score: torch.Tensor, sparsity, pattern, fraction: float) -> torch.Tensor:
-    """The mask of one gradual step: ``fraction`` (0..1] of the final sparsity, from ``score`` (lower = pruned
-    first). Float sparsity: the lowest int(fraction x s x numel) of the layer; per-row tensor: floor(fraction x s_r x
-    in) per row; N:M: the lowest fraction x N/M of the layer among what the N:M rule prunes."""
+def gradual_mask(T: torch.Tensor, sparsity, pattern, fraction: float,
+                 bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """The mask of one gradual step from the scores |T| (lower = pruned first), computed by the row slices
+    ``bounds`` (no score matrix): ``fraction`` (0..1] of the final sparsity. Float sparsity: the lowest
+    int(fraction x s x numel) of the layer; per-row tensor: floor(fraction x s_r x in) per row; N:M: the lowest
+    fraction x N/M of the layer among what the N:M rule prunes."""
+    def magnitude(a: int, b: int) -> torch.Tensor:
+        return T[a:b].abs()
+
     if pattern is not None:
-        cand = nm_mask(score, *pattern)
         if fraction >= 1.0:
-            return cand
-        return unstructured_mask(score.masked_fill(~cand, float("inf")), fraction * pattern[0] / pattern[1], "layer")
+            return mask_by_row_slices(magnitude, T.shape, None, pattern, bounds)
+
+        def candidates_only(a: int, b: int) -> torch.Tensor:
+            x = T[a:b].abs()
+            return x.masked_fill_(~nm_mask(x, *pattern), float("inf"))
+
+        return mask_by_row_slices(candidates_only, T.shape, fraction * pattern[0] / pattern[1], None, bounds)
     if isinstance(sparsity, torch.Tensor):
-        return make_mask(score, (sparsity * fraction).to(score.device))
-    return unstructured_mask(score, float(sparsity) * fraction, "layer")
+        return mask_by_row_slices(magnitude, T.shape, sparsity * fraction, None, bounds)
+    return mask_by_row_slices(magnitude, T.shape, float(sparsity) * fraction, None, bounds)
 
 
 @torch.no_grad()
-def _iterate(V: torch.Tensor, XY: torch.Tensor, Ainv: torch.Tensor, m: torch.Tensor | None, rho: float, iters: int,
-             tol: float, choose: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+def _iterate(P: Problem, W: torch.Tensor, Ainv: torch.Tensor, m: torch.Tensor | None, rho: float, iters: int,
+             tol: float, choose: Callable[[torch.Tensor, int, list], torch.Tensor] | None = None,
              steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scaled ADMM iterations of the module docstring on the rows in V (Wn on entry, overwritten) with their
-    ``XY`` = Wn Hn, on the fixed mask ``m``, or with ``choose(|V + U|, t)`` giving the mask at the first ``steps``
-    iterations. Returns (the projection Z, in V's storage; the final mask). Besides V and XY, two matrices of
-    V's shape: U and T (V + U, then Z, then the right side of the quadratic step); the mask's scores go into V,
-    which the step overwrites; two more with ``tol``."""
-    U, T = torch.zeros_like(V), torch.empty_like(V)
-    zero = V.new_zeros(())
-    Z = Z_prev = None
+    """The scaled ADMM iterations of the module docstring on W's normalised problem P, on the fixed mask ``m``, or
+    with ``choose(T, t, bounds)`` giving the mask from T = V + U at the first ``steps`` iterations. Returns (the
+    projection Z, a new (out, in) matrix; the final mask).
+
+    The state is the one matrix T = V + U: the projection splits it into Z (T off the mask) and U (T on it), so
+    the quadratic step needs only T and the mask, and, as (Hn + rho I)^-1 Hn = I - rho (Hn + rho I)^-1,
+
+        V <- Wn Hn (Hn + rho I)^-1 + rho (Z - U) (Hn + rho I)^-1 = Wn + rho (Z - U - Wn) (Hn + rho I)^-1
+
+    takes Wn from W slice by slice (no Wn Hn matrix). Each iteration runs on slices of rows (core.lsq.row_slices)
+    with two slice-sized buffers; the gradual mask is chosen over the whole layer from |T| by slices too
+    (core.masks.mask_by_row_slices). ``tol``: the residuals ||V - Z|| and ||Z - Z_prev|| summed over the slices."""
+    rows, cols = W.shape
+    bounds = row_slices(rows, cols)
+    T = P.normalise(W)  # V + U with V = Wn, U = 0
+    size = bounds[0][1] - bounds[0][0]
+    rhs, V = (torch.empty(size, cols, dtype=torch.float32, device=T.device) for _ in range(2))
+    dual_prev = None
     for t in range(iters):
-        torch.add(V, U, out=T)  # V + U, before the projection; V is not read again before the next step
         if choose is not None and t < steps:
-            m = choose(torch.abs(T, out=V), t)
-        torch.where(m, T, zero, out=U)  # U + V - Z: the pruned part of V + U
-        T.masked_fill_(m, 0.0)  # Z, the projection
+            m = None  # the new mask replaces it
+            m = choose(T, t, bounds)
         check = tol > 0 and (choose is None or t >= steps)
+        zz = primal = dual = 0.0
+        for a, b in bounds:
+            Ts, ms, r, v = T[a:b], m[a:b], rhs[:b - a], V[:b - a]
+            torch.where(ms, torch.neg(Ts, out=r), Ts, out=r)  # Z - U: T off the mask, -T on it
+            P.add_normalised(r, W[a:b], -1.0).mul_(rho)
+            P.add_normalised(torch.matmul(r, Ainv, out=v), W[a:b])  # the quadratic step
+            if check:
+                r.copy_(Ts).masked_fill_(ms, 0.0)  # Z
+                zz += float(torch.linalg.vector_norm(r)) ** 2
+                primal += float(torch.linalg.vector_norm(r.sub_(v))) ** 2
+                dual += float(torch.linalg.vector_norm(r.masked_fill_(ms, 0.0))) ** 2  # Z_next - Z (mask fixed)
+            Ts.masked_fill_(~ms, 0.0).add_(v)  # the next T = V + U, U = the pruned part of this T
+        Ts = ms = None  # views: they would keep this mask alive while the next one is chosen
         if check:
-            Z = T.clone() if Z is None else Z.copy_(T)
-        T.sub_(U).mul_(rho).add_(XY)
-        torch.matmul(T, Ainv, out=V)
-        if check:
-            zn = float(Z.norm())
-            if Z_prev is not None and float((V - Z).norm()) <= tol * zn and float((Z - Z_prev).norm()) <= tol * zn:
+            bound = tol * zz ** 0.5
+            if dual_prev is not None and primal ** 0.5 <= bound and dual_prev ** 0.5 <= bound:
                 break
-            Z_prev = Z.clone() if Z_prev is None else Z_prev.copy_(Z)
-    return V.add_(U).masked_fill_(m, 0.0), m
+            dual_prev = dual
+    return T.masked_fill_(m, 0.0), m
 
 
 @torch.no_grad()
@@ -141,17 +167,15 @@ def admm_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
         return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ADMM", name)
     Ainv = inverse(P) if inverse is not None else damped_inverse(P.Hn, rho, max_damp_tries, name)
-    if mask is not None:  # rows are independent: iterate on slices of them (the four iterates stay small)
-        m = mask.to(device=P.Hn.device, dtype=torch.bool)
-        Z = solve_row_slices(P, W, m, lambda V, m_rows: _iterate(V, V @ P.Hn, Ainv, m_rows, rho, int(iters), tol)[0])
+    if mask is not None:
+        Z, m = _iterate(P, W, Ainv, mask.to(device=P.Hn.device, dtype=torch.bool), rho, int(iters), tol)
     else:
         steps = max(min(int(gradual), int(iters)), 1)  # mask-choosing iterations; the last reaches the sparsity
 
-        def choose(score: torch.Tensor, t: int) -> torch.Tensor:
-            return gradual_mask(score, s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3)
+        def choose(T: torch.Tensor, t: int, bounds: list) -> torch.Tensor:
+            return gradual_mask(T, s, pattern, 1.0 - (1.0 - (t + 1) / steps) ** 3, bounds)
 
-        V = P.normalise(W)
-        Z, m = _iterate(V, V @ P.Hn, Ainv, None, rho, int(iters), tol, choose, steps)
+        Z, m = _iterate(P, W, Ainv, None, rho, int(iters), tol, choose, steps)
     Z = P.finite_or_dense(Z, W, m, "ADMM", name)
     return P.restore(Z), m
 

@@ -51,8 +51,8 @@ from pydantic import Field
 
 from ..core.errors import PrunekitError
 from ..core.lsq import (DEFAULT_MAX_DAMP_TRIES, DEFAULT_PERCDAMP, Problem, check_solver_inputs, damped_inverse,
-                        layer_problem, masked_cg, nothing_to_prune, solve_row_slices, solver_problem, unpruned)
-from ..core.masks import make_mask
+                        layer_problem, masked_cg, nothing_to_prune, row_slices, solver_problem, unpruned)
+from ..core.masks import mask_by_row_slices, pack_bits
 from ..core.metric import register_metric
 from ..core.registry import Int, Params
 from ..core.stats import LayerStats
@@ -72,22 +72,67 @@ class ALPSParams(Params):
     max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
 
 
-def project(B: torch.Tensor, sparsity, pattern, work: torch.Tensor | None = None) -> torch.Tensor:
+def project(B: torch.Tensor, sparsity, pattern, bounds: list[tuple[int, int]]) -> torch.Tensor:
     """The prune mask that keeps the largest |B|: over the layer (float sparsity), per row (per-row ratios), or per
-    group of M (N:M). ``work``: a free tensor of B's shape to hold |B| (else a new one)."""
-    return make_mask(torch.abs(B, out=work) if work is not None else B.abs(), sparsity, pattern, "layer")
+    group of M (N:M); computed by the row slices ``bounds`` (no |B| matrix)."""
+    return mask_by_row_slices(lambda a, b: B[a:b].abs(), B.shape, sparsity, pattern, bounds)
+
+
+_ONES = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)  # set bits of each byte value
+
+
+def _pack(M: torch.Tensor, bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The mask M kept as bits, slice by slice (an eighth of a bool matrix; only compared, never read back)."""
+    return [pack_bits(M[a:b].reshape(-1)) for a, b in bounds]
+
+
+def _count_changes(M: torch.Tensor, packed: list[torch.Tensor], bounds: list[tuple[int, int]]) -> int:
+    """How many entries the mask M and a mask kept by :func:`_pack` disagree on (the set bits of their XOR)."""
+    ones = _ONES.to(M.device)
+    return sum(int(ones[torch.bitwise_xor(pack_bits(M[a:b].reshape(-1)), p).int()].sum())
+               for (a, b), p in zip(bounds, packed))
 
 
 @torch.no_grad()
-def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pattern, rho: float = 0.1,
-                 max_iters: int = 300, min_iters: int = 30, update_every: int = 3,
-                 max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Step 1 of the module docstring on W's normalised problem P (``target`` = Wn Hn): (B, its pruned set,
-    diagnostics)."""
-    B = P.normalise(W)
-    pruned = start = project(B, sparsity, pattern)
-    keep_count = max(int((~pruned).sum()), 1)
-    D, V, R = B.masked_fill(start, 0.0), torch.zeros_like(B), torch.empty_like(B)
+def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.1, max_iters: int = 300,
+                 min_iters: int = 30, update_every: int = 3, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
+                 name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Step 1 of the module docstring on W's normalised problem P: (B, its pruned set, diagnostics).
+
+    The state between iterations is one matrix, R = B + V / rho, and its projection's mask M: D = R off M and
+    V = rho R on M (the dual step leaves V = rho (R - D)). With (Hn + rho I)^-1 Hn = I - rho (Hn + rho I)^-1 the
+    B-step is B = Wn + (rho (D - Wn) - V) (Hn + rho I)^-1 (Wn taken from W by slices, no Wn Hn matrix); each
+    iteration runs on slices of rows (core.lsq.row_slices) and projects over the layer by slices
+    (core.masks.mask_by_row_slices). B is returned as the B-step after the last dual step (the B the next
+    iteration would take), so no B of the iterations is kept; with ``max_iters`` = 0, B = Wn."""
+    rows, cols = W.shape
+    bounds = row_slices(rows, cols)
+    size = bounds[0][1] - bounds[0][0]
+    rhs, out = (torch.empty(size, cols, dtype=torch.float32, device=P.Hn.device) for _ in range(2))
+
+    def start() -> tuple[torch.Tensor, torch.Tensor]:  # D = the projection of Wn, V = 0
+        R = P.normalise(W, out=state)
+        M = project(R, sparsity, pattern, bounds)
+        return R.masked_fill_(M, 0.0), M
+
+    def b_step(R: torch.Tensor, M: torch.Tensor, rho: float, rho_v: float, inverse: torch.Tensor,
+               keep_b: bool) -> None:
+        """One B-step on every slice, then R <- B + V / rho (or R <- B with ``keep_b``)."""
+        for a, b in bounds:
+            Rs, Ms, r, o = R[a:b], M[a:b], rhs[:b - a], out[:b - a]
+            torch.where(Ms, torch.mul(Rs, -rho_v, out=o), torch.mul(Rs, rho, out=r), out=r)  # rho D - V
+            P.add_normalised(r, W[a:b], -rho)
+            P.add_normalised(torch.matmul(r, inverse, out=o), W[a:b])  # B
+            if keep_b:
+                Rs.copy_(o)
+            else:
+                Rs.masked_fill_(~Ms, 0.0).mul_(rho_v / rho).add_(o)  # B + V / rho
+
+    state = torch.empty(rows, cols, dtype=torch.float32, device=P.Hn.device)
+    R, M = start()
+    pruned = _pack(M, bounds)  # the support at the last check, as bits
+    keep_count = max(R.numel() - int(torch.count_nonzero(M)), 1)
+    rho_v = rho  # the rho of V = rho_v R on M (V = 0 at the start)
     inverse, inverse_rho = None, None
     warmed, its, restarts = False, 0, 0
     for t in range(int(max_iters)):
@@ -95,16 +140,14 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
         if rho != inverse_rho:
             inverse, inverse_rho = None, rho  # drop the old one before the new one is made
             inverse = damped_inverse(P.Hn, rho, max_damp_tries, name)
-        torch.add(target, D, alpha=rho, out=R).sub_(V)
-        torch.matmul(R, inverse, out=B)
-        torch.div(V, rho, out=R).add_(B)  # R now holds B + V / rho
-        M = project(R, sparsity, pattern, work=D)  # D is overwritten next
-        D.copy_(R).masked_fill_(M, 0.0)
-        V.add_(B, alpha=rho).sub_(D, alpha=rho)
+        b_step(R, M, rho, rho_v, inverse, keep_b=False)
+        rho_v = rho
+        M = None  # the projection below replaces it
+        M = project(R, sparsity, pattern, bounds)
         if (t + 1) % update_every:
             continue
-        change = int((M != pruned).sum())
-        pruned = M
+        change = _count_changes(M, pruned, bounds)
+        pruned = _pack(M, bounds)
         frac = change / keep_count
         if frac > 0.1:
             rho, warmed = rho * 1.3, True
@@ -115,8 +158,7 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
                 rho *= 1.1
             else:  # the support barely moves: a smaller penalty, from the start again
                 rho /= 5.0
-                P.normalise(W, out=D).masked_fill_(start, 0.0)
-                V.zero_()
+                R, M = start()
                 restarts += 1
         elif warmed:
             break
@@ -125,7 +167,17 @@ def admm_support(W: torch.Tensor, P: Problem, target: torch.Tensor, sparsity, pa
         rho = min(rho, RHO_MAX)
         if t + 1 >= min_iters and frac < 3e-4:
             break
-    return B, project(B, sparsity, pattern, work=R), {"iters": its, "rho": rho, "restarts": restarts}
+    pruned = None
+    if its:
+        if rho != inverse_rho:
+            inverse = None
+            inverse = damped_inverse(P.Hn, rho, max_damp_tries, name)
+        b_step(R, M, rho, rho_v, inverse, keep_b=True)
+        B = R
+    else:
+        B = P.normalise(W, out=state)
+    inverse = M = None
+    return B, project(B, sparsity, pattern, bounds), {"iters": its, "rho": rho, "restarts": restarts}
 
 
 @torch.no_grad()
@@ -139,7 +191,8 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
 
     ``mask`` given: only the exact weights on it (step 2). ``H``: the layer Hessian ((2/n) X^T X); or ``problem``
     (or a function returning it, called only when there is something to prune), then H is not read and
-    ``percdamp`` is the problem's. ``info``, if given, receives the ADMM's iterations, final rho and restarts. W and H are not modified."""
+    ``percdamp`` is the problem's. ``info``, if given, receives the ADMM's iterations, final rho and restarts.
+    W and H are not modified."""
     if problem is None and H is None:
         raise PrunekitError("ALPS needs the Hessian H or its normalised problem")
     s = check_solver_inputs(W, H.shape if problem is None else None, sparsity, pattern, mask, "ALPS")
@@ -150,19 +203,18 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
         return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ALPS", name)
     if mask is None:
-        target = P.normalise(W) @ P.Hn
         if isinstance(s, torch.Tensor):
-            s = s.to(target.device)
-        B, m, extra = admm_support(W, P, target, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries,
-                                   name)
+            s = s.to(P.Hn.device)
+        B, m, extra = admm_support(W, P, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries, name)
         if info is not None:
             info.update(extra)
-        X = masked_cg(P.Hn, target, ~m, B, pcg_iters, pcg_rtol, overwrite=True)  # B is not needed again
-    else:  # rows are independent: conjugate gradients on slices of them
+    else:
         m = mask.to(device=P.Hn.device, dtype=torch.bool)
-        X = solve_row_slices(P, W, m, lambda B, m_rows: masked_cg(P.Hn, B @ P.Hn, ~m_rows, B, pcg_iters, pcg_rtol,
-                                                                  overwrite=True))
-    X = P.finite_or_dense(X.masked_fill_(m, 0.0), W, m, "ALPS", name)
+        B = P.normalise(W)
+    for a, b in row_slices(*W.shape):  # rows are independent on a fixed support: conjugate gradients by slices
+        Wn = P.normalise(W[a:b])
+        masked_cg(P.Hn, Wn @ P.Hn, ~m[a:b], B[a:b], pcg_iters, pcg_rtol, overwrite=True)  # in place in B
+    X = P.finite_or_dense(B.masked_fill_(m, 0.0), W, m, "ALPS", name)
     return P.restore(X), m
 
 
