@@ -146,3 +146,36 @@ def test_reconstruct_admm_keeps_the_metric_mask_and_lowers_the_error():
     kept = ~unpack_mask(rep.masks[first], dense[first].shape)
     assert not torch.equal(Wq[kept], dense[first][kept])
     assert rep["overall_sparsity"] == pytest.approx(rep_w["overall_sparsity"], abs=1e-12)
+
+
+def test_gradual_mask_equals_the_papers_iteration_on_whole_matrices():
+    """The gradual ADMM runs on slices of rows with one state matrix (T = V + U) and takes Wn from W instead of
+    Wn Hn: the same iteration as the paper's on whole matrices (a float64 reference: V, U, Z and Wn Hn, the mask
+    the lowest |V + U| of the layer on the cubic schedule), for a layer of four row slices."""
+    from conftest import correlated_inputs
+
+    X = correlated_inputs(n=512, d=32, seed=5)
+    W = torch.randn(100, 32, generator=generator(6))
+    H = stats_of(X).hessian_mean()
+    s, rho, iters, steps = 0.6, 1.0, 12, 8
+    got, mask = admm_solve(W, H, s, rho=rho, iters=iters, gradual=steps)
+
+    Hd = damped(H, 0.01)
+    d = Hd.diagonal().sqrt()
+    Hn = Hd / d[:, None] / d[None, :]
+    Wn = W.double() * d
+    XY, Ainv = Wn @ Hn, torch.linalg.inv(Hn + rho * torch.eye(32, dtype=torch.float64))
+    V, U = Wn.clone(), torch.zeros_like(Wn)
+    for t in range(iters):
+        if t < steps:
+            k = int(W.numel() * (s * (1.0 - (1.0 - (t + 1) / steps) ** 3)))
+            order = torch.from_numpy((V + U).abs().flatten().numpy().argsort(kind="stable"))
+            m = torch.zeros(W.numel(), dtype=torch.bool)
+            m[order[:k]] = True
+            m = m.view(W.shape)
+        Z = (V + U).masked_fill(m, 0.0)
+        U = U + V - Z
+        V = (XY + rho * (Z - U)) @ Ainv
+    want = (V + U).masked_fill(m, 0.0) / d
+    assert torch.equal(mask, m)
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)

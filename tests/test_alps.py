@@ -96,3 +96,59 @@ def test_failed_factorisations_fall_back_to_the_diagonal(lsq_small, monkeypatch,
     with caplog.at_level(logging.WARNING):
         got, mask = alps_solve(W, st.hessian_mean(), 0.5, max_damp_tries=2)
     assert torch.isfinite(got).all() and int(mask.sum()) == W.numel() // 2 and "diagonal" in caplog.text
+
+
+def _reference_support(W, Hd, s, rho, iters, update_every=3):
+    """ALPS's ADMM as the paper writes it, on whole float64 matrices: B from the normal equations with the
+    Wn Hn target, D the layer-wide projection of B + V / rho (stable order), V the dual; rho follows the support
+    change every ``update_every`` iterations; the final B is the B-step after the last dual step."""
+    d = Hd.diagonal().sqrt()
+    Hn = Hd / d[:, None] / d[None, :]
+    Wn = W.double() * d
+    k = int(W.numel() * s)
+
+    def proj(X):
+        m = torch.zeros(X.numel(), dtype=torch.bool)
+        m[torch.from_numpy(X.abs().flatten().numpy().argsort(kind="stable"))[:k]] = True
+        return m.view(X.shape)
+
+    def b_step(D, V, rho):
+        return (Wn @ Hn - V + rho * D) @ torch.linalg.inv(Hn + rho * torch.eye(Hn.shape[0], dtype=Hn.dtype))
+
+    pruned = proj(Wn)
+    D, V, keep = Wn.masked_fill(pruned, 0.0), torch.zeros_like(Wn), W.numel() - k
+    warmed = False
+    for t in range(iters):
+        B = b_step(D, V, rho)
+        M = proj(B + V / rho)
+        D = (B + V / rho).masked_fill(M, 0.0)
+        V = V + rho * (B - D)
+        if (t + 1) % update_every:
+            continue
+        change, pruned = int((M != pruned).sum()), M
+        if change / keep > 0.1:
+            rho, warmed = rho * 1.3, True
+        elif change / keep > 0.005:
+            rho, warmed = rho * 1.2, True
+        elif change and warmed:
+            rho *= 1.1
+        assert warmed, "the reference leaves out restarts"
+    return proj(b_step(D, V, rho)), rho
+
+
+def test_support_search_equals_the_papers_iteration_on_whole_matrices():
+    """The support search runs on slices of rows with one state matrix (R = B + V / rho and its mask) and takes
+    Wn from W instead of Wn Hn: the same iteration as the paper's on whole matrices (float64 reference above),
+    for a layer of four row slices: the same support and the same final rho after three penalty updates."""
+    from conftest import correlated_inputs, generator, stats_of
+
+    X = correlated_inputs(n=512, d=32, seed=5)
+    W = torch.randn(100, 32, generator=generator(6))
+    H = stats_of(X).hessian_mean()
+    info = {}
+    got, mask = alps_solve(W, H, 0.6, max_iters=9, min_iters=30, pcg_iters=500, pcg_rtol=1e-10, info=info)
+    want_mask, want_rho = _reference_support(W, damped(H, 0.01), 0.6, 0.1, 9)
+    assert info["iters"] == 9 and info["restarts"] == 0 and info["rho"] == pytest.approx(want_rho, rel=1e-12)
+    assert torch.equal(mask, want_mask)
+    Hd = damped(H, 0.01)
+    assert torch.allclose(got.double(), brute_force_optimum(W, Hd, mask), atol=2e-4, rtol=1e-3)

@@ -7,9 +7,8 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
     min_B  sum_r (wn_r - b_r)^T Hn (wn_r - b_r)   subject to  B prunes int(s x numel) weights of the layer
                                                    (or N of every M in each row: an N:M pattern)
 
-1. ADMM with the split B = D (D carries the constraint), dual V, penalty rho, from B = Wn, D = the projection of
-   Wn, V = 0:
-       B <- (Wn Hn - V + rho D) (Hn + rho I)^-1
+1. ADMM with the split B = D (D carries the constraint), dual V, penalty rho, from D = the projection of Wn, V = 0:
+       B <- (Wn Hn - V + rho D) (Hn + rho I)^-1 = Wn + (rho (D - Wn) - V) (Hn + rho I)^-1
        D <- the projection of B + V / rho       (keep the largest |.| of the layer, or per N:M group)
        V <- V + rho (B - D)
    (Hn + rho I)^-1 is factored again (one Cholesky, in place) whenever rho has changed, so an iteration is one
@@ -20,9 +19,12 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
    restart from the start point (the penalty was too strong to let the support move); no change: stop once warmed
    up, else rho / 5. rho stays <= 1e6. After ``min_iters`` iterations a change below 0.03% also stops; at most
    ``max_iters`` iterations.
-2. The support is the projection of the final B; on it the weights are the exact least-squares solution, by
-   conjugate gradients on all rows at once started from that projection (core.lsq.masked_cg), ``pcg_iters``
-   iterations or until every row's residual is below ``pcg_rtol`` of its right side.
+2. The support is the projection of the final B (the B-step after the last dual step: the public code returns
+   the B of the last iteration, one step earlier, which would need a second (out, in) matrix kept through the
+   iterations; measured on SmolLM2 in NOTES.md); on it the weights are the exact least-squares solution, by
+   conjugate gradients started from that projection (core.lsq.masked_cg, on slices of rows: the rows are
+   independent on a fixed support), ``pcg_iters`` iterations or until every row's residual is below ``pcg_rtol``
+   of its right side.
 
 With a fixed mask (``--reconstruct alps``, or after ``--refine``) only step 2 runs, from the masked dense weights.
 
@@ -36,11 +38,12 @@ cross-column terms; core.lsq.damped_inverse); a non-finite result (only from non
 masked dense weights, with a warning. Never raises for numerical reasons.
 
 Memory: Hn (cached on the layer's statistics, so q/k/v and gate/up share it) and (Hn + rho I)^-1, two (in, in)
-float32 matrices, plus five (out, in) float32 matrices during the iterations (Wn Hn, B, D, V and one buffer; the
-projection's scores |.| go into a buffer that is overwritten next) and five in the conjugate gradients (Wn Hn, the
-iterate, which reuses B, and three more). With a fixed mask only Hn and the result are whole: the conjugate
-gradients run on slices of rows (core.lsq.solve_row_slices), their five matrices together 5/8 of an (in, in) one.
-Measured in bench/results/sparsegpt_memory.md against SparseGPT's solve.
+float32 matrices, one (out, in) state matrix R = B + V / rho with its projection's mask (D and V follow from them),
+the last check's support as bits, and two slice-sized buffers: the iterations run on slices of max(32, in / 8) rows
+(core.lsq.row_slices), take Wn from W, and project over the layer slice by slice (core.masks.mask_by_row_slices).
+The final B is made in R's storage and the conjugate gradients run on slices of rows in it (four slice-sized
+matrices). Measured in bench/results/sparsegpt_memory.md: 4.89 Hessian-sized matrices on a 2048 x 2048 layer
+(SparseGPT 4.99), 3.43 on 1024 x 4096 (SparseGPT 3.69); with a fixed mask 3.38 and 2.49.
 """
 from __future__ import annotations
 
