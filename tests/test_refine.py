@@ -9,7 +9,7 @@ import torch
 
 import prunekit
 from prunekit.core.errors import PrunekitError
-from prunekit.core.families import block_linears, weight_view
+from prunekit.core.families import block_linears, name_matches, weight_view
 from prunekit.core.masks import make_mask
 from prunekit.core.refine import REFINERS, apply_refine, group_counts, refine_needs, register_refiner
 from prunekit.pruning.config import make_config
@@ -83,7 +83,34 @@ def test_exact_counts_through_the_engine(cfg, per_row, calib_ids):
             assert int((weights[l["name"]] == 0).sum()) == int(l["numel"] * l["target"]), l["name"]
     assert rep["method"]["refine"] == cfg["refine"] and rep["refine"]["swaps"] > 0
     assert rep["refine"]["error_after"] < rep["refine"]["error_before"]
-    assert all("refine" in l for l in rep["layers"])
+    # every layer refined, except those the refiner's skip names (DSnoT's default: the MLP's, as its public code)
+    skip = getattr(REFINERS.get(cfg["refine"]).check_params(cfg.get("refine_params")), "skip", [])
+    assert all(("refine" in l) != name_matches(l["name"], skip) for l in rep["layers"])
+    assert any(name_matches(l["name"], skip) for l in rep["layers"]) == (cfg["refine"] == "dsnot")
+
+
+def test_skipped_layers_keep_the_metrics_mask(calib_ids):
+    """DSnoT leaves the layers its ``skip`` names (default: the MLP's, ``mlp.*``) with the metric's mask: the MLP
+    weights are plain Wanda's, bit for bit (one block, statistics from the dense block: the MLP sees the same
+    inputs whatever attention's masks are); ``skip=[]`` refines them too."""
+    base = {"sparsity": 0.6, "metric": "wanda", "sequential": False}
+    plain = tiny_model("llama", layers=1, hidden=64)
+    prunekit.prune(plain, None, base, calib_ids=calib_ids)
+    runs = {}
+    for skip in (None, []):
+        model = tiny_model("llama", layers=1, hidden=64)
+        params = {"threshold": 0.0, **({} if skip is None else {"skip": skip})}
+        rep = prunekit.prune(model, None, {**base, "refine": "dsnot", "refine_params": params}, calib_ids=calib_ids)
+        runs[str(skip)] = ({n: weight_view(m).clone() for d in block_linears(model) for n, m in d.items()}, rep)
+    want = {n: weight_view(m) for d in block_linears(plain) for n, m in d.items()}
+    default, every = runs["None"][0], runs["[]"][0]
+    for n, w in want.items():
+        if ".mlp." in n:
+            assert torch.equal(default[n], w), n
+            assert not torch.equal(every[n], w), n
+        else:
+            assert not torch.equal(default[n], w) and torch.equal(default[n], every[n]), n
+    assert runs["[]"][1]["refine"]["swaps"] > runs["None"][1]["refine"]["swaps"]
 
 
 def test_n_m_refinement_keeps_the_pattern(calib_ids):

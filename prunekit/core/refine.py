@@ -7,7 +7,8 @@ the N:M pattern or None. The returned mask must prune exactly as many weights as
 N:M pattern in every group of M columns of every row: a refiner only swaps a pruned weight for a kept one of the
 same row (of the same group). :func:`apply_refine` checks that, so the layer's sparsity, the allocation and the
 pattern are what they were. ``info`` is a small dict of diagnostics for the report. ``needs`` names the statistics
-it reads (added to the metric's by :mod:`prunekit.pruning.plan`).
+it reads (added to the metric's by :mod:`prunekit.pruning.plan`). A parameter named ``skip`` (a list of layer-name
+patterns) is the engine's, not the function's: those layers keep their mask (:func:`apply_refine`).
 
 In a prune the order is: mask (metric, allocation, row-wise method) -> refine -> weight reconstruction
 (``reconstruct``, or the solver metric's own solve on the refined mask). Refiners live in ``prunekit/methods/``.
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import PrunekitError
+from .families import name_matches
 from .registry import NoParams, Params, Registry
 
 
@@ -59,13 +61,17 @@ def group_counts(mask: torch.Tensor, nm: tuple[int, int] | None) -> torch.Tensor
 
 
 def apply_refine(name: str, W: torch.Tensor, mask: torch.Tensor, stats, nm: tuple[int, int] | None = None,
-                 info: dict | None = None, **params) -> torch.Tensor:
+                 info: dict | None = None, layer: str | None = None, **params) -> torch.Tensor:
     """``mask`` refined by refiner ``name`` (the given parameters validated; the method's defaults apply to the
-    rest). ``info``, if given, is filled with the method's diagnostics. Raises if the refiner changed a row's (or
-    an N:M group's) count: that would be a bug in the refiner, and the prune must not go on with it."""
+    rest). ``info``, if given, is filled with the method's diagnostics. A refiner whose parameters have a ``skip``
+    field (fnmatch patterns, matched like ``ignore``) leaves the layers it names (``layer``: the layer's name)
+    as they are. Raises if the refiner changed a row's (or an N:M group's) count: that would be a bug in the
+    refiner, and the prune must not go on with it."""
     m = REFINERS.get(name)
     p = m.check_params(params)
-    new, extra = m.fn(W.float(), mask, stats, nm, **{k: getattr(p, k) for k in p.model_fields_set})
+    if layer is not None and name_matches(layer, getattr(p, "skip", ())):
+        return mask
+    new, extra = m.fn(W.float(), mask, stats, nm, **{k: getattr(p, k) for k in p.model_fields_set if k != "skip"})
     if new.shape != mask.shape or new.dtype != torch.bool:
         raise PrunekitError(f"refiner {name} returned a mask of shape {tuple(new.shape)} ({new.dtype}) for "
                             f"{tuple(mask.shape)}")

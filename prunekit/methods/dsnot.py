@@ -32,12 +32,15 @@ from ..core.refine import register_refiner
 from ..core.registry import Int, Params
 
 INF = float("inf")
+SKIP = ("mlp.*", "fc1", "fc2")  # the public code's default: attention layers only (LLaMA/Qwen/NeoX/GPT-2 MLPs, OPT's)
 
 
 class DSnoTParams(Params):
     max_cycles: Int = Field(50, ge=0, description="swaps per row at most")
     threshold: float = Field(0.1, ge=0, description="a row stops once its expected error |e_r| is this small")
     var_power: float = Field(1.0, ge=0, description="growth key: W mu / Var(x)^var_power")
+    skip: list[str] = Field(default_factory=lambda: list(SKIP), description="layers left as the metric chose them "
+                            "(patterns on the layer name, as for ignore; [] refines every layer)")
 
 
 def _walk(key: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

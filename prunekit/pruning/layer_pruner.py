@@ -65,8 +65,10 @@ class LayerPruner:
             if self.metric.solver is not None:
                 Wn, mask = self.metric.solver(Wf, stats, r, self.nm, None, name=name)
                 if self.refine:
-                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
-                    Wn, mask = self.metric.solver(Wf, stats, r, self.nm, mask, name=name)
+                    new = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, layer=name,
+                                       **self.refine_params)
+                    if new is not mask:  # (the same object: a layer the refiner skips)
+                        Wn, mask = self.metric.solver(Wf, stats, r, self.nm, new, name=name)
             else:
                 scores = self.metric.score(Wf, stats)
                 if self.rowwise and not name_matches(name, self.rowwise_skip):
@@ -78,7 +80,8 @@ class LayerPruner:
                 else:
                     mask = make_mask(scores, r, self.nm, self.metric.group, self.exact)
                 if self.refine:
-                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, **self.refine_params)
+                    mask = apply_refine(self.refine, Wf, mask, stats, self.nm, info=refined, layer=name,
+                                        **self.refine_params)
                 if self.reconstructor is not None:
                     Wn, mask = self.reconstructor.solver(Wf, stats, r, self.nm, mask, name=name)
             if self.metric.bias_update is not None:  # from the dense weights, before any zeroing
