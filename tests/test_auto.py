@@ -9,7 +9,8 @@ import prunekit
 from conftest import tiny_model
 
 
-def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
+def test_auto_picks_a_grid_value_and_restores_weights():
+    calib_ids = torch.randint(0, 128, (20, 24), generator=torch.Generator().manual_seed(1))  # more than 16 windows
     a = tiny_model("llama", layers=4)
     ra = prunekit.prune(a, None, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning",
                                   "allocation_params": {"eps": "auto"}}, calib_ids=calib_ids)
@@ -24,6 +25,12 @@ def test_auto_picks_a_grid_value_and_restores_weights(calib_ids):
                                   "allocation_params": {"eps": eps}}, calib_ids=calib_ids)
     for n in ra.masks:
         assert torch.equal(ra.masks[n], rb.masks[n])
+    # the trial of the chosen value is the real prune (every calibration window): the final model's NLL on the
+    # held-out windows (without a tokenizer: the last calibration windows) is that trial's
+    from prunekit.core.nll import nll_of_windows
+
+    final = float(nll_of_windows(a, calib_ids[-4:], "cpu", batch_size=4).mean())
+    assert final == pytest.approx(best["heldout_nll"], rel=1e-5)
 
 
 def test_every_auto_grid_can_choose_uniform(calib_ids):
