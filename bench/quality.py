@@ -189,11 +189,13 @@ def new_method_suites() -> dict[str, list[dict]]:
                         {"metric": w, "allocation": ap, **admm})]
     # the 70% headline at calibration seeds 1 and 2 (run with --seed 1, --seed 2), with its SparseGPT reference
     seeds = [{"metric": sg, "sparsity": 0.7, "allocation": ap}, {"metric": "alps", "sparsity": 0.7, "allocation": ap}]
+    # ALPS's final B: the public code's (keep_b, a second (out, in) matrix) against one more B-step (the default)
     # DSnoT on which layers: the public code's default (attention only) against every layer, at 50% and 70%
     dsnot_layers = [{"metric": w, "sparsity": sp, **dsnot, **p} for sp in (0.7, 0.5)
                     for p in ({"refine_params": {"skip": []}}, {})]
     return {"beyond-baselines": baselines, "beyond-70": at70, "beyond-24": nm, "beyond-levels": levels,
-            "beyond-seeds": seeds, "beyond-dsnot": dsnot_layers}
+            "beyond-seeds": seeds, "beyond-dsnot": dsnot_layers,
+            "beyond-alps-final": [{"metric": "alps", "sparsity": 0.7, "metric_params": {"keep_b": True}}]}
 
 
 def all_suites() -> dict[str, list[dict]]:

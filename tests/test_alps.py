@@ -152,3 +152,18 @@ def test_support_search_equals_the_papers_iteration_on_whole_matrices():
     assert torch.equal(mask, want_mask)
     Hd = damped(H, 0.01)
     assert torch.allclose(got.double(), brute_force_optimum(W, Hd, mask), atol=2e-4, rtol=1e-3)
+
+
+def test_keep_b_returns_the_last_iterations_b():
+    """``keep_b``: the support is the projection of the last iteration's B (the paper's reference above, without
+    its extra B-step), not of one more B-step."""
+    from conftest import correlated_inputs, generator, stats_of
+    import prunekit.methods.alps as alps
+
+    X = correlated_inputs(n=512, d=32, seed=5)
+    W = torch.randn(100, 32, generator=generator(6))
+    H = stats_of(X).hessian_mean()
+    got, mask = alps_solve(W, H, 0.6, max_iters=9, min_iters=30, pcg_iters=500, pcg_rtol=1e-10, keep_b=True)
+    P = alps.solver_problem(W, H, None, 0.01, "ALPS")
+    B, m, _ = alps.admm_support(W, P, 0.6, None, max_iters=8, min_iters=30)  # its final B-step is the 9th B
+    assert torch.equal(mask, m)

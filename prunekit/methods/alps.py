@@ -73,6 +73,8 @@ class ALPSParams(Params):
     pcg_rtol: float = Field(1e-4, gt=0, description="relative residual at which a row's conjugate gradients stop")
     percdamp: float = Field(DEFAULT_PERCDAMP, ge=0, description="damping, a fraction of the mean Hessian diagonal")
     max_damp_tries: Int = Field(DEFAULT_MAX_DAMP_TRIES, ge=0, description="damping increases before the diagonal fallback")
+    keep_b: bool = Field(False, description="return the last iteration's B, as the public code does, kept in a second "
+                         "(out, in) matrix (default: one more B-step after the loop, no second matrix)")
 
 
 def project(B: torch.Tensor, sparsity, pattern, bounds: list[tuple[int, int]]) -> torch.Tensor:
@@ -99,7 +101,7 @@ def _count_changes(M: torch.Tensor, packed: list[torch.Tensor], bounds: list[tup
 @torch.no_grad()
 def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.1, max_iters: int = 300,
                  min_iters: int = 30, update_every: int = 3, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
-                 name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, dict]:
+                 name: str = "layer", keep_b: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Step 1 of the module docstring on W's normalised problem P: (B, its pruned set, diagnostics).
 
     The state between iterations is one matrix, R = B + V / rho, and its projection's mask M: D = R off M and
@@ -107,7 +109,9 @@ def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.
     B-step is B = Wn + (rho (D - Wn) - V) (Hn + rho I)^-1 (Wn taken from W by slices, no Wn Hn matrix); each
     iteration runs on slices of rows (core.lsq.row_slices) and projects over the layer by slices
     (core.masks.mask_by_row_slices). B is returned as the B-step after the last dual step (the B the next
-    iteration would take), so no B of the iterations is kept; with ``max_iters`` = 0, B = Wn."""
+    iteration would take), so no B of the iterations is kept; with ``keep_b`` the last iteration's B instead (the
+    public code's), copied into a second (out, in) matrix at every iteration that may be the last; with
+    ``max_iters`` = 0, B = Wn."""
     rows, cols = W.shape
     bounds = row_slices(rows, cols)
     size = bounds[0][1] - bounds[0][0]
@@ -119,14 +123,16 @@ def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.
         return R.masked_fill_(M, 0.0), M
 
     def b_step(R: torch.Tensor, M: torch.Tensor, rho: float, rho_v: float, inverse: torch.Tensor,
-               keep_b: bool) -> None:
-        """One B-step on every slice, then R <- B + V / rho (or R <- B with ``keep_b``)."""
+               last: bool, copy: torch.Tensor | None = None) -> None:
+        """One B-step on every slice, then R <- B + V / rho (R <- B with ``last``); B also into ``copy``."""
         for a, b in bounds:
             Rs, Ms, r, o = R[a:b], M[a:b], rhs[:b - a], out[:b - a]
             torch.where(Ms, torch.mul(Rs, -rho_v, out=o), torch.mul(Rs, rho, out=r), out=r)  # rho D - V
             P.add_normalised(r, W[a:b], -rho)
             P.add_normalised(torch.matmul(r, inverse, out=o), W[a:b])  # B
-            if keep_b:
+            if copy is not None:
+                copy[a:b].copy_(o)
+            if last:
                 Rs.copy_(o)
             else:
                 Rs.masked_fill_(~Ms, 0.0).mul_(rho_v / rho).add_(o)  # B + V / rho
@@ -136,14 +142,17 @@ def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.
     pruned = _pack(M, bounds)  # the support at the last check, as bits
     keep_count = max(R.numel() - int(torch.count_nonzero(M)), 1)
     rho_v = rho  # the rho of V = rho_v R on M (V = 0 at the start)
-    inverse, inverse_rho = None, None
+    inverse, inverse_rho, kept = None, None, None
     warmed, its, restarts = False, 0, 0
     for t in range(int(max_iters)):
         its = t + 1
         if rho != inverse_rho:
             inverse, inverse_rho = None, rho  # drop the old one before the new one is made
             inverse = damped_inverse(P.Hn, rho, max_damp_tries, name)
-        b_step(R, M, rho, rho_v, inverse, keep_b=False)
+        may_stop = (t + 1) % update_every == 0 or t + 1 == int(max_iters)
+        if keep_b and may_stop and kept is None:
+            kept = torch.empty_like(R)
+        b_step(R, M, rho, rho_v, inverse, last=False, copy=kept if keep_b and may_stop else None)
         rho_v = rho
         M = None  # the projection below replaces it
         M = project(R, sparsity, pattern, bounds)
@@ -171,11 +180,13 @@ def admm_support(W: torch.Tensor, P: Problem, sparsity, pattern, rho: float = 0.
         if t + 1 >= min_iters and frac < 3e-4:
             break
     pruned = None
-    if its:
+    if its and keep_b:
+        B, R, state = kept, None, None
+    elif its:
         if rho != inverse_rho:
             inverse = None
             inverse = damped_inverse(P.Hn, rho, max_damp_tries, name)
-        b_step(R, M, rho, rho_v, inverse, keep_b=True)
+        b_step(R, M, rho, rho_v, inverse, last=True)
         B = R
     else:
         B = P.normalise(W, out=state)
@@ -189,7 +200,7 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
                update_every: int = 3, pcg_iters: int = 10, pcg_rtol: float = 1e-4,
                percdamp: float = DEFAULT_PERCDAMP, max_damp_tries: int = DEFAULT_MAX_DAMP_TRIES,
                name: str = "layer", problem: Problem | Callable[[], Problem] | None = None,
-               info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               info: dict | None = None, keep_b: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with ALPS; returns (new float32 weight, bool prune mask).
 
     ``mask`` given: only the exact weights on it (step 2). ``H``: the layer Hessian ((2/n) X^T X); or ``problem``
@@ -201,14 +212,15 @@ def alps_solve(W: torch.Tensor, H: torch.Tensor | None, sparsity=0.5, pattern: t
     s = check_solver_inputs(W, H.shape if problem is None else None, sparsity, pattern, mask, "ALPS")
     ALPSParams.check({"rho": rho, "max_iters": max_iters, "min_iters": min_iters, "update_every": update_every,
                       "pcg_iters": pcg_iters, "pcg_rtol": pcg_rtol, "percdamp": percdamp,
-                      "max_damp_tries": max_damp_tries}, "ALPS", "alps")
+                      "max_damp_tries": max_damp_tries, "keep_b": keep_b}, "ALPS", "alps")
     if nothing_to_prune(W.shape, s, pattern, mask):
         return unpruned(W)
     P = solver_problem(W, H, problem, percdamp, "ALPS", name)
     if mask is None:
         if isinstance(s, torch.Tensor):
             s = s.to(P.Hn.device)
-        B, m, extra = admm_support(W, P, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries, name)
+        B, m, extra = admm_support(W, P, s, pattern, rho, max_iters, min_iters, update_every, max_damp_tries, name,
+                                   keep_b)
         if info is not None:
             info.update(extra)
     else:
