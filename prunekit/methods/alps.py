@@ -21,7 +21,7 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
    ``max_iters`` iterations.
 2. The support is the projection of the final B (the B-step after the last dual step: the public code returns
    the B of the last iteration, one step earlier, which would need a second (out, in) matrix kept through the
-   iterations; measured on SmolLM2 in NOTES.md); on it the weights are the exact least-squares solution, by
+   iterations: ``keep_b=True`` does that; measured in NOTES.md, issue 22, session 16); on it the weights are the exact least-squares solution, by
    conjugate gradients started from that projection (core.lsq.masked_cg, on slices of rows: the rows are
    independent on a fixed support), ``pcg_iters`` iterations or until every row's residual is below ``pcg_rtol``
    of its right side.
@@ -43,7 +43,8 @@ the last check's support as bits, and two slice-sized buffers: the iterations ru
 (core.lsq.row_slices), take Wn from W, and project over the layer slice by slice (core.masks.mask_by_row_slices).
 The final B is made in R's storage and the conjugate gradients run on slices of rows in it (four slice-sized
 matrices). Measured in bench/results/sparsegpt_memory.md: 4.89 Hessian-sized matrices on a 2048 x 2048 layer
-(SparseGPT 4.99), 3.43 on 1024 x 4096 (SparseGPT 3.69); with a fixed mask 3.38 and 2.49.
+(SparseGPT 4.99), 3.43 on 1024 x 4096 (SparseGPT 3.69); with a fixed mask 3.38 and 2.49; with ``keep_b`` one more
+(out, in) matrix (5.89 and 3.70).
 """
 from __future__ import annotations
 
