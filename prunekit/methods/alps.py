@@ -20,9 +20,9 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
    up, else rho / 5. rho stays <= 1e6. After ``min_iters`` iterations a change below 0.03% also stops; at most
    ``max_iters`` iterations.
 2. The support is the projection of the final B (the B-step after the last dual step: the public code returns
-   the B of the last iteration, one step earlier, which would need a second (out, in) matrix kept through the
-   iterations: ``keep_b=True`` does that; measured in NOTES.md, issue 22, session 16); on it the weights are the exact least-squares solution, by
-   conjugate gradients started from that projection (core.lsq.masked_cg, on slices of rows: the rows are
+   the B of the last iteration, one step earlier, which needs a second (out, in) matrix kept through the
+   iterations: ``keep_b=True`` does that; measured in NOTES.md, issue 22, session 16); on it the weights are the
+   exact least-squares solution, by conjugate gradients started from that projection (core.lsq.masked_cg, on slices of rows: the rows are
    independent on a fixed support), ``pcg_iters`` iterations or until every row's residual is below ``pcg_rtol``
    of its right side.
 
