@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PrunekitError
-from .masks import check_nm_shape
+from .masks import check_nm_shape, check_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ def check_solver_inputs(W: torch.Tensor, h_shape, sparsity, pattern, mask, who: 
         if not bool(((s >= 0) & (s < 1)).all()):
             raise PrunekitError(f"{who}: row sparsities must be in [0, 1)")
         return s
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
-    return s
+    return check_sparsity(sparsity)
 
 
 def nothing_to_prune(shape, sparsity, pattern, mask) -> bool:

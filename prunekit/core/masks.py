@@ -81,6 +81,11 @@ LONG_ROW = 1 << 20  # rows at least this long select through a sample (lowest_k_
 _SAMPLE = 1 << 16
 
 
+def _whole(score: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The whole row of scores given by slices (the fallbacks below that need it at once)."""
+    return score(*bounds[0]) if len(bounds) == 1 else torch.cat([score(a, b) for a, b in bounds])
+
+
 def _kth_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]], n: int,
                    k: int) -> torch.Tensor | None:
     """The k-th smallest value (1-based) of a long 1-D row of ``n`` scores given by slices: ``score(a, b)`` is
@@ -122,8 +127,7 @@ def _kth_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequence[t
     if below < k and below + sum(v.numel() for v in inside) >= k:
         return torch.cat(inside).kthvalue(k - below).values
     del inside
-    whole = score(0, n) if len(bounds) == 1 else torch.cat([score(a, b) for a, b in bounds])
-    return whole.kthvalue(k).values
+    return _whole(score, bounds).kthvalue(k).values
 
 
 def lowest_k_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]], n: int,
@@ -138,8 +142,7 @@ def lowest_k_by_slices(score: Callable[[int, int], torch.Tensor], bounds: Sequen
         return torch.full((n,), k > 0, dtype=torch.bool, device=first.device)
     t = _kth_by_slices(score, bounds, n, k)
     if t is None:  # NaN: the stable sort's order, NaN last
-        whole = score(0, n) if len(bounds) == 1 else torch.cat([score(a, b) for a, b in bounds])
-        return _lowest_k_mask(whole[None], k)[0]
+        return _lowest_k_mask(_whole(score, bounds)[None], k)[0]
     mask, count = None, 0
     for a, b in bounds:
         x = score(a, b)
@@ -174,9 +177,7 @@ def mask_by_row_slices(score: Callable[[int, int], torch.Tensor], shape: tuple[i
                 out = torch.empty(shape, dtype=torch.bool, device=part.device)
             out[a:b] = part
         return out
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
+    s = check_sparsity(sparsity)
     n = rows * cols
     flat = lowest_k_by_slices(lambda a, b: score(a // cols, b // cols).reshape(-1),
                               [(a * cols, b * cols) for a, b in bounds], n, int(n * s))
@@ -206,9 +207,16 @@ def row_counts(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return counts
 
 
+def check_sparsity(sparsity) -> float:
+    """One sparsity ratio as a float, checked to be in [0, 1) (one clear error otherwise)."""
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise PrunekitError(f"sparsity must be in [0, 1), got {s}")
+    return s
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row", exact: bool = True) -> torch.Tensor:
-    if not 0.0 <= sparsity < 1.0:
-        raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity}")
+    sparsity = check_sparsity(sparsity)
     if group == "row":
         if not exact:
             return _lowest_k_mask(scores, int(scores.shape[1] * sparsity))

@@ -90,9 +90,8 @@ def gradual_mask(T: torch.Tensor, sparsity, pattern, fraction: float,
             return x.masked_fill_(~nm_mask(x, *pattern), float("inf"))
 
         return mask_by_row_slices(candidates_only, T.shape, fraction * pattern[0] / pattern[1], None, bounds)
-    if isinstance(sparsity, torch.Tensor):
-        return mask_by_row_slices(magnitude, T.shape, sparsity * fraction, None, bounds)
-    return mask_by_row_slices(magnitude, T.shape, float(sparsity) * fraction, None, bounds)
+    scaled = sparsity * fraction if isinstance(sparsity, torch.Tensor) else float(sparsity) * fraction
+    return mask_by_row_slices(magnitude, T.shape, scaled, None, bounds)
 
 
 @torch.no_grad()

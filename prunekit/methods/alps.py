@@ -22,9 +22,9 @@ diagonal Hn) under a cardinality constraint instead of a given mask:
 2. The support is the projection of the final B (the B-step after the last dual step: the public code returns
    the B of the last iteration, one step earlier, which needs a second (out, in) matrix kept through the
    iterations: ``keep_b=True`` does that; measured in NOTES.md, issue 22, session 16); on it the weights are the
-   exact least-squares solution, by conjugate gradients started from that projection (core.lsq.masked_cg, on slices of rows: the rows are
-   independent on a fixed support), ``pcg_iters`` iterations or until every row's residual is below ``pcg_rtol``
-   of its right side.
+   exact least-squares solution, by conjugate gradients started from that projection (core.lsq.masked_cg, on
+   slices of rows: the rows are independent on a fixed support), ``pcg_iters`` iterations or until every row's
+   residual is below ``pcg_rtol`` of its right side.
 
 With a fixed mask (``--reconstruct alps``, or after ``--refine``) only step 2 runs, from the masked dense weights.
 
