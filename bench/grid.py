@@ -45,7 +45,7 @@ from bench.lib.dense_stats import DenseStats
 from bench.lib.env import describe as machine_line
 from bench.lib.env import environment
 from bench.lib.models import Evaluation, calibration, load
-from bench.lib.pipelines import by_level, describe, grid_confirm, key_of, rowwise_summary
+from bench.lib.pipelines import by_level, describe, grid_confirm, key_of, pinned, rowwise_summary
 from bench.lib.protocols import PROTOCOLS
 from bench.lib.results import RESULTS, Runs, load_results
 from bench.lib.tables import cell, document, table
@@ -286,7 +286,7 @@ def main(argv=None):
         ev = evaluate(model)
         pruned = sum(r["pruned"] for r in records.values())
         numel = sum(r["numel"] for r in records.values())
-        rec = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2), "overall_sparsity": pruned / numel,
+        rec = {"config": pinned(run), "ppl": ev["ppl"], "prune_s": round(prune_s, 2), "overall_sparsity": pruned / numel,
                "pattern": run.get("pattern") or "unstructured"}
         rw = rowwise_summary(list(records.values()))
         if rw:

@@ -41,6 +41,8 @@ from bench.lib.env import git_commit, host, now
 from bench.lib.paths import REPO, shared_dir
 from bench.lib.results import RESULTS, load_results, save_results
 from bench.lib.tables import document, table
+import prunekit.methods  # noqa: F401  (registers the allocators that published_params looks up)
+from prunekit.core.allocation import published_params
 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 OUT = "OUT"  # placeholder for the pipeline's temporary folder (commands are recorded with it)
@@ -76,6 +78,7 @@ def pipelines(shared: str) -> dict[str, tuple[str, list[list[str]]]]:
         "wanda-0.5-calib-prototype-hard": w5 + ["--calib-select", "prototype:hard"],
     })
     prune = ["python", "-m", "prunekit.cli", "prune"]
+    st = {k: published(v) for k, v in st.items()}
     out = {k: ("stories", [prune + v + base + ["--out", f"{OUT}/out"]]) for k, v in st.items()}
     search = ["python", "-m", "prunekit.cli", "search", "--method", "dsa", "--budget", "2", "--param", "population=2",
               "--param", "elite=1", "--sparsity", "0.7", "--heldout", "4", "--heldout-seqlen", "128"]
@@ -88,8 +91,19 @@ def pipelines(shared: str) -> dict[str, tuple[str, list[list[str]]]]:
                     ("S-sparsegpt-0.7-alphapruning", ["--metric", "sparsegpt", "--sparsity", "0.7",
                                                       "--allocation", "alphapruning"]),
                     ("S-wanda-2:4", ["--metric", "wanda", "--sparsity", "0.5", "--pattern", "2:4"])]:
-        out[name] = ("smollm2", [prune + v + proto_s])
+        out[name] = ("smollm2", [prune + published(v) + proto_s])
     return out
+
+
+def published(args: list[str]) -> list[str]:
+    """``args`` with ``--allocation-param K=V`` for each parameter the allocation tunes by default and ``args`` leave
+    unset, V its published value: the stored hashes were taken with it (before the tuned default)."""
+    if "--allocation" not in args:
+        return args
+    name = args[args.index("--allocation") + 1]
+    given = {v.split("=", 1)[0]: v for i, v in enumerate(args) if i and args[i - 1] == "--allocation-param"}
+    extra = {k: v for k, v in published_params(name, {}).items() if k not in given}
+    return args + [x for k, v in extra.items() for x in ("--allocation-param", f"{k}={v}")]
 
 
 def sha_masks(folder: Path) -> str:

@@ -20,8 +20,8 @@ from prunekit.core.offload import resolve_device
 from bench.lib.env import describe as machine_line
 from bench.lib.env import environment
 from bench.lib.models import ProtocolModel, display_name
-from bench.lib.pipelines import (best_per_sparsity, describe, grid_confirm, key_of, params_words, rowwise_summary,
-                                 skip_label)
+from bench.lib.pipelines import (best_per_sparsity, describe, grid_confirm, key_of, params_words, pinned,
+                                 rowwise_summary, skip_label)
 from bench.lib.protocols import EVAL_SETS, PROTOCOLS, eval_set, select
 from bench.lib.results import RESULTS, Runs, load_results, save_markdown, save_results
 from bench.lib.tables import cell, document, table
@@ -373,7 +373,8 @@ def main(argv=None):
             print(f"{key}: skipped ({e})", flush=True)
             continue
         ev = pm.evaluate()
-        rec = {"config": run, "ppl": ev["ppl"], "prune_s": round(prune_s, 2), "peak_rss_gib": round(mem.peak, 2),
+        rec = {"config": pinned(run), "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
+               "peak_rss_gib": round(mem.peak, 2),
                "overall_sparsity": report["overall_sparsity"], "granularity": report["method"]["granularity"],
                "block_sparsity": [round(b["sparsity"], 4) for b in report["blocks"]],
                # per run: the file's "environment" is the last invocation's

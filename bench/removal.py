@@ -49,7 +49,7 @@ from bench.lib.protocols import PROTOCOLS, select
 from bench.lib.results import RESULTS, Runs
 from bench.lib.tables import document, table
 
-SEL_METRIC = {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"}
+SEL_METRIC = {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": 0.3}}
 REMOVAL_METHODS = {"bi-one-shot": "BI one-shot", "iterative": "BI iterative, no compensation",
                    "prune-comp": "Prune&Comp", "wanda-uniform": "Wanda uniform, equal params"}
 

@@ -387,8 +387,9 @@ def cmd_search(a) -> int:
     return 0
 
 
-def _defaults(params) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params().kwargs().items())
+def _defaults(params, tuned=()) -> str:
+    """``k=v, ...``; a parameter tuned by default shows ``k=auto (published v)``."""
+    return ", ".join(f"{k}=auto (published {v})" if k in tuned else f"{k}={v}" for k, v in params().kwargs().items())
 
 
 def cmd_methods(a) -> int:
@@ -402,7 +403,8 @@ def cmd_methods(a) -> int:
             entry = registry[name]
             if entry.params.model_fields:
                 auto = getattr(entry, "auto", {})
-                print(f"  {name} parameters ({flag} KEY=VALUE): {_defaults(entry.params)}"
+                print(f"  {name} parameters ({flag} KEY=VALUE): "
+                      f"{_defaults(entry.params, getattr(entry, 'default_auto', ()))}"
                       + (f"; 'auto' for {', '.join(auto)}" if auto else ""))
     print("reconstruct: " + ", ".join(sorted(n for n, m in METRICS.items() if m.solver is not None)))
     print("expert scores (--expert-score, --expert-allocation): " + ", ".join(sorted(EXPERT_SCORES))

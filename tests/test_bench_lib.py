@@ -9,6 +9,7 @@ import pytest
 from bench import (grid, hessian_precision, mask_hashes, order_noise, quality, removal, search, search_setup, speed,
                    sparsegpt_factor, sparsegpt_memory, sweep_speed, trim_diagnose, zeroshot)
 from bench.lib import timing
+from bench.lib.pipelines import key_of
 from bench.lib.protocols import PROTOCOLS
 from bench.lib.results import Runs, load_results, merge_results
 from bench.lib.tables import cell, document, table
@@ -130,3 +131,25 @@ def test_committed_runs_resume_under_the_scripts_default_settings():
     for path, settings, section in cases:
         file = Runs(path, settings, section=section)
         assert file.runs and not any(file.todo(k) for k in file.runs), path.name
+
+
+def test_stored_runs_sit_under_their_configs_keys_with_published_allocation_parameters():
+    """Every stored quality and grid run is under key_of(its config). Runs measured before prunekit tuned an
+    allocator's parameter by default (AlphaPruning's eps) carry the published value in config and key, so a suite's
+    run that leaves it unset finds them, and a run with ``auto`` is another run."""
+    for f in [*sorted(COMMITTED.glob("quality_*.json")), COMMITTED / "grid_G.json"]:
+        for k, r in load_results(f)["runs"].items():
+            assert key_of(r["config"]) == k, (f.name, k)
+    run = {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"}
+    assert key_of(run) == "wanda/0.70/unstructured/alphapruning,eps=0.3"
+    assert key_of({**run, "allocation_params": {"eps": "auto"}}) == "wanda/0.70/unstructured/alphapruning,eps=auto"
+    assert key_of({"metric": "wanda", "sparsity": 0.5}) == "wanda/0.50/unstructured/uniform"
+    assert "wanda/0.70/unstructured/alphapruning,eps=0.3" in load_results(COMMITTED / "quality_S.json")["runs"]
+
+
+def test_mask_hash_commands_pin_the_published_allocation_parameters():
+    """The stored mask hashes were taken with AlphaPruning's published eps: the commands still ask for it."""
+    assert mask_hashes.published(["--allocation", "alphapruning"]) == [
+        "--allocation", "alphapruning", "--allocation-param", "eps=0.3"]
+    given = ["--allocation", "alphapruning", "--allocation-param", "eps=auto"]
+    assert mask_hashes.published(given) == given and mask_hashes.published(["--metric", "wanda"]) == ["--metric", "wanda"]

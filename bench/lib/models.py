@@ -24,6 +24,7 @@ from prunekit.core.snapshot import WeightSnapshot
 from prunekit.evaluate.perplexity import perplexity
 
 from .paths import shared_dir
+from .pipelines import pinned
 from .protocols import config_fields, eval_set
 
 RANDOM_LLAMA = "llama7b-random"
@@ -120,7 +121,8 @@ class ProtocolModel:
         """Restore the dense weights, prune as ``run`` (prunekit config fields; they override the protocol's) says,
         on the protocol's calibration windows (or ``calib_ids``): (prunekit's report, seconds)."""
         self.dense.restore()
-        cfg = prunekit.make_config(**{"model": self.spec, "device": self.device, **config_fields(self.proto), **run})
+        cfg = prunekit.make_config(**{"model": self.spec, "device": self.device, **config_fields(self.proto),
+                                      **pinned(run)})
         t = time.time()
         report = prunekit.prune(self.model, self.tok, cfg, calib_ids=self.calib if calib_ids is None else calib_ids)
         return report, time.time() - t

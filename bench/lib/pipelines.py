@@ -3,11 +3,25 @@ fields (metric, sparsity, pattern, allocation, rowwise, ...). Here: its key in a
 description, and groupings of stored runs by level."""
 from __future__ import annotations
 
+import prunekit.methods  # noqa: F401  (registers the allocators that published_params looks up)
+from prunekit.core.allocation import published_params
+
 from .results import RESULTS, load_results
+
+
+def pinned(run: dict) -> dict:
+    """``run`` with the published value of each allocation parameter that prunekit tunes by default (AlphaPruning's
+    eps, ...) written out where the run leaves it unset: a stored run without it was measured with the published
+    value (before the tuned default), and a suite's run means the same. A run that wants the tuning says ``auto``."""
+    if run.get("allocation", "uniform") == "uniform":
+        return run
+    params = published_params(run["allocation"], run.get("allocation_params") or {})
+    return {**run, "allocation_params": params} if params else run
 
 
 def key_of(run: dict) -> str:
     """The run's key in a results file (every field that changes the result; stable across versions)."""
+    run = pinned(run)
     parts = [run["metric"], f"{run['sparsity']:.2f}", run.get("pattern", "unstructured"),
              run.get("allocation", "uniform")]
     for field in ("metric_params", "allocation_params"):  # only when set: keys of runs without them stay as they were

@@ -82,15 +82,24 @@ class Allocator:
     granularity: str = "block"  # the method's own level, used when the config does not choose one
     params: type[Params] = NoParams
     auto: dict = field(default_factory=dict)  # parameter -> grid that ``"auto"`` searches (prunekit.pruning.auto)
+    # Parameters a prune run tunes with ``"auto"`` unless the user gives a value: those whose published default
+    # helped one measured model and hurt another (issue 23). The pure function and a given value keep the
+    # published default (the Params default); ``tuned_params`` fills the ``"auto"``.
+    default_auto: tuple[str, ...] = ()
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
 
 
 def register_allocator(name: str, needs=(), description: str = "", granularity: str = "block",
-                       params: type[Params] = NoParams, auto: dict | None = None):
+                       params: type[Params] = NoParams, auto: dict | None = None, default_auto: tuple[str, ...] = ()):
+    missing = [k for k in default_auto if k not in (auto or {})]
+    if missing:
+        raise ValueError(f"allocator {name!r}: default_auto {missing} has no 'auto' grid")
+
     def deco(fn):
-        ALLOCATORS.add(name, Allocator(name, fn, frozenset(needs), description, granularity, params, dict(auto or {})))
+        ALLOCATORS.add(name, Allocator(name, fn, frozenset(needs), description, granularity, params, dict(auto or {}),
+                                       tuple(default_auto)))
         return fn
 
     return deco
@@ -109,6 +118,19 @@ def check_allocation_params(name: str, params: dict) -> Params:
         raise PrunekitError(f"allocation {name!r}: no 'auto' for {bad[0]}; 'auto' works for: "
                             f"{', '.join(alloc.auto) or 'none'}")
     return p
+
+
+def tuned_params(name: str, given: dict) -> dict:
+    """The parameters a prune run uses: ``given`` (in the user's order), then ``"auto"`` for each of the
+    allocator's ``default_auto`` parameters that the user did not set."""
+    return {**given, **{k: "auto" for k in get_allocator(name).default_auto if k not in given}}
+
+
+def published_params(name: str, given: dict) -> dict:
+    """``given`` plus the published (Params) default of each ``default_auto`` parameter not given: the run a
+    caller means when it wants the paper's allocation rather than the tuned one (the benchmarks' stored runs)."""
+    defaults = get_allocator(name).params()
+    return {**given, **{k: getattr(defaults, k) for k in get_allocator(name).default_auto if k not in given}}
 
 
 def finalize(ratios: torch.Tensor, numels: torch.Tensor, target: float, max_ratio: float = 0.99,

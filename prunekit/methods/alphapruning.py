@@ -10,11 +10,13 @@ from ..core.esd import ESDFitParams, layer_alphas
 
 
 class AlphaPruningParams(ESDFitParams):
-    eps: Union[float, Literal["auto"]] = Field(0.3, description="ratios span [1 - eps, 1 + eps] x S before rescaling")
+    eps: Union[float, Literal["auto"]] = Field(0.3, description="ratios span [1 - eps, 1 + eps] x S before rescaling; "
+                                               "0.3 is the paper's value, a prune run tunes it ('auto') unless given")
     level: Literal["block", "layer"] = "block"
 
 
-@register_allocator("alphapruning", needs=("weights",), params=AlphaPruningParams, auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
+@register_allocator("alphapruning", needs=("weights",), params=AlphaPruningParams,
+                    auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]}, default_auto=("eps",),
                     description="AlphaPruning: ESD power-law alpha, larger alpha -> more pruning")
 def alphapruning(summary: ModelSummary, target: float, eps: float = 0.3, xmin_mode: str = "all",
                  compat: bool = False, level: str = "block", device=None, min_tail: int | None = None,

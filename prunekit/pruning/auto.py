@@ -1,4 +1,4 @@
-"""``auto`` allocation parameters: chosen on a cheap proxy before the real prune.
+"""``auto`` allocation parameters: chosen by trial prunes before the real prune.
 
 For each parameter given as ``auto`` (in the order given), every value of the allocator's registered grid is
 tried: allocate with the other parameters fixed, prune exactly as the real prune will (every calibration window),
@@ -7,18 +7,25 @@ the last calibration windows), restore the dense weights, keep the best value (c
 reported. Each value tried costs one prune. The trials prune with the whole calibration set because a smaller
 trial prune ranked the values the other way round on Qwen2.5-Coder-0.5B (a 16-window trial preferred AlphaPruning
 to uniform; after the 32-window prune it stands for, uniform is better on every held-out measure:
-bench/results/auto_proxy.json). Every
-registered grid holds the value at which its allocator is uniform (eps, lam, beta = 0), so ``auto`` can decide that
-reallocating does not pay on the model at hand (on Qwen2.5-Coder-0.5B AlphaPruning's default eps made Wanda 70%
-worse than uniform; NOTES, issue 23).
+bench/results/auto_proxy.json). Every registered grid holds the value at which its allocator is uniform (eps, lam,
+beta = 0), so ``auto`` can decide that reallocating does not pay on the model at hand.
+
+A parameter whose published default helped one measured model and hurt another is ``auto`` unless the user gives
+it (the allocator's ``default_auto``, filled by the config): AlphaPruning's eps 0.3 halved uniform's perplexity on
+SmolLM2 and made Qwen2.5-Coder-0.5B worse than uniform (Wanda 70%; README, NOTES, issue 23).
 """
 from __future__ import annotations
 
+import logging
+
 from ..core.allocation import allocate, get_allocator
+from ..core.blocks import release_memory
 from ..core.data import calibration_windows
 from ..core.nll import nll_of_windows
 from ..core.snapshot import WeightSnapshot
 from .layer_pruner import LayerPruner, prune_all
+
+log = logging.getLogger(__name__)
 
 PROXY = "mean NLL on 8 held-out windows of the calibration source after the trial's prune (every calibration window)"
 
@@ -39,6 +46,8 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
     resolved = {k: (getattr(defaults, k) if v == "auto" else v) for k, v in params.items()}
     trials = []
     for key in auto:
+        log.info("allocation %s: %s=auto tries %s, one prune each (pass --allocation-param %s=VALUE to skip this)",
+                 cfg.allocation, key, alloc.auto[key], key)
         best = None
         for value in alloc.auto[key]:
             trial = dict(resolved, **{key: value})
@@ -51,5 +60,10 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
             if best is None or loss < best[0]:
                 best = (loss, value)
             snapshot.restore()
+            # each walk's heap keeper takes the resident memory after its first block as its reference; without
+            # this, the heap the last trial kept raised every next reference (SmolLM2 64-window eps=auto: 8.1 GiB
+            # peak against about 3 for one prune)
+            release_memory()
         resolved[key] = best[1]
+        log.info("allocation %s: %s=auto chose %s (held-out NLL %.4f)", cfg.allocation, key, best[1], best[0])
     return resolved, {"proxy": PROXY, "trials": trials, "chosen": {k: resolved[k] for k in auto}}

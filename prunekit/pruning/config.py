@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..core.allocation import check_allocation_params
+from ..core.allocation import check_allocation_params, tuned_params
 from ..core.data import NAMED_SETS
 from ..core.errors import PrunekitError
 from ..core.masks import parse_pattern
@@ -33,7 +33,8 @@ class PruneConfig(BaseModel):
     sparsity: Union[float, list[float]] = Field(0.5, description="target, or one ratio per block")
     pattern: str = "unstructured"
     allocation: str = "uniform"
-    allocation_params: dict[str, Any] = Field(default_factory=dict)
+    allocation_params: dict[str, Any] = Field(default_factory=dict, description="the allocator's parameters; "
+                                              "those it tunes by default (AlphaPruning eps, ...) are 'auto' unless set")
     granularity: Optional[str] = Field(None, description="block | layer; default: the allocation's own level")
     max_ratio: float = 0.99
     row_rounding: str = Field("exact", description="per-row masks: 'exact' (every layer prunes floor(numel * s): each "
@@ -143,8 +144,8 @@ class PruneConfig(BaseModel):
         """Method names and parameters, and the combinations that cannot work, before any work."""
         metric = get_metric(self.metric)
         self.metric_params = _given(metric.check_params(self.metric_params, "metric_params"), self.metric_params)
-        self.allocation_params = _given(check_allocation_params(self.allocation, self.allocation_params),
-                                       self.allocation_params)
+        self.allocation_params = tuned_params(self.allocation, _given(check_allocation_params(
+            self.allocation, self.allocation_params), self.allocation_params))
         if self.rowwise is not None:
             method = ROWWISE.get(self.rowwise)
             if self.nm is not None:
