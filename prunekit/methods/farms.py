@@ -11,14 +11,16 @@ from ..core.registry import Int
 
 
 class FARMSParams(ESDFitParams):
-    eps: Union[float, Literal["auto"]] = Field(0.3, description="ratios span [1 - eps, 1 + eps] x S before rescaling")
+    eps: Union[float, Literal["auto"]] = Field(0.3, description="ratios span [1 - eps, 1 + eps] x S before rescaling; "
+                                               "0.3 is the paper's value, a prune run tunes it ('auto') unless given")
     level: Literal["block", "layer"] = "block"
     max_side: Int = Field(2000, ge=1, description="short side of a window")
     q: float = Field(1.0, gt=0, description="aspect ratio of a window")
     grid: Int = Field(12, ge=1, description="window positions per dimension")
 
 
-@register_allocator("farms", needs=("weights",), params=FARMSParams, auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
+@register_allocator("farms", needs=("weights",), params=FARMSParams,
+                    auto={"eps": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]}, default_auto=("eps",),
                     description="FARMS: AlphaPruning mapping on fixed-aspect-ratio submatrix ESDs")
 def farms(summary: ModelSummary, target: float, eps: float = 0.3, max_side: int = 2000, q: float = 1.0,
           grid: int = 12, xmin_mode: str = "all", compat: bool = False, level: str = "block", device=None,
