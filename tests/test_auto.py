@@ -83,5 +83,10 @@ def test_alphapruning_and_farms_tune_eps_unless_given(calib_ids):
                         calib_ids=calib_ids)
     assert [t["params"]["eps"] for t in ra["allocation"]["auto"]["trials"]] == get_allocator("alphapruning").auto["eps"]
     assert ra["allocation"]["auto"] == rb["allocation"]["auto"]
+    from prunekit.pruning.report import report_markdown
+
+    chosen = ra["allocation"]["auto"]["chosen"]["eps"]
+    assert f"- allocation parameters: eps={chosen}" in report_markdown(ra)
+    assert f"- `auto` chose eps={chosen}; mean NLL" in report_markdown(ra)
     for n in ra.masks:
         assert torch.equal(ra.masks[n], rb.masks[n])

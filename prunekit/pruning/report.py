@@ -163,6 +163,12 @@ def report_markdown(r: dict) -> str:
                      f"each pruned from the tokens routed to it; {x['without_tokens']} received no calibration token "
                      f"and were pruned by {x['fallback']}")
     alloc = r.get("allocation", {})
+    if alloc.get("params"):
+        lines.append(f"- allocation parameters: {_params(alloc['params'])}")
+    if alloc.get("auto"):  # why these values: the trial prunes' held-out NLL per value tried
+        a = alloc["auto"]
+        lines.append(f"- `auto` chose {_params(a['chosen'])}; {a['proxy']}: "
+                     + "; ".join(f"{_params(t['params'])}: {t['heldout_nll']:.4f}" for t in a["trials"]))
     if alloc.get("expert_removal"):
         er = alloc["expert_removal"]
         lines.append(f"- expert removal: {er['removed_per_block']} per MoE layer by {er['score']}, "
