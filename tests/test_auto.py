@@ -58,10 +58,11 @@ def test_auto_unknown_parameter_is_refused(calib_ids):
                                                    "allocation_params": {"x": "auto"}}, calib_ids=calib_ids)
 
 
-def test_alphapruning_and_farms_tune_eps_unless_given(calib_ids):
-    """A prune run tunes AlphaPruning's and FARMS's eps (``auto``) unless the user gives it: AlphaPruning's published
-    0.3 halved uniform's perplexity on SmolLM2 and made Qwen2.5-Coder-0.5B worse than uniform (Wanda 70%, README;
-    FARMS's 0.3 was inside Qwen's seed spread, its ``auto`` better than 0.3 on Qwen, equal on SmolLM2). A given value is
+def test_published_defaults_that_split_the_models_are_tuned_unless_given(calib_ids):
+    """A prune run tunes AlphaPruning's and FARMS's eps and OWL's lam (``auto``) unless the user gives them: the
+    published AlphaPruning eps 0.3 and OWL lam 0.08 improved Wanda 70% on SmolLM2 and made Qwen2.5-Coder-0.5B worse
+    than uniform (README; FARMS shares AlphaPruning's eps, and its ``auto`` was better than 0.3 on Qwen, equal on
+    SmolLM2). A given value is
     used as given, the user's parameters keep their order (the coordinate search follows it), and the pure
     function and ``published_params`` keep the published value."""
     from prunekit.core.allocation import get_allocator, published_params, register_allocator
@@ -72,6 +73,8 @@ def test_alphapruning_and_farms_tune_eps_unless_given(calib_ids):
     cfg = make(allocation="alphapruning", allocation_params={"level": "layer"}, granularity="layer")
     assert list(cfg.allocation_params.items()) == [("level", "layer"), ("eps", "auto")]
     assert make(allocation="farms").allocation_params == {"eps": "auto"}
+    assert make(allocation="owl").allocation_params == {"lam": "auto"}
+    assert make(allocation="owl", allocation_params={"M": 3}).allocation_params == {"M": 3.0, "lam": "auto"}
     assert make(allocation="er").allocation_params == {} and make().allocation_params == {}
     assert published_params("alphapruning", {"level": "layer"}) == {"level": "layer", "eps": 0.3}
     assert get_allocator("alphapruning").params().eps == 0.3

@@ -15,11 +15,12 @@ OUTLIER_MS = (3.0, 5.0, 7.0, 10.0)  # the M values whose outlier ratios the plan
 
 class OWLParams(Params):
     M: Union[float, Literal["auto"]] = Field(5.0, description="outlier threshold: score > M x block mean")
-    lam: Union[float, Literal["auto"]] = Field(0.08, description="ratios span [S - lam, S + lam]")
+    lam: Union[float, Literal["auto"]] = Field(0.08, description="ratios span [S - lam, S + lam]; 0.08 is the "
+                                               "paper's value, a prune run tunes it ('auto') unless given")
 
 
 @register_allocator("owl", needs=("outliers",), params=OWLParams,
-                    auto={"lam": [0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2], "M": list(OUTLIER_MS)},
+                    auto={"lam": [0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2], "M": list(OUTLIER_MS)}, default_auto=("lam",),
                     description="OWL: less pruning for blocks with more outliers")
 def owl(summary: ModelSummary, target: float, M: float = 5.0, lam: float = 0.08) -> dict[str, float]:
     """``D_b = summary.outliers[M][b]`` (outlier ratio of block b's dense Wanda scores);
