@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 from ..core.allocation import allocate, get_allocator
-from ..core.blocks import release_memory
 from ..core.data import calibration_windows
 from ..core.nll import nll_of_windows
 from ..core.snapshot import WeightSnapshot
@@ -60,10 +59,6 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
             if best is None or loss < best[0]:
                 best = (loss, value)
             snapshot.restore()
-            # each walk's heap keeper takes the resident memory after its first block as its reference; without
-            # this, the heap the last trial kept raised every next reference (SmolLM2 64-window eps=auto: 8.1 GiB
-            # peak against about 3 for one prune)
-            release_memory()
         resolved[key] = best[1]
         log.info("allocation %s: %s=auto chose %s (held-out NLL %.4f)", cfg.allocation, key, best[1], best[0])
     return resolved, {"proxy": PROXY, "trials": trials, "chosen": {k: resolved[k] for k in auto}}
