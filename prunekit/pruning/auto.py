@@ -21,6 +21,7 @@ import logging
 from ..core.allocation import allocate, get_allocator
 from ..core.data import calibration_windows
 from ..core.nll import nll_of_windows
+from ..core.offload import rss_bytes
 from ..core.snapshot import WeightSnapshot
 from .layer_pruner import LayerPruner, prune_all
 
@@ -53,9 +54,12 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
             ratios = allocate(cfg.allocation, summary, cfg.target(), granularity=cfg.granularity,
                               max_ratio=cfg.max_ratio, **trial)
             prune_all(LayerPruner.from_config(cfg, metric, ratios), metric, model, blocks, block_layers, calib_ids,
-                      device, cfg, "auto trial")
+                      device, cfg, f"auto trial {key}={value}")
             loss = float(nll_of_windows(model, held, device, batch_size=4, desc="auto proxy").mean())
             trials.append({"params": trial, "heldout_nll": loss})
+            rss = rss_bytes()
+            log.info("allocation %s: %s=%s held-out NLL %.4f%s", cfg.allocation, key, value, loss,
+                     f" (resident memory {rss / 2**30:.2f} GiB)" if rss else "")
             if best is None or loss < best[0]:
                 best = (loss, value)
             snapshot.restore()
