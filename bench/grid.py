@@ -286,7 +286,8 @@ def main(argv=None):
         ev = evaluate(model)
         pruned = sum(r["pruned"] for r in records.values())
         numel = sum(r["numel"] for r in records.values())
-        rec = {"config": pinned(run), "ppl": ev["ppl"], "prune_s": round(prune_s, 2), "overall_sparsity": pruned / numel,
+        rec = {"config": pinned(run), "ppl": ev["ppl"], "prune_s": round(prune_s, 2),
+               "overall_sparsity": pruned / numel,
                "pattern": run.get("pattern") or "unstructured"}
         rw = rowwise_summary(list(records.values()))
         if rw:

@@ -20,7 +20,8 @@ class OWLParams(Params):
 
 
 @register_allocator("owl", needs=("outliers",), params=OWLParams,
-                    auto={"lam": [0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2], "M": list(OUTLIER_MS)}, default_auto=("lam",),
+                    auto={"lam": [0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2], "M": list(OUTLIER_MS)},
+                    default_auto=("lam",),
                     description="OWL: less pruning for blocks with more outliers")
 def owl(summary: ModelSummary, target: float, M: float = 5.0, lam: float = 0.08) -> dict[str, float]:
     """``D_b = summary.outliers[M][b]`` (outlier ratio of block b's dense Wanda scores);

@@ -11,8 +11,9 @@ bench/results/auto_proxy.json). Every registered grid holds the value at which i
 beta = 0), so ``auto`` can decide that reallocating does not pay on the model at hand.
 
 A parameter whose published default helped one measured model and hurt another is ``auto`` unless the user gives
-it (the allocator's ``default_auto``, filled by the config): AlphaPruning's eps 0.3 halved uniform's perplexity on
-SmolLM2 and made Qwen2.5-Coder-0.5B worse than uniform (Wanda 70%; README, NOTES, issue 23).
+it (the allocator's ``default_auto``, filled by the config): AlphaPruning's eps 0.3 and OWL's lam 0.08 improved
+Wanda 70% on SmolLM2 and made Qwen2.5-Coder-0.5B worse than uniform (README, NOTES, issue 23); FARMS shares
+AlphaPruning's eps.
 """
 from __future__ import annotations
 
