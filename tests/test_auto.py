@@ -93,3 +93,22 @@ def test_published_defaults_that_split_the_models_are_tuned_unless_given(calib_i
     assert f"- `auto` chose eps={chosen}; mean NLL" in report_markdown(ra)
     for n in ra.masks:
         assert torch.equal(ra.masks[n], rb.masks[n])
+
+
+def test_auto_logs_each_trial_with_its_loss_and_memory(calib_ids, caplog):
+    """Each value tried is logged with its held-out NLL and the process's resident and peak memory, and the choice;
+    the peak is read from getrusage and is never below the resident memory."""
+    import logging
+
+    from prunekit.core.offload import peak_rss_bytes, rss_bytes
+
+    with caplog.at_level(logging.INFO, logger="prunekit.pruning.auto"):
+        r = prunekit.prune(tiny_model("llama", layers=4), None, {"metric": "wanda", "sparsity": 0.7,
+                                                                 "allocation": "farms"}, calib_ids=calib_ids)
+    text = caplog.text
+    for t in r["allocation"]["auto"]["trials"]:
+        assert f"eps={t['params']['eps']} held-out NLL {t['heldout_nll']:.4f} (resident memory" in text
+    assert f"eps=auto chose {r['allocation']['auto']['chosen']['eps']}" in text
+    x = torch.ones(16 << 20)  # 64 MB, touched
+    rss, peak = rss_bytes(), peak_rss_bytes()
+    assert peak >= rss >= x.numel() * 4

@@ -49,6 +49,18 @@ def free_memory(device) -> int:
         return 8 << 30
 
 
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far, None where unreadable: ``getrusage``'s high-water mark (Linux
+    reports KiB), which the kernel updates lazily and can lag the resident memory now, so at least :func:`rss_bytes`."""
+    try:
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError, ValueError):
+        return None
+    return max(peak, rss_bytes() or 0)
+
+
 def rss_bytes() -> int | None:
     """The process's resident memory now (Linux ``/proc/self/statm``), None where unreadable."""
     try:

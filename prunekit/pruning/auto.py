@@ -22,7 +22,7 @@ import logging
 from ..core.allocation import allocate, get_allocator
 from ..core.data import calibration_windows
 from ..core.nll import nll_of_windows
-from ..core.offload import rss_bytes
+from ..core.offload import peak_rss_bytes, rss_bytes
 from ..core.snapshot import WeightSnapshot
 from .layer_pruner import LayerPruner, prune_all
 
@@ -47,8 +47,8 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
     resolved = {k: (getattr(defaults, k) if v == "auto" else v) for k, v in params.items()}
     trials = []
     for key in auto:
-        log.info("allocation %s: %s=auto tries %s, one prune each (pass --allocation-param %s=VALUE to skip this)",
-                 cfg.allocation, key, alloc.auto[key], key)
+        log.info("allocation %s: %s=auto tries %s, one prune each (pass --allocation-param %s=VALUE to skip this)%s",
+                 cfg.allocation, key, alloc.auto[key], key, _memory())
         best = None
         for value in alloc.auto[key]:
             trial = dict(resolved, **{key: value})
@@ -58,12 +58,16 @@ def auto_params(cfg, model, tokenizer, summary, blocks, block_layers, calib_ids,
                       device, cfg, f"auto trial {key}={value}")
             loss = float(nll_of_windows(model, held, device, batch_size=4, desc="auto proxy").mean())
             trials.append({"params": trial, "heldout_nll": loss})
-            rss = rss_bytes()
-            log.info("allocation %s: %s=%s held-out NLL %.4f%s", cfg.allocation, key, value, loss,
-                     f" (resident memory {rss / 2**30:.2f} GiB)" if rss else "")
+            log.info("allocation %s: %s=%s held-out NLL %.4f%s", cfg.allocation, key, value, loss, _memory())
             if best is None or loss < best[0]:
                 best = (loss, value)
             snapshot.restore()
         resolved[key] = best[1]
         log.info("allocation %s: %s=auto chose %s (held-out NLL %.4f)", cfg.allocation, key, best[1], best[0])
     return resolved, {"proxy": PROXY, "trials": trials, "chosen": {k: resolved[k] for k in auto}}
+
+
+def _memory() -> str:
+    """`` (resident memory X GiB, peak Y GiB)`` for the trial log ('' where unreadable): where auto's memory goes."""
+    rss, peak = rss_bytes(), peak_rss_bytes()
+    return f" (resident memory {rss / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB)" if rss and peak else ""
