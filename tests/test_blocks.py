@@ -284,6 +284,7 @@ def test_heap_keeper_trims_only_when_the_process_grew_past_its_allowance(monkeyp
     monkeypatch.setattr(B, "rss_bytes", lambda: next(rss) << 20)
     monkeypatch.setattr(B, "heap_free_bytes", lambda: 1000 << 20)  # allowance: max(500, 256) MB
     monkeypatch.setattr(B, "release_memory", lambda: trims.append(1))
+    monkeypatch.setattr(B.HeapKeeper, "process_allowance", None)  # this process's first walk
     keeper = B.HeapKeeper(slack=256 << 20)
     grew = []
     for _ in range(6):
@@ -292,6 +293,27 @@ def test_heap_keeper_trims_only_when_the_process_grew_past_its_allowance(monkeyp
         grew.append(len(trims) > before)
     assert grew == [False, False, True, True, False, False]  # 1600 and 1601 > 1000 + 500; 1100, 900, 1400 are not
     assert keeper.trims == 2
+
+
+def test_a_later_walk_keeps_the_first_walks_allowance(monkeypatch):
+    """The allowance is the process's first walk's: a later walk whose heap reports much more free memory (pages
+    earlier trims returned to the OS) still trims once it grows past the first allowance."""
+    import prunekit.core.blocks as B
+
+    free = iter([1000, 1000, 20000, 20000])  # MB, read after every block: walk 1, then a later walk
+    rss = iter([1000, 1400, 2700, 3300])  # MB: walk 1 blocks 0-1, walk 2 blocks 0-1
+    trims = []
+    monkeypatch.setattr(B, "_LIBC", [object()])
+    monkeypatch.setattr(B, "rss_bytes", lambda: next(rss) << 20)
+    monkeypatch.setattr(B, "heap_free_bytes", lambda: next(free) << 20)
+    monkeypatch.setattr(B, "release_memory", lambda: trims.append(1))
+    monkeypatch.setattr(B.HeapKeeper, "process_allowance", None)
+    first = B.HeapKeeper(slack=256 << 20)
+    first.after_block(), first.after_block()
+    assert first.allowance == 500 << 20 and not trims  # 1400 <= 1000 + 500
+    later = B.HeapKeeper(slack=256 << 20)
+    later.after_block(), later.after_block()
+    assert later.allowance == 500 << 20 and later.trims == 1  # 3300 > 2700 + 500 (half of 20000 would allow 10000)
 
 
 def test_heap_keeper_trims_every_block_where_memory_cannot_be_read(monkeypatch):
