@@ -152,4 +152,5 @@ def test_mask_hash_commands_pin_the_published_allocation_parameters():
     assert mask_hashes.published(["--allocation", "alphapruning"]) == [
         "--allocation", "alphapruning", "--allocation-param", "eps=0.3"]
     given = ["--allocation", "alphapruning", "--allocation-param", "eps=auto"]
-    assert mask_hashes.published(given) == given and mask_hashes.published(["--metric", "wanda"]) == ["--metric", "wanda"]
+    assert mask_hashes.published(given) == given
+    assert mask_hashes.published(["--metric", "wanda"]) == ["--metric", "wanda"]

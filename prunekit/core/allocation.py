@@ -123,14 +123,19 @@ def check_allocation_params(name: str, params: dict) -> Params:
 def tuned_params(name: str, given: dict) -> dict:
     """The parameters a prune run uses: ``given`` (in the user's order), then ``"auto"`` for each of the
     allocator's ``default_auto`` parameters that the user did not set."""
-    return {**given, **{k: "auto" for k in get_allocator(name).default_auto if k not in given}}
+    return {**given, **{k: "auto" for k in _unset_default_auto(name, given)}}
 
 
 def published_params(name: str, given: dict) -> dict:
     """``given`` plus the published (Params) default of each ``default_auto`` parameter not given: the run a
     caller means when it wants the paper's allocation rather than the tuned one (the benchmarks' stored runs)."""
     defaults = get_allocator(name).params()
-    return {**given, **{k: getattr(defaults, k) for k in get_allocator(name).default_auto if k not in given}}
+    return {**given, **{k: getattr(defaults, k) for k in _unset_default_auto(name, given)}}
+
+
+def _unset_default_auto(name: str, given: dict) -> list[str]:
+    """The allocator's ``default_auto`` parameters that ``given`` leaves unset."""
+    return [k for k in get_allocator(name).default_auto if k not in given]
 
 
 def finalize(ratios: torch.Tensor, numels: torch.Tensor, target: float, max_ratio: float = 0.99,
