@@ -140,6 +140,8 @@ def suites() -> dict[str, list[dict]]:
     crossmodel += [{"metric": m, "sparsity": s, **pat} for m in ("ria", "ace")
                    for s, pat in ((0.5, {}), (0.7, {}), (0.5, {"pattern": "2:4"}))]
     crossmodel += [{"metric": w, "sparsity": 0.5, "rowwise": "trim"}]
+    crossmodel += [{"metric": sg, "sparsity": 0.7, "allocation": a, "allocation_params": {p: "auto"}}
+                   for a, p in (("farms", "eps"), ("owl", "lam"))]
     # AlphaPruning's spread at 70% below its default 0.3 (on Qwen the default is worse than uniform)
     crossmodel_eps = [{"metric": w, "sparsity": 0.7, "allocation": "alphapruning", "allocation_params": {"eps": e}}
                       for e in (0.1, 0.2)]
@@ -151,9 +153,7 @@ def suites() -> dict[str, list[dict]]:
     # SparseGPT with ten times the damping (on Qwen its default 0.01 loses to Wanda at 50 / 70%)
     crossmodel_damp = [{"metric": "sparsegpt", "sparsity": 0.5, "metric_params": {"percdamp": 0.1}}]
     # the 70% rows again at another calibration seed (--seed 1)
-    crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7 and r["metric"] in (w, sg)
-                        and r.get("allocation", "uniform") in ("uniform", "alphapruning", "owl")
-                        and not r.get("allocation_params")]
+    crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7]
     return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps,
             "crossmodel-domain": crossmodel_domain, "crossmodel-atp": crossmodel_atp,
             "crossmodel-damp": crossmodel_damp, "core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
