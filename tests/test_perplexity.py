@@ -38,3 +38,20 @@ def test_blockwise_perplexity_equals_whole_model(fam):
     assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
     c = prunekit.perplexity(model, None, "x", seqlen=32, ids=ids, batch_size=2, offload=False)
     assert c["ppl"] == a["ppl"]  # the blocks' own forward is back
+
+
+def test_window_means_bit_identical_to_the_flattened_batch():
+    """The window-at-a-time loss (one window's log-softmax as the only temporary) gives exactly the numbers of the
+    whole-batch formula it replaced, for float32 and bfloat16 logits."""
+    import torch.nn.functional as F
+
+    from prunekit.core.nll import _window_means
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(3, 40, 1000, generator=g) * 4).to(dtype)
+        x = torch.randint(0, 1000, (3, 40), generator=g)
+        flat = logits[:, :-1, :].float()
+        ref = F.cross_entropy(flat.reshape(-1, 1000), x[:, 1:].reshape(-1), reduction="none").view(3, -1).mean(1)
+        got = _window_means(logits, x)
+        assert got.dtype == torch.float64 and torch.equal(got, ref.double())

@@ -17,10 +17,15 @@ from .offload import fits_on_device, on_device
 
 
 def _window_means(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window of a batch (logits of x), float64 on the CPU."""
-    logits = logits[:, :-1, :].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-    return loss.view(x.shape[0], -1).mean(1).double().cpu()
+    """Mean next-token NLL of each window of a batch (logits of x), float64 on the CPU.
+
+    One window at a time: the only temporary is one window's log-softmax (seq x vocab, float32). Flattening the
+    batch first copied its logits (the ``[:, :-1]`` slice is not contiguous) and took the log-softmax of all of them:
+    two more batch-sized tensors, 2.3 GiB for 4 x 512 tokens of Qwen2.5's 152k vocabulary. Each token's loss is
+    computed exactly as before, so the result is the same to the bit."""
+    losses = torch.stack([F.cross_entropy(logits[i, :-1].float(), x[i, 1:], reduction="none")
+                          for i in range(x.shape[0])])
+    return losses.mean(1).double().cpu()
 
 
 @torch.no_grad()
