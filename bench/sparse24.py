@@ -2,6 +2,8 @@
 
     python -m bench.sparse24                           # LLaMA-7B shapes and SmolLM2 shapes
     python -m bench.sparse24 --model runs/x-2of4       # the linear layers of a saved 2:4 model
+    python -m bench.sparse24 --e2e 4                   # a whole model: 4 LLaMA-7B-shaped blocks, pruned 2:4,
+                                                       # saved compressed, loaded with sparse_kernels=True
 
 For each weight shape, fp16 and bf16, prefill (2048 tokens) and decode (1, 8, 32 tokens) inputs: median
 time of ``F.linear`` with the dense weight and with ``to_sparse_semi_structured(W)``. Writes
@@ -12,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.sparse import to_sparse_semi_structured
 
+import prunekit
 from prunekit.core.families import block_linears, weight_view
+from prunekit.pruning.compressed import load_pretrained
 
 from bench.lib.env import environment
-from bench.lib.models import load
+from bench.lib.models import load, random_llama
 from bench.lib.results import RESULTS, save_results
 from bench.lib.tables import document, table
 from bench.lib.timing import cuda_median_ms
@@ -46,14 +52,100 @@ def markdown(data: dict) -> str:
     rows = [[r["shape"], r["dtype"], r["tokens"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}", f"{r['speedup']:.2f}x"]
             if r.get("dense_ms") else [r["shape"], r["dtype"], r.get("tokens", "-"), "-", "-", f"error: {r.get('error')}"]
             for r in data["rows"]]
-    return document(lines + table(["weight", "dtype", "tokens", "dense ms", "2:4 ms", "speed-up"], rows))
+    out = lines + table(["weight", "dtype", "tokens", "dense ms", "2:4 ms", "speed-up"], rows)
+    if data.get("model"):
+        m = data["model"]
+        out += ["", f"## A whole model: {m['model']}", "", "Pruned 2:4 (magnitude) by prunekit, saved with "
+                "`--save-format compressed`, loaded by `prunekit.load_pretrained` with and without "
+                f"`sparse_kernels=True` ({m.get('swapped', '-')} linears swapped). Max |logit difference| sparse "
+                f"vs dense: {m.get('max_logit_diff', '-')}. Times: median of {m['reps']} runs, batch 1.", ""]
+        out += table(["phase", "dense tokens/s", "2:4 tokens/s", "speed-up"],
+                     [[ph, f"{r['dense_tok_s']:.1f}" if r.get("dense_tok_s") else "-",
+                       f"{r['sparse_tok_s']:.1f}" if r.get("sparse_tok_s") else f"error: {r.get('error')}",
+                       f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x" if r.get("sparse_tok_s") else "-"]
+                      for ph, r in m["phases"].items()])
+    return document(out)
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def _phase_speeds(model, prefill: int, decode: int, reps: int) -> dict:
+    """Tokens/s of one prefill of ``prefill`` tokens and of ``decode`` greedy steps after a 128-token prompt."""
+    dev = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def decode_steps():
+        out = model(ids[:, :128], use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(decode):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    prompt_s = _median_s(lambda: model(ids[:, :128]), reps)
+    return {"prefill": prefill / _median_s(lambda: model(ids), reps),
+            "decode": decode / max(_median_s(decode_steps, reps) - prompt_s, 1e-9)}
+
+
+def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 5) -> dict:
+    """A LLaMA-7B-shaped random model (``blocks`` blocks, bf16) pruned 2:4 by magnitude, saved compressed and loaded
+    back dense and with ``sparse_kernels=True``: the largest logit difference and prefill / decode tokens/s."""
+    model = random_llama(blocks, torch.bfloat16)
+    report = prunekit.prune(model, None, {"metric": "magnitude", "pattern": "2:4"})
+    res = {"model": f"llama7b-random ({blocks} blocks, bf16)", "reps": reps, "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="sparse24-") as tmp:
+        cfg = prunekit.make_config(metric="magnitude", pattern="2:4", save_format="compressed")
+        prunekit.save_pruned(model, None, report, cfg, f"{tmp}/m")
+        del model
+        dense = load_pretrained(f"{tmp}/m").to("cuda" if torch.cuda.is_available() else "cpu")
+        speeds = _phase_speeds(dense, prefill, decode, reps)
+        ids = torch.randint(0, dense.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = dense(ids.to(next(dense.parameters()).device)).logits.float().cpu()
+        del dense
+        for ph, v in speeds.items():
+            res["phases"][ph] = {"dense_tok_s": v}
+        try:
+            sparse = load_pretrained(f"{tmp}/m", sparse_kernels=True)
+            res["swapped"] = sum(1 for m in sparse.modules() if isinstance(m, torch.nn.Linear)
+                                 and type(m.weight.data).__name__ != "Tensor")
+            with torch.no_grad():
+                got = sparse(ids.cuda()).logits.float().cpu()
+            res["max_logit_diff"] = float((got - ref).abs().max())
+            for ph, v in _phase_speeds(sparse, prefill, decode, reps).items():
+                res["phases"][ph]["sparse_tok_s"] = v
+        except Exception as e:  # no GPU, or kernels missing in this torch build
+            res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            for r in res["phases"].values():
+                r["error"] = res["error"][:80]
+    print(res, flush=True)
+    return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 1, 8, 32])
+    ap.add_argument("--e2e", type=int, default=0, metavar="BLOCKS",
+                    help="also time a whole model of BLOCKS LLaMA-7B-shaped blocks, dense vs sparse_kernels=True")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run --e2e's dense path on the CPU (a script check)")
     a = ap.parse_args(argv)
+    if a.cpu_dry_run:
+        print(model_speed(a.e2e or 1, prefill=64, decode=4, reps=1))
+        return 0
     if not torch.cuda.is_available():
         print("bench.sparse24 needs a CUDA GPU (semi-structured sparse kernels); nothing measured on CPU")
         return 0
@@ -82,7 +174,10 @@ def main(argv=None):
                              "dense_ms": dense, "sparse_ms": sparse,
                              "speedup": (dense / sparse) if dense and sparse else None, "error": err})
                 print(rows[-1], flush=True)
-    save_results(RESULTS / "sparse24.json", {"environment": environment(), "rows": rows}, markdown)
+    data = {"environment": environment(), "rows": rows}
+    if a.e2e:
+        data["model"] = model_speed(a.e2e)
+    save_results(RESULTS / "sparse24.json", data, markdown)
     return 0
 
 

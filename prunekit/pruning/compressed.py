@@ -157,7 +157,8 @@ def load_pretrained(folder, dtype="auto", sparse_kernels: bool = False):
     """The model saved in ``folder``, dense or compressed, as a user would use it: a dense folder through plain
     ``from_pretrained`` (a partial model, or tensors the architecture would drop, are errors); a compressed one
     rebuilt exactly from its kept values and masks. ``sparse_kernels``: swap 2:4-sparse linears to PyTorch's
-    semi-structured sparse tensors (CUDA, fp16/bf16 only)."""
+    semi-structured sparse tensors (CUDA, fp16/bf16 only); the model then comes back on the GPU, since those
+    tensors cannot be moved afterwards."""
     folder = Path(folder)
     if not is_compressed(folder):
         model = from_pretrained_checked(str(folder), dtype, unexpected="error")
@@ -172,7 +173,8 @@ def load_pretrained(folder, dtype="auto", sparse_kernels: bool = False):
             _load_state(model, state, folder)
     model.eval()
     if sparse_kernels:
-        to_semi_structured(model)
+        check_sparse_kernels()
+        to_semi_structured(model.to("cuda"))
     return model
 
 
@@ -210,10 +212,7 @@ def _saved_dtype(config, state: dict, dtype):
 def to_semi_structured(model) -> int:
     """Swap every 2:4-sparse linear weight of ``model`` for a semi-structured sparse tensor (cuSPARSELt/CUTLASS
     kernels). Needs a CUDA GPU of compute capability 8.0 or newer and fp16/bf16 weights. Returns the count."""
-    if not torch.cuda.is_available():
-        raise PrunekitError("sparse_kernels needs a CUDA GPU (2:4 semi-structured kernels); this machine has none")
-    if torch.cuda.get_device_capability()[0] < 8:
-        raise PrunekitError("sparse_kernels needs a GPU of compute capability 8.0 or newer (Ampere or later)")
+    check_sparse_kernels()
     n = 0
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear) and mod.weight.dtype in (torch.float16, torch.bfloat16):
@@ -224,6 +223,14 @@ def to_semi_structured(model) -> int:
     if n == 0:
         raise PrunekitError("sparse_kernels: no fp16/bf16 linear layer is 2:4 sparse")
     return n
+
+
+def check_sparse_kernels() -> None:
+    """A one-line error unless this machine has a GPU that runs PyTorch's 2:4 semi-structured kernels."""
+    if not torch.cuda.is_available():
+        raise PrunekitError("sparse_kernels needs a CUDA GPU (2:4 semi-structured kernels); this machine has none")
+    if torch.cuda.get_device_capability()[0] < 8:
+        raise PrunekitError("sparse_kernels needs a GPU of compute capability 8.0 or newer (Ampere or later)")
 
 
 def is_weight_file(name: str) -> bool:
