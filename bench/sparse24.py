@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.sparse import to_sparse_semi_structured
+from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
 import prunekit
 from prunekit.core.families import block_linears, weight_view
@@ -31,6 +31,7 @@ from bench.lib.results import RESULTS, save_results
 from bench.lib.tables import document, table
 from bench.lib.timing import cuda_median_ms
 
+BACKENDS = {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}
 SHAPES = {"llama7b q/o (4096x4096)": (4096, 4096), "llama7b gate/up (11008x4096)": (11008, 4096),
           "llama7b down (4096x11008)": (4096, 11008), "smollm2 gate/up (1536x576)": (1536, 576)}
 
@@ -48,11 +49,12 @@ def shapes_of_model(spec: str) -> dict:
 def markdown(data: dict) -> str:
     env = data["environment"]
     lines = ["# 2:4 semi-structured sparse vs dense linear layers", "", f"{env.get('gpu')}, torch {env['torch']}, "
-             f"median of 50 CUDA-event timings. tokens = rows of the input (2048: prefill; 1-32: decode).", ""]
-    rows = [[r["shape"], r["dtype"], r["tokens"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}", f"{r['speedup']:.2f}x"]
-            if r.get("dense_ms") else [r["shape"], r["dtype"], r.get("tokens", "-"), "-", "-", f"error: {r.get('error')}"]
+             f"median of 50 CUDA-event timings of one eager `F.linear` call (host-side work between the events counts, as it does for a user). tokens = rows of the input (1-32: decode; 2048 and more: prefill).", ""]
+    rows = [[r["shape"], r["dtype"], r.get("backend", "-"), r["tokens"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
+             f"{r['speedup']:.2f}x"] if r.get("dense_ms") else
+            [r["shape"], r["dtype"], r.get("backend", "-"), r.get("tokens", "-"), "-", "-", f"error: {r.get('error')}"]
             for r in data["rows"]]
-    out = lines + table(["weight", "dtype", "tokens", "dense ms", "2:4 ms", "speed-up"], rows)
+    out = lines + table(["weight", "dtype", "kernels", "tokens", "dense ms", "2:4 ms", "speed-up"], rows)
     if data.get("model"):
         m = data["model"]
         out += ["", f"## A whole model: {m['model']}", "", "Pruned 2:4 (magnitude) by prunekit, saved with "
@@ -103,15 +105,20 @@ def _phase_speeds(model, prefill: int, decode: int, reps: int) -> dict:
 def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 5) -> dict:
     """A LLaMA-7B-shaped random model (``blocks`` blocks, bf16) pruned 2:4 by magnitude, saved compressed and loaded
     back dense and with ``sparse_kernels=True``: the largest logit difference and prefill / decode tokens/s."""
-    model = random_llama(blocks, torch.bfloat16)
+    t0 = time.time()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_llama(blocks, torch.bfloat16).to(dev)  # pruned and probed where it runs
     report = prunekit.prune(model, None, {"metric": "magnitude", "pattern": "2:4"})
+    print(f"[{time.time() - t0:.1f} s] built and pruned", flush=True)
     res = {"model": f"llama7b-random ({blocks} blocks, bf16)", "reps": reps, "phases": {}}
     with tempfile.TemporaryDirectory(prefix="sparse24-") as tmp:
         cfg = prunekit.make_config(metric="magnitude", pattern="2:4", save_format="compressed")
         prunekit.save_pruned(model, None, report, cfg, f"{tmp}/m")
         del model
-        dense = load_pretrained(f"{tmp}/m").to("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"[{time.time() - t0:.1f} s] saved compressed", flush=True)
+        dense = load_pretrained(f"{tmp}/m").to(dev)
         speeds = _phase_speeds(dense, prefill, decode, reps)
+        print(f"[{time.time() - t0:.1f} s] dense timed: {speeds}", flush=True)
         ids = torch.randint(0, dense.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             ref = dense(ids.to(next(dense.parameters()).device)).logits.float().cpu()
@@ -120,6 +127,7 @@ def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 
             res["phases"][ph] = {"dense_tok_s": v}
         try:
             sparse = load_pretrained(f"{tmp}/m", sparse_kernels=True)
+            print(f"[{time.time() - t0:.1f} s] loaded with sparse kernels", flush=True)
             res["swapped"] = sum(1 for m in sparse.modules() if isinstance(m, torch.nn.Linear)
                                  and type(m.weight.data).__name__ != "Tensor")
             with torch.no_grad():
@@ -139,6 +147,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 1, 8, 32])
+    ap.add_argument("--dtypes", nargs="*", default=["float16", "bfloat16"])
+    ap.add_argument("--backends", nargs="*", default=["cutlass", "cusparselt"], choices=sorted(BACKENDS))
     ap.add_argument("--e2e", type=int, default=0, metavar="BLOCKS",
                     help="also time a whole model of BLOCKS LLaMA-7B-shaped blocks, dense vs sparse_kernels=True")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run --e2e's dense path on the CPU (a script check)")
@@ -151,33 +161,38 @@ def main(argv=None):
         return 0
     shapes = shapes_of_model(a.model) if a.model else SHAPES
     rows = []
+    dtypes = [getattr(torch, d) for d in a.dtypes]
     for name, (o, i) in shapes.items():
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in dtypes:
             W = torch.randn(o, i, device="cuda", dtype=dtype)
             mask = torch.tensor([0, 0, 1, 1], device="cuda", dtype=torch.bool).repeat(o, i // 4)
             W = W.masked_fill(~mask, 0)
-            try:
-                Ws = to_sparse_semi_structured(W)
-            except Exception as e:  # unsupported shape or GPU
-                rows.append({"shape": name, "dtype": str(dtype), "error": str(e)[:200]})
-                continue
-            for t in a.tokens:
-                x = torch.randn(t, i, device="cuda", dtype=dtype)
+            for backend in a.backends:
                 try:
-                    dense = cuda_median_ms(lambda: F.linear(x, W))
-                    sparse = cuda_median_ms(lambda: F.linear(x, Ws))
-                    err = None
-                except Exception as e:
-                    dense = sparse = None
-                    err = str(e)[:200]
-                rows.append({"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": t,
-                             "dense_ms": dense, "sparse_ms": sparse,
-                             "speedup": (dense / sparse) if dense and sparse else None, "error": err})
-                print(rows[-1], flush=True)
+                    Ws = BACKENDS[backend].from_dense(W)
+                except Exception as e:  # unsupported shape, GPU or backend
+                    rows.append({"shape": name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+                                 "error": str(e)[:200]})
+                    print(rows[-1], flush=True)
+                    continue
+                for t in a.tokens:
+                    x = torch.randn(t, i, device="cuda", dtype=dtype)
+                    try:
+                        dense = cuda_median_ms(lambda: F.linear(x, W))
+                        sparse = cuda_median_ms(lambda: F.linear(x, Ws))
+                        err = None
+                    except Exception as e:
+                        dense = sparse = None
+                        err = str(e)[:200]
+                    rows.append({"shape": name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+                                 "tokens": t, "dense_ms": dense, "sparse_ms": sparse,
+                                 "speedup": (dense / sparse) if dense and sparse else None, "error": err})
+                    print(rows[-1], flush=True)
     data = {"environment": environment(), "rows": rows}
+    save_results(RESULTS / "sparse24.json", data, markdown)  # kept if the whole-model run below is cut short
     if a.e2e:
         data["model"] = model_speed(a.e2e)
-    save_results(RESULTS / "sparse24.json", data, markdown)
+        save_results(RESULTS / "sparse24.json", data, markdown)
     return 0
 
 
