@@ -29,7 +29,7 @@ from bench.lib.env import environment
 from bench.lib.models import load, random_llama
 from bench.lib.results import RESULTS, save_results
 from bench.lib.tables import document, table
-from bench.lib.timing import cuda_median_ms
+from bench.lib.timing import cuda_graph_median_ms, cuda_median_ms
 
 BACKENDS = {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}
 SHAPES = {"llama7b q/o (4096x4096)": (4096, 4096), "llama7b gate/up (11008x4096)": (11008, 4096),
@@ -55,6 +55,14 @@ def markdown(data: dict) -> str:
             [r["shape"], r["dtype"], r.get("backend", "-"), r.get("tokens", "-"), "-", "-", f"error: {r.get('error')}"]
             for r in data["rows"]]
     out = lines + table(["weight", "dtype", "kernels", "tokens", "dense ms", "2:4 ms", "speed-up"], rows)
+    graphs = [r for r in data["rows"] if r.get("sparse_graph_ms") or r.get("graph_error")]
+    if graphs:
+        out += ["", "Inside a CUDA graph (10 calls captured, replayed; ms per call: the GPU's time alone):", ""]
+        out += table(["weight", "dtype", "kernels", "tokens", "dense ms", "2:4 ms", "speed-up"],
+                     [[r["shape"], r["dtype"], r["backend"], r["tokens"], f"{r['dense_graph_ms']:.4f}",
+                       f"{r['sparse_graph_ms']:.4f}", f"{r['dense_graph_ms'] / r['sparse_graph_ms']:.2f}x"]
+                      if r.get("sparse_graph_ms") else [r["shape"], r["dtype"], r["backend"], r["tokens"], "-", "-",
+                                                        f"error: {r['graph_error']}"] for r in graphs])
     if data.get("model"):
         m = data["model"]
         out += ["", f"## A whole model: {m['model']}", "", "Pruned 2:4 (magnitude) by prunekit, saved with "
@@ -149,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=[2048, 1, 8, 32])
     ap.add_argument("--dtypes", nargs="*", default=["float16", "bfloat16"])
     ap.add_argument("--backends", nargs="*", default=["cutlass", "cusparselt"], choices=sorted(BACKENDS))
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each call inside a CUDA graph (no per-call host work)")
     ap.add_argument("--e2e", type=int, default=0, metavar="BLOCKS",
                     help="also time a whole model of BLOCKS LLaMA-7B-shaped blocks, dense vs sparse_kernels=True")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run --e2e's dense path on the CPU (a script check)")
@@ -184,9 +194,16 @@ def main(argv=None):
                     except Exception as e:
                         dense = sparse = None
                         err = str(e)[:200]
-                    rows.append({"shape": name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                                 "tokens": t, "dense_ms": dense, "sparse_ms": sparse,
-                                 "speedup": (dense / sparse) if dense and sparse else None, "error": err})
+                    row = {"shape": name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+                           "tokens": t, "dense_ms": dense, "sparse_ms": sparse,
+                           "speedup": (dense / sparse) if dense and sparse else None, "error": err}
+                    if a.graphs and dense and sparse:
+                        try:
+                            row["dense_graph_ms"] = cuda_graph_median_ms(lambda: F.linear(x, W))
+                            row["sparse_graph_ms"] = cuda_graph_median_ms(lambda: F.linear(x, Ws))
+                        except Exception as e:  # a kernel that cannot be captured
+                            row["graph_error"] = f"{type(e).__name__}: {str(e)[:150]}"
+                    rows.append(row)
                     print(rows[-1], flush=True)
     data = {"environment": environment(), "rows": rows}
     save_results(RESULTS / "sparse24.json", data, markdown)  # kept if the whole-model run below is cut short

@@ -46,6 +46,22 @@ def cuda_median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cuda_graph_median_ms(fn, reps: int = 50, calls: int = 10) -> float:
+    """Median milliseconds per call of ``fn`` captured ``calls`` times in one CUDA graph and replayed: the GPU's
+    time without the host's per-call work (what eager timing adds)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return cuda_median_ms(g.replay, reps=reps) / calls
+
+
 def _proc_status_gib(field: str) -> float | None:
     """A memory field of /proc/self/status in GiB (Linux), None where unreadable."""
     try:
