@@ -106,8 +106,15 @@ def _phase_speeds(model, prefill: int, decode: int, reps: int) -> dict:
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     prompt_s = _median_s(lambda: model(ids[:, :128]), reps)
-    return {"prefill": prefill / _median_s(lambda: model(ids), reps),
-            "decode": decode / max(_median_s(decode_steps, reps) - prompt_s, 1e-9)}
+    out = {"prefill": prefill / _median_s(lambda: model(ids), reps),
+           "decode": decode / max(_median_s(decode_steps, reps) - prompt_s, 1e-9)}
+    if dev.type == "cuda":  # the whole prefill captured in one CUDA graph: no per-call host work
+        try:
+            out["prefill in a CUDA graph"] = prefill / (cuda_graph_median_ms(
+                lambda: model(ids, use_cache=False), reps=reps, calls=1) / 1000)
+        except Exception as e:
+            print(f"prefill in a CUDA graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return out
 
 
 def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 5) -> dict:
