@@ -72,7 +72,7 @@ def markdown(data: dict) -> str:
         out += table(["phase", "dense tokens/s", "2:4 tokens/s", "speed-up"],
                      [[ph, f"{r['dense_tok_s']:.1f}" if r.get("dense_tok_s") else "-",
                        f"{r['sparse_tok_s']:.1f}" if r.get("sparse_tok_s") else f"error: {r.get('error')}",
-                       f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x" if r.get("sparse_tok_s") else "-"]
+                       f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x" if r.get("sparse_tok_s") and r.get("dense_tok_s") else "-"]
                       for ph, r in m["phases"].items()])
     return document(out)
 
@@ -149,7 +149,7 @@ def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 
                 got = sparse(ids.cuda()).logits.float().cpu()
             res["max_logit_diff"] = float((got - ref).abs().max())
             for ph, v in _phase_speeds(sparse, prefill, decode, reps).items():
-                res["phases"][ph]["sparse_tok_s"] = v
+                res["phases"].setdefault(ph, {})["sparse_tok_s"] = v
         except Exception as e:  # no GPU, or kernels missing in this torch build
             res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for r in res["phases"].values():
