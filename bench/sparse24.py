@@ -48,7 +48,10 @@ def shapes_of_model(spec: str) -> dict:
 
 def markdown(data: dict) -> str:
     env = data["environment"]
-    lines = ["# 2:4 semi-structured sparse vs dense linear layers", "", f"{env.get('gpu')}, torch {env['torch']}, "
+    lines = ["# 2:4 semi-structured sparse vs dense linear layers", ""]
+    if data.get("runs"):  # merged from several device calls
+        lines += ["Merged from device calls: " + "; ".join(data["runs"]) + ".", ""]
+    lines += [f"{env.get('gpu')}, torch {env['torch']}, "
              f"median of 50 CUDA-event timings of one eager `F.linear` call (host-side work between the events counts, as it does for a user). tokens = rows of the input (1-32: decode; 2048 and more: prefill).", ""]
     rows = [[r["shape"], r["dtype"], r.get("backend", "-"), r["tokens"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
              f"{r['speedup']:.2f}x"] if r.get("dense_ms") else
