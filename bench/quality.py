@@ -121,7 +121,8 @@ def suites() -> dict[str, list[dict]]:
              {"metric": "sparsegpt", "sparsity": 0.8, "allocation": "alphapruning"}]
     # protocol P on a second model (the 1.5B), in priority order: an interrupted run keeps the most telling rows
     gpu_p15 = [{"metric": "wanda", "sparsity": 0.5}, {"metric": "sparsegpt", "sparsity": 0.5},
-               {"metric": "sparsegpt", "sparsity": 0.7}, {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "alphapruning"},
+               {"metric": "sparsegpt", "sparsity": 0.7},
+               {"metric": "sparsegpt", "sparsity": 0.7, "allocation": "alphapruning"},
                {"metric": "wanda", "sparsity": 0.7}, {"metric": "wanda", "sparsity": 0.7, "allocation": "alphapruning"},
                {"metric": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
                {"metric": "wanda", "sparsity": 0.5, "pattern": "2:4"},

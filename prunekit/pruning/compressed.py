@@ -159,7 +159,7 @@ def load_pretrained(folder, dtype="auto", sparse_kernels: bool = False):
     rebuilt exactly from its kept values and masks. ``sparse_kernels``: swap 2:4-sparse linears to PyTorch's
     semi-structured sparse tensors (CUDA, fp16/bf16 only); the model then comes back on the GPU, since those
     tensors cannot be moved afterwards. Measured on an H200 with torch 2.11 (bench/results/sparse24.md) this is
-    slower than dense (prefill 0.34-0.41x, decode 0.15x): use it to check kernels on your GPU, not for speed by default."""
+    slower than dense (prefill 0.34-0.41x, decode 0.15x): use it to check the kernels on your GPU, not for speed."""
     folder = Path(folder)
     if not is_compressed(folder):
         model = from_pretrained_checked(str(folder), dtype, unexpected="error")
