@@ -20,7 +20,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT,
+                          SparseSemiStructuredTensorCUTLASS)
 
 import prunekit
 from prunekit.core.families import block_linears, weight_view
@@ -30,7 +31,7 @@ from bench.lib.env import environment
 from bench.lib.models import load, random_llama
 from bench.lib.results import RESULTS, save_results
 from bench.lib.tables import document, table
-from bench.lib.timing import cuda_graph_median_ms, cuda_median_ms
+from bench.lib.timing import cuda_graph_median_ms, cuda_median_ms, sync
 
 BACKENDS = {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}
 SHAPES = {"llama7b q/o (4096x4096)": (4096, 4096), "llama7b gate/up (11008x4096)": (11008, 4096),
@@ -83,16 +84,15 @@ def markdown(data: dict) -> str:
     return document(out)
 
 
-def _median_s(fn, reps: int) -> float:
+def _median_s(fn, device, reps: int) -> float:
+    """Median wall seconds of ``fn`` over ``reps`` calls after one warm-up (GPU synchronised around each)."""
     fn()
     times = []
     for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -111,9 +111,9 @@ def _phase_speeds(model, prefill: int, decode: int, reps: int) -> dict:
             out = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    prompt_s = _median_s(lambda: model(ids[:, :128]), reps)
-    out = {"prefill": prefill / _median_s(lambda: model(ids), reps),
-           "decode": decode / max(_median_s(decode_steps, reps) - prompt_s, 1e-9)}
+    prompt_s = _median_s(lambda: model(ids[:, :128]), dev, reps)
+    out = {"prefill": prefill / _median_s(lambda: model(ids), dev, reps),
+           "decode": decode / max(_median_s(decode_steps, dev, reps) - prompt_s, 1e-9)}
     if dev.type == "cuda":  # the whole prefill captured in one CUDA graph: no per-call host work
         try:
             out["prefill in a CUDA graph"] = prefill / (cuda_graph_median_ms(
@@ -142,7 +142,7 @@ def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 
         print(f"[{time.time() - t0:.1f} s] dense timed: {speeds}", flush=True)
         ids = torch.randint(0, dense.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ref = dense(ids.to(next(dense.parameters()).device)).logits.float().cpu()
+            ref = dense(ids.to(dev)).logits.float().cpu()
         del dense
         for ph, v in speeds.items():
             res["phases"][ph] = {"dense_tok_s": v}
@@ -150,9 +150,9 @@ def model_speed(blocks: int, prefill: int = 2048, decode: int = 32, reps: int = 
             sparse = load_pretrained(f"{tmp}/m", sparse_kernels=True)
             print(f"[{time.time() - t0:.1f} s] loaded with sparse kernels", flush=True)
             res["swapped"] = sum(1 for m in sparse.modules() if isinstance(m, torch.nn.Linear)
-                                 and type(m.weight.data).__name__ != "Tensor")
+                                 and isinstance(m.weight.data, SparseSemiStructuredTensor))
             with torch.no_grad():
-                got = sparse(ids.cuda()).logits.float().cpu()
+                got = sparse(ids.to(dev)).logits.float().cpu()
             res["max_logit_diff"] = float((got - ref).abs().max())
             for ph, v in _phase_speeds(sparse, prefill, decode, reps).items():
                 res["phases"].setdefault(ph, {})["sparse_tok_s"] = v

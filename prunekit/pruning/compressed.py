@@ -174,8 +174,7 @@ def load_pretrained(folder, dtype="auto", sparse_kernels: bool = False):
             _load_state(model, state, folder)
     model.eval()
     if sparse_kernels:
-        check_sparse_kernels()
-        to_semi_structured(model.to("cuda"))
+        to_semi_structured(model)
     return model
 
 
@@ -211,27 +210,24 @@ def _saved_dtype(config, state: dict, dtype):
 
 
 def to_semi_structured(model) -> int:
-    """Swap every 2:4-sparse linear weight of ``model`` for a semi-structured sparse tensor (cuSPARSELt/CUTLASS
-    kernels). Needs a CUDA GPU of compute capability 8.0 or newer and fp16/bf16 weights. Returns the count."""
-    check_sparse_kernels()
+    """Move ``model`` to the GPU and swap every 2:4-sparse linear weight for a semi-structured sparse tensor
+    (cuSPARSELt/CUTLASS kernels); the whole model moves first, since those tensors cannot be moved afterwards. Needs a
+    CUDA GPU of compute capability 8.0 or newer and fp16/bf16 weights. Returns the count."""
+    if not torch.cuda.is_available():
+        raise PrunekitError("sparse_kernels needs a CUDA GPU (2:4 semi-structured kernels); this machine has none")
+    if torch.cuda.get_device_capability()[0] < 8:
+        raise PrunekitError("sparse_kernels needs a GPU of compute capability 8.0 or newer (Ampere or later)")
+    model.to("cuda")
     n = 0
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear) and mod.weight.dtype in (torch.float16, torch.bfloat16):
             W = mod.weight.data
             if W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) == 0).sum(-1) >= 2).all()):
-                mod.weight = torch.nn.Parameter(to_sparse_semi_structured(W.cuda()), requires_grad=False)
+                mod.weight = torch.nn.Parameter(to_sparse_semi_structured(W), requires_grad=False)
                 n += 1
     if n == 0:
         raise PrunekitError("sparse_kernels: no fp16/bf16 linear layer is 2:4 sparse")
     return n
-
-
-def check_sparse_kernels() -> None:
-    """A one-line error unless this machine has a GPU that runs PyTorch's 2:4 semi-structured kernels."""
-    if not torch.cuda.is_available():
-        raise PrunekitError("sparse_kernels needs a CUDA GPU (2:4 semi-structured kernels); this machine has none")
-    if torch.cuda.get_device_capability()[0] < 8:
-        raise PrunekitError("sparse_kernels needs a GPU of compute capability 8.0 or newer (Ampere or later)")
 
 
 def is_weight_file(name: str) -> bool:
